@@ -1,0 +1,88 @@
+"""Atomic writers and checked readers for the workflow's Parquet and safetensors artifacts.
+
+Every artifact is written to a temporary name in the same folder and renamed into place, so a
+killed job never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from assistant_axis.errors import InputError
+
+__all__ = ["atomic_path", "write_parquet", "read_parquet", "write_tensors", "read_tensors", "write_json"]
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ""):
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
+    with atomic_path(path, ".parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def read_parquet(path: str | Path, columns: Iterable[str] = ()) -> pd.DataFrame:
+    """Read a table and check that it has `columns`; a missing one is reported by name."""
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, "file", f"not a readable Parquet table ({exc})") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(path, missing[0], "column missing")
+    return frame
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """Save tensors with string metadata (non-strings are stored as JSON)."""
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    with atomic_path(path, ".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_tensors(
+    path: str | Path, names: Iterable[str] = (), check: Callable[[dict], None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file (never pickle) and its metadata; a missing tensor is reported by name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise InputError(path, "file", f"not a readable safetensors file ({exc})") from exc
+    for name in names:
+        if name not in tensors:
+            raise InputError(path, name, "tensor missing")
+    if check:
+        check(tensors)
+    return tensors, metadata
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    with atomic_path(path, ".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

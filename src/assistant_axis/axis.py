@@ -1,0 +1,83 @@
+"""Role vectors and the Assistant Axis.
+
+A role vector is the mean activation of the role's qualifying replies (judge score >= `min_score`);
+the `default` role uses all of its replies. The axis is, per layer,
+`mean(default vectors) - mean(role vectors)`: it points from the roles towards the Assistant.
+
+>>> axis, layers, meta = load_axis("results/smollm2-135m-instruct/axis.safetensors")
+>>> projection = project(activation, axis[layers.index(20)])   # larger = more Assistant-like
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from assistant_axis.artifacts import read_tensors
+from assistant_axis.errors import InputError
+
+__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "project"]
+
+
+@dataclass(frozen=True)
+class RoleVector:
+    role: str
+    vector: torch.Tensor  # [n_layers, hidden]
+    n_responses: int
+    n_used: int
+    included: bool
+
+
+def role_vector(
+    role: str,
+    activations: torch.Tensor,
+    scores: pd.Series | None,
+    min_score: int = 3,
+    min_count: int = 1,
+) -> RoleVector:
+    """Mean of the qualifying rows of `activations` [n, layers, hidden]; `scores=None` uses every row.
+
+    Rows with a null score or non-finite activations (empty replies) never qualify. A role with fewer
+    than `min_count` qualifying rows is returned with `included=False` and a zero vector.
+    """
+    finite = torch.isfinite(activations).flatten(1).all(dim=1)
+    if scores is None:
+        keep = finite
+    else:
+        if len(scores) != len(activations):
+            raise InputError(role, "score", f"{len(scores)} scores for {len(activations)} activation rows")
+        qualifies = torch.as_tensor((scores.astype("Float64") >= min_score).fillna(False).to_numpy(dtype=bool))
+        keep = finite & qualifies
+    n_used = int(keep.sum())
+    included = n_used >= min_count and n_used > 0
+    vector = activations[keep].mean(dim=0) if included else torch.zeros(activations.shape[1:])
+    return RoleVector(role, vector, len(activations), n_used, included)
+
+
+def compute_axis(default: torch.Tensor, roles: list[torch.Tensor]) -> torch.Tensor:
+    """`mean(default) - mean(roles)` per layer. `default`: [layers, hidden] or a stack of such vectors."""
+    if not roles:
+        raise InputError("vectors", "included", "no role has enough qualifying responses to build an axis")
+    default_mean = default if default.dim() == 2 else default.mean(dim=0)
+    return default_mean - torch.stack(roles).mean(dim=0)
+
+
+def load_axis(path: str | Path) -> tuple[torch.Tensor, list[int], dict]:
+    """The axis [n_layers, hidden], the model layer index of each row, and the metadata."""
+    tensors, meta = read_tensors(path, ["axis", "layers"])
+    decoded = {}
+    for key, value in meta.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return tensors["axis"], tensors["layers"].tolist(), decoded
+
+
+def project(activation: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """Scalar projection of activation(s) [..., hidden] on the unit axis [hidden]."""
+    return activation.float() @ (axis.float() / axis.float().norm())

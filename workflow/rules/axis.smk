@@ -1,0 +1,13 @@
+rule axis:
+    input:
+        vectors=expand("results/{{model}}/vectors/{role}.safetensors", role=ROLES),
+    output:
+        axis="results/{model}/axis.safetensors",
+        axis_pt="results/{model}/axis.pt",
+        summary="results/{model}/vectors/summary.parquet",
+    params:
+        config_hash=PLAN.config_hash(),
+    log:
+        "logs/{model}/axis.log",
+    script:
+        "../scripts/axis.py"

@@ -1,0 +1,14 @@
+rule judge:
+    input:
+        responses="results/{model}/responses/{role}.parquet",
+    output:
+        scores="results/{model}/scores/{role}.parquet",
+    # Only what judging reads: editing a role's description reruns its judge, not its generation.
+    # Functions, because a template holds {placeholders} that Snakemake would otherwise expand.
+    params:
+        judge=lambda wc: PLAN.judge_params(wc.role),
+    threads: 1
+    log:
+        "logs/{model}/judge/{role}.log",
+    script:
+        "../scripts/judge.py"

@@ -1,0 +1,13 @@
+rule vectors:
+    input:
+        activations="results/{model}/activations/{role}.safetensors",
+        scores=scores_input,
+    output:
+        vector="results/{model}/vectors/{role}.safetensors",
+    params:
+        min_score=config["vectors"]["min_score"],
+        min_count=config["vectors"]["min_count"],
+    log:
+        "logs/{model}/vectors/{role}.log",
+    script:
+        "../scripts/vectors.py"
