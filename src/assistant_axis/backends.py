@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from assistant_axis.chat import render_ids, supports_system_role
 from assistant_axis.errors import InputError
 
-__all__ = ["Sampling", "Generation", "GenerationBackend", "TransformersBackend", "stable_seed", "BACKENDS"]
+__all__ = ["Sampling", "Generation", "GenerationBackend", "TransformersBackend", "TopP", "stable_seed", "BACKENDS"]
 
 BACKENDS = ("transformers", "vllm", "openai")
 
@@ -56,6 +56,34 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+class TopP:
+    """Exact nucleus (top-p) filtering that sorts only the best candidates.
+
+    Keeps the same tokens as transformers' `TopPLogitsWarper` (a token stays while the probability mass
+    ranked above it is below `top_p`), but sorts `k` candidates instead of the whole vocabulary each
+    step, widening `k` whenever the nucleus does not fit. On a CPU the full sort dominated sampling.
+    """
+
+    def __init__(self, top_p: float, k: int = 512):
+        self.top_p, self.k = top_p, k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        log_total = scores.float().logsumexp(dim=-1, keepdim=True)
+        k = min(self.k, vocab)
+        while True:
+            values, indices = scores.topk(k, dim=-1)
+            probs = (values.float() - log_total).exp()
+            above = probs.cumsum(dim=-1) - probs  # mass ranked strictly above each candidate
+            if k == vocab or bool((above[:, -1] + probs[:, -1] >= self.top_p).all()):
+                break
+            k = min(4 * k, vocab)
+        keep = above < self.top_p
+        keep[:, 0] = True
+        filtered = torch.full_like(scores, float("-inf"))
+        return filtered.scatter(1, indices, values.masked_fill(~keep, float("-inf")))
+
+
 class TransformersBackend:
     """In-process `generate`: prompts sorted by length, left-padded, in batches; stops at end of turn."""
 
@@ -90,8 +118,9 @@ class TransformersBackend:
                     attention_mask=mask.to(device),
                     do_sample=sample,
                     temperature=sampling.temperature if sample else None,
-                    top_p=sampling.top_p if sample else None,
+                    top_p=None,
                     top_k=None,
+                    logits_processor=[TopP(sampling.top_p)] if sample and sampling.top_p < 1 else None,
                     max_new_tokens=sampling.max_tokens,
                     pad_token_id=pad,
                     eos_token_id=sorted(eos),

@@ -6,7 +6,7 @@ so no model family needs a special case.
 
 from __future__ import annotations
 
-__all__ = ["supports_system_role", "build_messages", "response_span", "render_ids"]
+__all__ = ["supports_system_role", "build_messages", "response_span", "render_ids", "render_text"]
 
 _SENTINEL = "SYSTEM-PROMPT-PROBE-7c1e"
 
@@ -30,27 +30,34 @@ def build_messages(system_prompt: str, question: str, system_role: bool = True) 
     return [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
 
 
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # The rendered text already holds any BOS the template wants.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
 
 
 def response_span(tokenizer, messages: list[dict], response: str) -> tuple[list[int], int, int]:
-    """Token ids of `messages` + the assistant `response`, and the [start, end) span of the response.
+    """Token ids of `messages` + the assistant `response`, and the [start, end) token span of the response.
 
-    start: length of the rendering with the generation prompt; end: the full length minus the
-    template's end-of-turn suffix (found by rendering an empty reply). Both are checked as exact
-    token prefixes/suffixes, so a template that rewrites earlier turns is reported, not mis-measured.
+    The reply's characters are located in the rendered text: they start where the rendering with the
+    generation prompt ends, and stop before the template's end-of-turn suffix (found by rendering an
+    empty reply). The span holds every token that overlaps them, so a token merging the last template
+    character with the first reply character counts as reply. Templates that trim the reply are fine.
     """
-    prompt_ids = render_ids(tokenizer, messages, add_generation_prompt=True)
-    full_ids = render_ids(tokenizer, [*messages, {"role": "assistant", "content": response}])
-    empty_ids = render_ids(tokenizer, [*messages, {"role": "assistant", "content": ""}])
-    start = len(prompt_ids)
-    if full_ids[:start] != prompt_ids:
+    prompt = render_text(tokenizer, messages, add_generation_prompt=True)
+    full = render_text(tokenizer, [*messages, {"role": "assistant", "content": response}])
+    empty = render_text(tokenizer, [*messages, {"role": "assistant", "content": ""}])
+    if not full.startswith(prompt):
         raise ValueError("chat template: the rendering with the reply does not extend the generation prompt")
-    suffix = empty_ids[start:] if empty_ids[:start] == prompt_ids else []
-    end = len(full_ids) - len(suffix)
-    if suffix and full_ids[end:] != suffix:
-        end = len(full_ids)  # the suffix merged with the reply's last token: keep the whole tail
-    return full_ids, start, max(start, end)
+    suffix = empty[len(prompt) :] if empty.startswith(prompt) else ""
+    reply_end = len(full) - len(suffix) if suffix and full.endswith(suffix) else len(full)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    overlapping = [i for i, (a, b) in enumerate(offsets) if b > len(prompt) and a < reply_end and b > a]
+    if not overlapping:
+        start = next((i for i, (a, _) in enumerate(offsets) if a >= len(prompt)), len(offsets))
+        return encoded["input_ids"], start, start
+    return encoded["input_ids"], overlapping[0], overlapping[-1] + 1

@@ -210,7 +210,9 @@ class EmbeddingJudge:
         return verdicts
 
 
-def calibrate(judge: EmbeddingJudge, items: Sequence[JudgeItem], labels: Sequence[int]) -> tuple[EmbeddingThresholds, float]:
+def calibrate(
+    judge: EmbeddingJudge, items: Sequence[JudgeItem], labels: Sequence[int]
+) -> tuple[EmbeddingThresholds, float]:
     """Grid-search thresholds that maximise exact agreement with hand labels; returns (thresholds, agreement)."""
     feats = judge.features(items)
     best, best_acc = judge.thresholds, -1.0
@@ -244,7 +246,8 @@ class LocalJudge:
         for digit in "0123":
             ids = tokenizer(digit, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise InputError("config", "judge.model", f"the judge tokenizer splits {digit!r} into {len(ids)} tokens")
+                raise InputError("config", "judge.local.model",
+                                 f"the judge tokenizer splits {digit!r} into {len(ids)} tokens")
             self.digit_ids.append(ids[0])
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:

@@ -11,6 +11,8 @@ file and the field.
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import json
 import re
 from collections import Counter
@@ -145,7 +147,18 @@ def load_bank(directory: str | Path) -> dict[str, Role]:
         roles[role.name] = role
     if DEFAULT_ROLE not in roles:
         raise InputError(directory, DEFAULT_ROLE, "the bank has no default.yaml")
+    for a, b in itertools.combinations(sorted(roles), 2):
+        if near_duplicate(a, b):
+            raise InputError(roles[b].source, "name", f"{b!r} is a near-duplicate of {a!r}")
     return roles
+
+
+def near_duplicate(a: str, b: str) -> bool:
+    """Names that differ by a word (`poet`, `poet_laureate`) or by a few letters (`poet`, `poets`)."""
+    words_a, words_b = set(a.split("_")), set(b.split("_"))
+    if words_a < words_b or words_b < words_a:
+        return True
+    return difflib.SequenceMatcher(None, a.replace("_", ""), b.replace("_", "")).ratio() >= 0.9
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:

@@ -11,6 +11,8 @@ rule activations:
         batch_tokens=config["activations"]["batch_tokens"],
         blocks=config["model"]["blocks"],
     threads: 2
+    conda:
+        "../../environment.yml"
     log:
         "logs/{model}/activations/{role}.log",
     script:

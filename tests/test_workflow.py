@@ -1,0 +1,125 @@
+"""End to end: the tiny config through Snakemake on the bundled model, then the rerun rules."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from workflow_helpers import TINY_ROLES, make_workspace, planned_jobs, snakemake
+
+from assistant_axis.axis import load_axis
+from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
+
+MODEL = "smollm2-135m-instruct"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model_dir):
+    workdir = make_workspace(tmp_path_factory.mktemp("tiny"), model_dir)
+    snakemake(workdir)
+    return workdir
+
+
+def test_every_artifact_has_its_shape_and_keys(run):
+    results = run / "results" / MODEL
+    for role in [*TINY_ROLES, "default"]:
+        responses = pd.read_parquet(results / f"responses/{role}.parquet")
+        assert list(responses.columns) == list(RESPONSE_COLUMNS)
+        assert len(responses) == 4 and set(responses["role"]) == {role}
+        pairs = sorted(zip(responses.prompt_index, responses.question_index, strict=True))
+        assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert responses["n_response_tokens"].between(0, 16).all()
+        assert set(responses["finish_reason"]) <= {"stop", "length"}
+        acts = load_file(results / f"activations/{role}.safetensors")
+        assert acts["activations"].shape == (4, 30, 576) and acts["activations"].dtype == torch.float32
+        assert acts["layers"].tolist() == list(range(30))
+        vector = load_file(results / f"vectors/{role}.safetensors")
+        assert vector["vector"].shape == (30, 576)
+    for role in TINY_ROLES:
+        scores = pd.read_parquet(results / f"scores/{role}.parquet")
+        assert list(scores.columns) == list(SCORE_COLUMNS) and len(scores) == 4
+        assert str(scores["score"].dtype) == "Int64"
+        assert scores["judge"].str.startswith("embedding-heuristic").all()
+    assert not (results / "scores/default.parquet").exists()
+    summary = pd.read_parquet(results / "vectors/summary.parquet")
+    assert set(summary["role"]) == {*TINY_ROLES, "default"}
+    axis, layers, meta = load_axis(results / "axis.safetensors")
+    assert axis.shape == (30, 576) and torch.isfinite(axis).all() and axis.norm() > 0
+    assert layers == list(range(30)) and meta["model"] == MODEL
+    assert set(meta["roles"]) == set(summary[summary.included & (summary.role != "default")]["role"])
+    plain = torch.load(results / "axis.pt", weights_only=True)
+    assert torch.equal(plain, axis)
+
+
+def test_axis_matches_the_definition(run):
+    results = run / "results" / MODEL
+    summary = pd.read_parquet(results / "vectors/summary.parquet")
+    used = summary[summary.included & (summary.role != "default")]["role"]
+    default = load_file(results / "vectors/default.safetensors")["vector"]
+    roles = torch.stack([load_file(results / f"vectors/{r}.safetensors")["vector"] for r in used])
+    axis, _, _ = load_axis(results / "axis.safetensors")
+    torch.testing.assert_close(axis, default - roles.mean(0))
+
+
+def _edit_yaml(path, edit):
+    original = path.read_text()
+    data = yaml.safe_load(original)
+    edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return original
+
+
+def test_nothing_changed_nothing_to_do(run):
+    assert planned_jobs(run) == set()
+
+
+def test_description_edit_reruns_only_that_roles_judge_chain(run):
+    path = run / "data/roles/pirate.yaml"
+    original = _edit_yaml(path, lambda d: d.update(description=d["description"] + " Speaks of the sea."))
+    try:
+        assert planned_jobs(run) == {("judge", "pirate"), ("vectors", "pirate"), ("axis", None), ("all", None)}
+    finally:
+        path.write_text(original)
+
+
+def test_prompt_edit_reruns_only_that_roles_chain(run):
+    path = run / "data/roles/ghost.yaml"
+    original = _edit_yaml(path, lambda d: d["prompts"].__setitem__(0, d["prompts"][0] + " Whisper."))
+    try:
+        assert planned_jobs(run) == {("generate", "ghost"), ("activations", "ghost"), ("judge", "ghost"),
+                                     ("vectors", "ghost"), ("axis", None), ("all", None)}
+    finally:
+        path.write_text(original)
+
+
+def test_unused_prompt_edit_reruns_nothing(run):
+    path = run / "data/roles/ghost.yaml"  # the tiny config uses the first 2 of 5 prompts
+    original = _edit_yaml(path, lambda d: d["prompts"].__setitem__(4, d["prompts"][4] + " Unused."))
+    try:
+        assert planned_jobs(run) == set()
+    finally:
+        path.write_text(original)
+
+
+def test_judge_template_edit_reruns_every_judge_and_nothing_upstream(run):
+    path = run / "config/config.yaml"
+    original = _edit_yaml(path, lambda d: d["judge"].update(template="Rate {role}: {response}"))
+    try:
+        expected = {("judge", r) for r in TINY_ROLES} | {("vectors", r) for r in TINY_ROLES}
+        assert planned_jobs(run) == expected | {("axis", None), ("all", None)}
+    finally:
+        path.write_text(original)
+
+
+def test_bad_role_file_fails_at_planning_with_one_line(run):
+    path = run / "data/roles/pirate.yaml"
+    original = _edit_yaml(path, lambda d: d.update(prompts=d["prompts"][:4]))
+    try:
+        result = snakemake(run, "-n", check=False)
+        assert result.returncode != 0
+        assert f"{path.relative_to(run)}: prompts: expected exactly 5 prompts, found 4" in result.stderr + result.stdout
+    finally:
+        path.write_text(original)
