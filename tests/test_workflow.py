@@ -7,10 +7,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from workflow_helpers import TINY_ROLES, make_workspace, planned_jobs, snakemake
 
 from assistant_axis.axis import load_axis
 from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
+
+from workflow_helpers import TINY_ROLES, make_workspace, planned_jobs, snakemake
 
 MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
@@ -123,3 +124,21 @@ def test_bad_role_file_fails_at_planning_with_one_line(run):
         assert f"{path.relative_to(run)}: prompts: expected exactly 5 prompts, found 4" in result.stderr + result.stdout
     finally:
         path.write_text(original)
+
+
+def test_paper_config_plans_every_role_of_the_bank(tmp_path):
+    """`snakemake -n --configfile config/paper.yaml` plans generate .. vectors for all roles, then the axis."""
+    from assistant_axis.roles import load_bank
+
+    from workflow_helpers import ROOT
+
+    bank = [name for name in load_bank(ROOT / "data/roles")]
+    result = snakemake(ROOT, "-n", "--configfile", "config/paper.yaml", "--quiet", "rules")
+    counts = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    n = len(bank)
+    assert counts == {"prepare_model": 1, "generate": n, "activations": n, "judge": n - 1, "vectors": n,
+                      "axis": 1, "all": 1, "total": 4 * n + 2}

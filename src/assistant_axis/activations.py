@@ -80,8 +80,11 @@ def mean_activations(
         def hook(_module, _args, output):
             h = output[0] if isinstance(output, tuple) else output
             # Masked sum as one batched matmul: [B, 1, T] @ [B, T, H] -> [B, H].
-            sums = torch.bmm(state["weights"].unsqueeze(1), h.float()).squeeze(1)
-            state["out"][:, slot] = sums
+            weights = state["weights"]
+            if weights.device != h.device:  # a model split over several GPUs
+                weights = weights.to(h.device)
+            sums = torch.bmm(weights.unsqueeze(1), h.float()).squeeze(1)
+            state["out"][:, slot] = sums.to(state["out"].device)
             if last:
                 raise _StopForward
 

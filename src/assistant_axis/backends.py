@@ -19,7 +19,10 @@ from tqdm.auto import tqdm
 from assistant_axis.chat import render_ids, supports_system_role
 from assistant_axis.errors import InputError
 
-__all__ = ["Sampling", "Generation", "GenerationBackend", "TransformersBackend", "TopP", "stable_seed", "BACKENDS"]
+__all__ = [
+    "Sampling", "Generation", "GenerationBackend", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "TopP",
+    "stable_seed", "make_backend", "BACKENDS",
+]
 
 BACKENDS = ("transformers", "vllm", "openai")
 
@@ -40,7 +43,12 @@ class Generation:
 
 
 class GenerationBackend(Protocol):
-    def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Generation]: ...
+    """`seeds`, one per conversation, are used where the backend can seed each request (vLLM, servers)."""
+
+    system_role: bool
+
+    def generate(self, conversations: list[list[dict]], sampling: Sampling,
+                 seeds: list[int] | None = None) -> list[Generation]: ...
 
 
 def stable_seed(*parts: object) -> int:
@@ -93,7 +101,10 @@ class TransformersBackend:
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
         self.system_role = supports_system_role(tokenizer)
 
-    def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Generation]:
+    def generate(self, conversations: list[list[dict]], sampling: Sampling,
+                 seeds: list[int] | None = None) -> list[Generation]:
+        # Batched sampling here draws from one generator per batch (seeded from sampling.seed), so
+        # per-request seeds are not used; results are reproducible for the same prompts and batch size.
         prompts = [render_ids(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
         # Longest first: similar lengths share a batch, so little padding is computed.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -134,13 +145,96 @@ class TransformersBackend:
         return results  # type: ignore[return-value]
 
 
-def make_backend(name: str, settings: dict, model_path: str, dtype: str = "float32") -> GenerationBackend:
+class VLLMBackend:
+    """Offline batch generation with vLLM: one engine per job, every prompt of the job in one `chat` call."""
+
+    system_role = True  # vLLM applies the model's own chat template; it reports templates without one
+
+    ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager")
+
+    def __init__(self, model_path: str, settings: dict, dtype: str = "auto", trust_remote_code: bool = False):
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise InputError("config", "generate.backend",
+                             "backend 'vllm' needs the vllm package: pip install '.[vllm]' on a GPU machine") from exc
+        self.settings = settings
+        self.llm = LLM(**self.engine_args(model_path, settings, dtype, trust_remote_code))
+
+    @classmethod
+    def engine_args(cls, model_path: str, settings: dict, dtype: str, trust_remote_code: bool) -> dict:
+        engine = settings.get("vllm", {})
+        unknown = sorted(set(engine) - {*cls.ENGINE_KEYS, "chat_template_kwargs"})
+        if unknown:
+            raise InputError("config", f"generate.vllm.{unknown[0]}", "unknown vLLM setting")
+        args = {"model": model_path, "dtype": dtype, "seed": settings.get("seed", 0),
+                "trust_remote_code": trust_remote_code}
+        args.update({k: engine[k] for k in cls.ENGINE_KEYS if k in engine})
+        return args
+
+    @staticmethod
+    def sampling_params(sampling: Sampling, seeds: list[int]) -> list[dict]:
+        """Keyword arguments of each request's `SamplingParams`: the seed of each comes from its key."""
+        return [{"n": 1, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                 "max_tokens": sampling.max_tokens, "seed": seed} for seed in seeds]
+
+    def generate(self, conversations: list[list[dict]], sampling: Sampling,
+                 seeds: list[int] | None = None) -> list[Generation]:
+        from vllm import SamplingParams
+
+        seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
+        params = [SamplingParams(**kw) for kw in self.sampling_params(sampling, seeds)]
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=True,
+                                chat_template_kwargs=self.settings.get("vllm", {}).get("chat_template_kwargs"))
+        results = []
+        for output in outputs:
+            best = output.outputs[0]
+            finish = "length" if best.finish_reason == "length" else "stop"
+            results.append(Generation(best.text.strip(), len(best.token_ids), finish))
+        return results
+
+
+class OpenAIBackend:
+    """Generation through any OpenAI-compatible server; the server applies the chat template."""
+
+    system_role = True
+
+    def __init__(self, settings: dict):
+        from assistant_axis.api import APISettings, ChatAPI
+
+        self.api = ChatAPI(APISettings.from_config(settings.get("openai", {}), "generate.openai"), "generate.openai")
+
+    @staticmethod
+    def requests(conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[dict]:
+        return [{"messages": c, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                 "max_tokens": sampling.max_tokens, "seed": seed} for c, seed in zip(conversations, seeds, strict=True)]
+
+    def generate(self, conversations: list[list[dict]], sampling: Sampling,
+                 seeds: list[int] | None = None) -> list[Generation]:
+        seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
+        results = []
+        for outcome in self.api.run(self.requests(conversations, sampling, seeds), desc="generate"):
+            if outcome.response is None:  # kept as an empty reply with its reason; a rerun asks again
+                results.append(Generation("", 0, f"error: {outcome.error}"))
+                continue
+            choice = outcome.response["choices"][0]
+            text = (choice.get("message") or {}).get("content") or ""
+            usage = outcome.response.get("usage") or {}
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            results.append(Generation(text.strip(), int(usage.get("completion_tokens") or 0), finish))
+        return results
+
+
+def make_backend(name: str, settings: dict, model_path: str, dtype: str = "float32",
+                 trust_remote_code: bool = False) -> GenerationBackend:
     """Build the configured backend; heavy imports happen only for the chosen one."""
     if name == "transformers":
         from assistant_axis.models import load_model
 
-        model, tokenizer = load_model(model_path, dtype)
+        model, tokenizer = load_model(model_path, dtype, trust_remote_code=trust_remote_code)
         return TransformersBackend(model, tokenizer, batch_size=settings.get("batch_size", 32))
-    if name in BACKENDS:
-        raise InputError("config", "generate.backend", f"backend {name!r} is not available in this version yet")
+    if name == "vllm":
+        return VLLMBackend(model_path, settings, dtype, trust_remote_code)
+    if name == "openai":
+        return OpenAIBackend(settings)
     raise InputError("config", "generate.backend", f"unknown backend {name!r} (allowed: {', '.join(BACKENDS)})")

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,9 @@ __all__ = [
     "EmbeddingThresholds",
     "EmbeddingJudge",
     "LocalJudge",
+    "OpenAIJudge",
+    "verdict_from_logprobs",
+    "verdict_from_text",
     "calibrate",
     "agreement",
     "JUDGES",
@@ -276,3 +280,75 @@ class LocalJudge:
                 raw = json.dumps({"p": [round(float(x), 4) for x in dist], "digit_mass": round(mass, 4)})
                 verdicts.append(Verdict(int(dist.argmax()), expected, raw))
         return verdicts
+
+
+# ------------------------------------------------------------------------------------------------- openai
+
+
+class OpenAIJudge:
+    """A judge model behind an OpenAI-compatible API.
+
+    `scoring: logprobs` asks for one token with its top logprobs and reads the distribution over the
+    digits 0-3 (renormalised over the digits present; their total probability is recorded);
+    `scoring: parse` asks for a short greedy completion and takes its first digit 0-3.
+    """
+
+    def __init__(self, settings: dict):
+        from assistant_axis.api import APISettings, ChatAPI
+
+        self.scoring = settings.get("scoring", "logprobs")
+        if self.scoring not in ("logprobs", "parse"):
+            raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {self.scoring!r}")
+        self.top_logprobs = int(settings.get("top_logprobs", 20))
+        api_settings = {k: v for k, v in settings.items() if k not in ("scoring", "top_logprobs")}
+        self.api = ChatAPI(APISettings.from_config(api_settings, "judge.openai"), "judge.openai")
+        self.name = f"openai:{self.api.settings.model}:{self.scoring}"
+
+    def request(self, prompt: str) -> dict:
+        request = {"messages": [{"role": "user", "content": prompt}], "temperature": 0}
+        if self.scoring == "logprobs":
+            return {**request, "max_tokens": 1, "logprobs": True, "top_logprobs": self.top_logprobs}
+        return {**request, "max_tokens": 4}
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
+        outcomes = self.api.run([self.request(p) for p in prompts], desc="judge")
+        verdicts = []
+        for outcome in outcomes:
+            if outcome.response is None:
+                reason = f"request failed after {outcome.attempts} attempts: {outcome.error}"
+                verdicts.append(Verdict(None, None, reason))
+            elif self.scoring == "logprobs":
+                verdicts.append(verdict_from_logprobs(outcome.response))
+            else:
+                verdicts.append(verdict_from_text(outcome.response))
+        return verdicts
+
+
+def verdict_from_logprobs(response: dict) -> Verdict:
+    """Argmax and expected score over the digits 0-3 among the first token's top logprobs."""
+    choice = response["choices"][0]
+    content = ((choice.get("logprobs") or {}).get("content")) or []
+    if not content:
+        # The server ignored `logprobs` (transformers serve does): fall back to the text.
+        fallback = verdict_from_text(response)
+        return Verdict(fallback.score, fallback.expected_score, "no logprobs returned; " + fallback.raw)
+    probs = [0.0] * 4
+    for entry in content[0].get("top_logprobs") or []:
+        token = str(entry.get("token", "")).strip()
+        if token in ("0", "1", "2", "3"):
+            probs[int(token)] += math.exp(entry["logprob"])
+    mass = sum(probs)
+    if mass <= 0:
+        return Verdict(None, None, f"no digit 0-3 among the top logprobs of {content[0].get('token')!r}")
+    dist = [p / mass for p in probs]
+    missing = [str(d) for d in range(4) if probs[d] == 0]
+    raw = json.dumps({"p": [round(p, 4) for p in dist], "digit_mass": round(mass, 4), "missing": missing})
+    return Verdict(max(range(4), key=dist.__getitem__), sum(i * p for i, p in enumerate(dist)), raw)
+
+
+def verdict_from_text(response: dict) -> Verdict:
+    text = (response["choices"][0].get("message") or {}).get("content") or ""
+    match = re.search(r"[0-3]", text)
+    if not match:
+        return Verdict(None, None, f"no digit 0-3 in the judge's reply {text[:80]!r}")
+    return Verdict(int(match.group()), float(match.group()), json.dumps({"text": text[:80]}))

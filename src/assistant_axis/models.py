@@ -102,15 +102,20 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None, tru
 
     if dtype not in DTYPES:
         raise InputError("config", "model.dtype", f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # A model too large for one GPU is spread over all visible GPUs.
+    spread = device == "cuda" and torch.cuda.device_count() > 1
     if path.startswith("bundled:"):
         model, tokenizer = _load_gguf(bundled_gguf(path), DTYPES[dtype])
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     device_map="auto" if spread else None)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    if not spread:
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant_axis.backends import stable_seed
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE
 from assistant_axis.roles import (
@@ -23,7 +24,18 @@ from assistant_axis.roles import (
     load_questions,
 )
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "DEFAULT_RESOURCES"]
+
+# Sane per-job defaults (minutes, MB); config `resources.<stage>` overrides them per stage.
+DEFAULT_RESOURCES = {
+    "prepare_model": {"runtime": 60, "mem_mb": 16000},
+    "generate": {"runtime": 360, "mem_mb": 32000},
+    "activations": {"runtime": 360, "mem_mb": 32000},
+    "judge": {"runtime": 240, "mem_mb": 8000},
+    "vectors": {"runtime": 30, "mem_mb": 8000},
+    "axis": {"runtime": 30, "mem_mb": 8000},
+}
+GPU_STAGES = ("generate", "activations")
 
 
 def _load_roles(bank: Path, layout: str) -> dict[str, Role]:
@@ -77,6 +89,81 @@ class Plan:
         display = self.config["model"].get("display_name") or self.model
         n = self.config["roles"]["n_prompts"]
         return [p.replace("{model_name}", display) for p in self.roles[role].prompts[:n]]
+
+    def job_groups(self, stage: str) -> list[tuple[str, list[str] | None]]:
+        """(rule name, roles) for a model-loading stage.
+
+        Unsharded: one rule, `stage`, with a `{role}` wildcard (one role per job). With `shards: N`:
+        rules `{stage}_shard0` .. and each role in shard `crc32(role) % N`, so adding a role moves
+        no other role; empty shards get no rule.
+        """
+        n = self.config.get("shards")
+        if not n:
+            return [(stage, None)]
+        groups: dict[int, list[str]] = {}
+        for role in self.role_names:
+            groups.setdefault(stable_seed(role) % n, []).append(role)
+        return [(f"{stage}_shard{i}", sorted(groups[i])) for i in sorted(groups)]
+
+    def outputs(self, pattern: str, roles: list[str] | None) -> list[str]:
+        """`pattern` with `{role}` left as a wildcard (unsharded) or filled with each role of a shard."""
+        if roles is None:
+            return [pattern]
+        return [pattern.replace("{role}", role) for role in roles]
+
+    def resources(self, stage: str) -> dict:
+        """Snakemake resources of a stage's jobs: runtime and memory, and GPUs for the model stages.
+
+        GPU stages ask for `resources.<stage>.gpu` GPUs; vLLM generation defaults to its tensor
+        parallel size. CPU stages never ask for one; zero GPUs adds no GPU request at all.
+        """
+        settings = {**DEFAULT_RESOURCES[stage], **(self.config.get("resources") or {}).get(stage, {})}
+        if stage in GPU_STAGES:
+            generate = self.config["generate"]
+            if stage == "generate" and generate["backend"] == "vllm" and "gpu" not in settings:
+                settings["gpu"] = generate.get("vllm", {}).get("tensor_parallel_size", 1)
+            if not settings.get("gpu"):
+                settings.pop("gpu", None)
+                settings.pop("gpu_model", None)
+        else:
+            settings.pop("gpu", None)
+            settings.pop("gpu_model", None)
+        return settings
+
+    @property
+    def n_responses(self) -> int:
+        return sum(len(self.system_prompts(r)) for r in self.roles) * len(self.questions)
+
+    def model_dims(self) -> tuple[int, int] | None:
+        """(n_layers, hidden_size) without loading the model: from the prepared manifest, the config's
+        `model.n_layers`/`model.hidden_size`, or a local model directory's config.json."""
+        model = self.config["model"]
+        manifest = Path("results") / self.model / "model.json"
+        if manifest.is_file():
+            info = json.loads(manifest.read_text())
+            return info["n_layers"], info["hidden_size"]
+        if model.get("n_layers") and model.get("hidden_size"):
+            return model["n_layers"], model["hidden_size"]
+        config_file = Path(model["source"]) / "config.json"
+        if config_file.is_file():
+            cfg = json.loads(config_file.read_text())
+            cfg = cfg.get("text_config", cfg)
+            return cfg["num_hidden_layers"], cfg["hidden_size"]
+        return None
+
+    def activation_bytes(self) -> int | None:
+        """Disk the activations will take: responses x layers x hidden x dtype size (None: dims unknown)."""
+        dims = self.model_dims()
+        if dims is None:
+            return None
+        n_layers, hidden = dims
+        layers = self.config["activations"]["layers"]
+        n = n_layers if layers == "all" else len(layers)
+        size = {"float32": 4, "bfloat16": 2, "float16": 2}[self.config["activations"]["dtype"]]
+        return self.n_responses * n * hidden * size
+
+    def generate_jobs(self, roles: list[str]) -> list[dict]:
+        return [{"role": role, "system_prompts": self.system_prompts(role)} for role in roles]
 
     def question_params(self) -> list[dict]:
         return [{"id": q.id, "question": q.question} for q in self.questions]

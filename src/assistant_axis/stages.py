@@ -70,71 +70,101 @@ def prepare_model(output: str, name: str, source: str, models_dir: str, trust_re
     write_json(asdict(info), output)
 
 
-def generate(model: str, output: str, role: str, system_prompts: list[str], questions: list[dict],
-             backend: str, settings: dict, dtype: str = "float32") -> None:
-    """Every (system prompt x question) pair of one role, answered by the configured backend."""
+def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[dict], backend: str,
+             settings: dict, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+    """Every (system prompt x question) pair of each job's role, one model load and one backend call.
+
+    `jobs[i]` is `{"role", "system_prompts"}` and is written to `outputs[i]`.
+    """
     from assistant_axis.backends import Sampling, make_backend, stable_seed
     from assistant_axis.chat import build_messages
 
+    if len(outputs) != len(jobs):
+        raise InputError("workflow", "generate", f"{len(jobs)} roles but {len(outputs)} outputs")
     info = _model_info(model)
-    engine = make_backend(backend, settings, info["path"], dtype)
+    engine = make_backend(backend, settings, info["path"], dtype, trust_remote_code)
     system_role = getattr(engine, "system_role", True)
-    pairs = [(p, q) for p in range(len(system_prompts)) for q in range(len(questions))]
-    conversations = [build_messages(system_prompts[p], questions[q]["question"], system_role) for p, q in pairs]
-    sampling = Sampling(settings.get("temperature", 0.7), settings.get("top_p", 0.9),
-                        settings.get("max_tokens", 512), settings.get("seed", 0) + stable_seed(role))
-    log.info("role %s: %d prompts x %d questions with %s", role, len(system_prompts), len(questions), backend)
-    replies = engine.generate(conversations, sampling)
-    frame = pd.DataFrame({
-        "role": role,
-        "prompt_index": [p for p, _ in pairs],
-        "question_index": [q for _, q in pairs],
-        "question_id": [questions[q]["id"] for _, q in pairs],
-        "system_prompt": [system_prompts[p] for p, _ in pairs],
-        "question": [questions[q]["question"] for _, q in pairs],
-        "response": [r.text for r in replies],
-        "n_response_tokens": [r.n_tokens for r in replies],
-        "finish_reason": [r.finish_reason for r in replies],
-    })
-    empty = int((frame["response"].str.strip() == "").sum())
-    if empty:
-        log.warning("role %s: %d empty responses (kept; they get no activations and no score)", role, empty)
-    write_parquet(frame, output)
+    keys, conversations, seeds = [], [], []
+    for job in jobs:
+        prompts = job["system_prompts"]
+        for p in range(len(prompts)):
+            for q in range(len(questions)):
+                keys.append((job["role"], p, q))
+                conversations.append(build_messages(prompts[p], questions[q]["question"], system_role))
+                # A seed per response, from its key: where the backend seeds requests one by one (vLLM,
+                # servers), regenerating reproduces unchanged responses whichever job or shard runs them.
+                seeds.append(stable_seed(job["role"], prompts[p], questions[q]["id"]) + settings.get("seed", 0))
+    sampling = Sampling(settings.get("temperature", 0.7), settings.get("top_p", 0.9), settings.get("max_tokens", 512),
+                        settings.get("seed", 0) + stable_seed(*sorted(j["role"] for j in jobs)))
+    log.info("%d roles, %d responses with %s", len(jobs), len(conversations), backend)
+    replies = engine.generate(conversations, sampling, seeds)
+    for job, output in zip(jobs, outputs, strict=True):
+        role, prompts = job["role"], job["system_prompts"]
+        rows = [(key, reply) for key, reply in zip(keys, replies, strict=True) if key[0] == role]
+        frame = pd.DataFrame({
+            "role": role,
+            "prompt_index": [p for (_, p, _), _ in rows],
+            "question_index": [q for (_, _, q), _ in rows],
+            "question_id": [questions[q]["id"] for (_, _, q), _ in rows],
+            "system_prompt": [prompts[p] for (_, p, _), _ in rows],
+            "question": [questions[q]["question"] for (_, _, q), _ in rows],
+            "response": [r.text for _, r in rows],
+            "n_response_tokens": [r.n_tokens for _, r in rows],
+            "finish_reason": [r.finish_reason for _, r in rows],
+        })
+        empty = int((frame["response"].str.strip() == "").sum())
+        if empty:
+            log.warning("role %s: %d empty responses (kept; they get no activations and no score)", role, empty)
+        write_parquet(frame, output)
 
 
-def activations(model: str, responses: str, output: str, layers, dtype: str = "float32",
-                compute_dtype: str = "float32", batch_tokens: int = 8192, blocks: str | None = None) -> None:
-    """Per-response mean activation over the response's tokens, at every requested layer."""
+def activations(model: str, responses: list[str], outputs: list[str], layers, dtype: str = "float32",
+                compute_dtype: str = "float32", batch_tokens: int = 8192, blocks: str | None = None,
+                trust_remote_code: bool = False) -> None:
+    """Per-response mean activation over the response's tokens at every requested layer; one model load
+    for all the given roles (`responses[i]` -> `outputs[i]`)."""
     from assistant_axis.activations import mean_activations, resolve_layers
     from assistant_axis.chat import build_messages, response_span, supports_system_role
     from assistant_axis.models import find_blocks, load_model
 
     if dtype not in STORAGE_DTYPES:
         raise InputError("config", "activations.dtype", f"unknown dtype {dtype!r}")
-    frame = read_parquet(responses, RESPONSE_COLUMNS)
+    frames = [read_parquet(path, RESPONSE_COLUMNS) for path in responses]
     info = _model_info(model)
-    net, tokenizer = load_model(info["path"], compute_dtype)
+    net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
     layer_ids = resolve_layers(layers, len(find_blocks(net, blocks)))
     system_role = supports_system_role(tokenizer)
     sequences, spans = [], []
-    for row in frame.itertuples(index=False):
-        messages = build_messages(row.system_prompt, row.question, system_role)
-        ids, start, end = response_span(tokenizer, messages, row.response if row.response.strip() else "")
-        sequences.append(ids)
-        spans.append((start, end))
+    for frame in frames:
+        for row in frame.itertuples(index=False):
+            messages = build_messages(row.system_prompt, row.question, system_role)
+            ids, start, end = response_span(tokenizer, messages, row.response if row.response.strip() else "")
+            sequences.append(ids)
+            spans.append((start, end))
     acts = mean_activations(net, sequences, spans, layer_ids, batch_tokens=batch_tokens, blocks_path=blocks)
-    write_tensors(
-        {"activations": acts.to(STORAGE_DTYPES[dtype]), "layers": torch.tensor(layer_ids)},
-        output,
-        {"model": info["name"], "role": str(frame["role"].iloc[0]) if len(frame) else "",
-         "hidden_size": acts.shape[-1], "n_responses": len(frame)},
-    )
+    offset = 0
+    for path, frame, output in zip(responses, frames, outputs, strict=True):
+        part = acts[offset : offset + len(frame)]
+        offset += len(frame)
+        role = str(frame["role"].iloc[0]) if len(frame) else Path(path).stem
+        write_tensors(
+            {"activations": part.to(STORAGE_DTYPES[dtype]), "layers": torch.tensor(layer_ids)},
+            output,
+            {"model": info["name"], "role": role, "hidden_size": acts.shape[-1], "n_responses": len(frame)},
+        )
 
 
 def judge(responses: str, output: str, role: str, description: str, template: str, backend: str,
           settings: dict) -> None:
     """Score every response of one role for role adherence (0-3)."""
-    from assistant_axis.judge import EmbeddingJudge, EmbeddingThresholds, JudgeItem, prompt_hash, render_prompt
+    from assistant_axis.judge import (
+        EmbeddingJudge,
+        EmbeddingThresholds,
+        JudgeItem,
+        Verdict,
+        prompt_hash,
+        render_prompt,
+    )
 
     frame = read_parquet(responses, RESPONSE_COLUMNS)
     items = [JudgeItem(role, description, q, r) for q, r in zip(frame["question"], frame["response"], strict=True)]
@@ -158,10 +188,21 @@ def judge(responses: str, output: str, role: str, description: str, template: st
         hashes = [prompt_hash(p) for p in prompts]
         for i, it in enumerate(items):
             if not it.response.strip():
-                verdicts[i] = type(verdicts[i])(None, None, "empty response")
+                verdicts[i] = Verdict(None, None, "empty response")
+        name = engine.name
+    elif backend == "openai":
+        from assistant_axis.judge import OpenAIJudge
+
+        engine = OpenAIJudge(settings)
+        prompts = [render_prompt(template, it) for it in items]
+        verdicts = [Verdict(None, None, "empty response") if not it.response.strip() else None for it in items]
+        todo = [i for i, v in enumerate(verdicts) if v is None]
+        for i, verdict in zip(todo, engine.score_prompts([prompts[i] for i in todo]), strict=True):
+            verdicts[i] = verdict
+        hashes = [prompt_hash(p) for p in prompts]
         name = engine.name
     else:
-        raise InputError("config", "judge.backend", f"judge backend {backend!r} is not available in this version yet")
+        raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")
     scores = pd.DataFrame({
         **{k: frame[k] for k in KEYS},
         "score": pd.array([v.score for v in verdicts], dtype="Int64"),

@@ -1,19 +1,27 @@
-rule activations:
-    input:
-        model="results/{model}/model.json",
-        responses="results/{model}/responses/{role}.parquet",
-    output:
-        activations="results/{model}/activations/{role}.safetensors",
-    params:
-        layers=config["activations"]["layers"],
-        dtype=config["activations"]["dtype"],
-        compute_dtype=config["model"]["dtype"],
-        batch_tokens=config["activations"]["batch_tokens"],
-        blocks=config["model"]["blocks"],
-    threads: 2
-    conda:
-        "../../environment.yml"
-    log:
-        "logs/{model}/activations/{role}.log",
-    script:
-        "../scripts/activations.py"
+# Sharded like generate: one model load per job.
+for name, roles in PLAN.job_groups("activations"):
+
+    rule:
+        name:
+            name
+        input:
+            model="results/{model}/model.json",
+            responses=PLAN.outputs("results/{model}/responses/{role}.parquet", roles),
+        output:
+            activations=PLAN.outputs("results/{model}/activations/{role}.safetensors", roles),
+        params:
+            layers=config["activations"]["layers"],
+            dtype=config["activations"]["dtype"],
+            compute_dtype=config["model"]["dtype"],
+            batch_tokens=config["activations"]["batch_tokens"],
+            blocks=config["model"]["blocks"],
+            trust_remote_code=config["model"]["trust_remote_code"],
+        threads: 2
+        resources:
+            **PLAN.resources("activations"),
+        conda:
+            "../../environment.yml"
+        log:
+            f"logs/{{model}}/{name}.log" if roles else "logs/{model}/activations/{role}.log",
+        script:
+            "../scripts/activations.py"

@@ -7,6 +7,8 @@ rule axis:
         summary="results/{model}/vectors/summary.parquet",
     params:
         config_hash=PLAN.config_hash(),
+    resources:
+        **PLAN.resources("axis"),
     conda:
         "../../environment.yml"
     log:

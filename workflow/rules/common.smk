@@ -27,3 +27,16 @@ def scores_input(wildcards):
     if wildcards.role == "default":
         return []
     return f"results/{wildcards.model}/scores/{wildcards.role}.parquet"
+
+
+def report_storage():
+    """Print the activations' disk footprint when planning, before anything runs."""
+    size = PLAN.activation_bytes()
+    if size is None:
+        print("activations: size unknown until the model is prepared (set model.n_layers/hidden_size)",
+              file=sys.stderr)
+    else:
+        print(f"activations: {PLAN.n_responses} responses, {size / 1e9:.2f} GB on disk", file=sys.stderr)
+
+
+report_storage()

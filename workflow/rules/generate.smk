@@ -1,18 +1,27 @@
-rule generate:
-    input:
-        model="results/{model}/model.json",
-    output:
-        responses="results/{model}/responses/{role}.parquet",
-    params:
-        system_prompts=lambda wc: PLAN.system_prompts(wc.role),
-        questions=PLAN.question_params(),
-        backend=config["generate"]["backend"],
-        settings={k: v for k, v in config["generate"].items() if k != "backend"},
-        dtype=config["model"]["dtype"],
-    threads: 2
-    conda:
-        "../../environment.yml"
-    log:
-        "logs/{model}/generate/{role}.log",
-    script:
-        "../scripts/generate.py"
+# One rule with a {role} wildcard, or, with `shards: N`, one rule per shard that loads the model
+# once for all of its roles (see Plan.job_groups).
+for name, roles in PLAN.job_groups("generate"):
+
+    rule:
+        name:
+            name
+        input:
+            model="results/{model}/model.json",
+        output:
+            responses=PLAN.outputs("results/{model}/responses/{role}.parquet", roles),
+        params:
+            jobs=lambda wc, roles=roles: PLAN.generate_jobs(roles or [wc.role]),
+            questions=PLAN.question_params(),
+            backend=config["generate"]["backend"],
+            settings={k: v for k, v in config["generate"].items() if k != "backend"},
+            dtype=config["model"]["dtype"],
+            trust_remote_code=config["model"]["trust_remote_code"],
+        threads: 2
+        resources:
+            **PLAN.resources("generate"),
+        conda:
+            "../../environment.yml"
+        log:
+            f"logs/{{model}}/{name}.log" if roles else "logs/{model}/generate/{role}.log",
+        script:
+            "../scripts/generate.py"

@@ -8,6 +8,8 @@ rule judge:
     params:
         judge=lambda wc: PLAN.judge_params(wc.role),
     threads: 1
+    resources:
+        **PLAN.resources("judge"),
     conda:
         "../../environment.yml"
     log:

@@ -4,6 +4,8 @@ rule prepare_model:
     params:
         source=config["model"]["source"],
         trust_remote_code=config["model"]["trust_remote_code"],
+    resources:
+        **PLAN.resources("prepare_model"),
     conda:
         "../../environment.yml"
     log:

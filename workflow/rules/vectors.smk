@@ -7,6 +7,8 @@ rule vectors:
     params:
         min_score=config["vectors"]["min_score"],
         min_count=config["vectors"]["min_count"],
+    resources:
+        **PLAN.resources("vectors"),
     conda:
         "../../environment.yml"
     log:

@@ -5,4 +5,4 @@ from assistant_axis import stages
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 torch.set_num_threads(sm.threads)
 with stages.logged(sm.log[0]):
-    stages.activations(sm.input.model, sm.input.responses, sm.output.activations, **sm.params)
+    stages.activations(sm.input.model, list(sm.input.responses), list(sm.output.activations), **sm.params)

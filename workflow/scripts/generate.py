@@ -5,4 +5,4 @@ from assistant_axis import stages
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 torch.set_num_threads(sm.threads)
 with stages.logged(sm.log[0]):
-    stages.generate(sm.input.model, sm.output.responses, sm.wildcards.role, **sm.params)
+    stages.generate(sm.input.model, list(sm.output.responses), **sm.params)
