@@ -44,3 +44,13 @@ def bundled(model_dir):
     from assistant_axis.models import load_model
 
     return load_model(str(model_dir), "float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_dir) -> Path:
+    """The tiny config run once through Snakemake locally; its workspace (read-only for tests)."""
+    from workflow_helpers import make_workspace, snakemake
+
+    workdir = make_workspace(tmp_path_factory.mktemp("tiny"), model_dir)
+    snakemake(workdir)
+    return workdir

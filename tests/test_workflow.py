@@ -11,17 +11,15 @@ from safetensors.torch import load_file
 from assistant_axis.axis import load_axis
 from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
 
-from workflow_helpers import TINY_ROLES, make_workspace, planned_jobs, snakemake
+from workflow_helpers import TINY_ROLES, planned_jobs, snakemake
 
 MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, model_dir):
-    workdir = make_workspace(tmp_path_factory.mktemp("tiny"), model_dir)
-    snakemake(workdir)
-    return workdir
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def test_every_artifact_has_its_shape_and_keys(run):

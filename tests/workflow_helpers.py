@@ -25,7 +25,7 @@ def tiny_config(**overrides) -> dict:
     # Plumbing test: 4 replies of 16 tokens rarely all score 3, so every scored reply counts.
     config["vectors"].update(min_score=1, min_count=1)
     for key, value in overrides.items():
-        config[key].update(value)
+        config.setdefault(key, {}).update(value)
     return config
 
 
@@ -33,6 +33,7 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None) -> P
     """Copy the workflow and the roles it needs into `path`; reuse the already converted bundled model."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "Snakefile", path / "Snakefile")
+    shutil.copy(ROOT / "environment.yml", path / "environment.yml")  # the rules' conda env file
     shutil.copytree(ROOT / "workflow", path / "workflow", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     (path / "data/roles").mkdir(parents=True, exist_ok=True)
