@@ -15,6 +15,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -60,8 +61,13 @@ def _serve(command: list[str], health: str, log: Path):
                 process.kill()
 
 
+def find_command(name: str) -> str | None:
+    """A console script of this environment (next to the interpreter), else one on PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+
+
 def llama_cpp_binary() -> str | None:
-    return shutil.which("llama-cpp-server")
+    return find_command("llama-cpp-server")
 
 
 @contextmanager
@@ -69,7 +75,7 @@ def llama_cpp_server(gguf: Path, log: Path):
     """llama.cpp's server on the bundled GGUF; yields its /v1 base URL."""
     port = free_port()
     command = [llama_cpp_binary(), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "--ctx-size", "8192", "--parallel", "4"]
+               "--ctx-size", "8192"]
     with _serve(command, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -78,7 +84,7 @@ def llama_cpp_server(gguf: Path, log: Path):
 def transformers_server(model_dir: Path, log: Path):
     """`transformers serve` with the model directory preloaded; yields its /v1 base URL."""
     port = free_port()
-    binary = shutil.which("transformers")
+    binary = find_command("transformers")
     command = [binary, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     with _serve(command, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}/v1"
@@ -146,13 +152,16 @@ class FaultProxy:
 
             def _send(self, status: int, text: str, headers: dict | None = None):
                 data = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", (headers or {}).pop("Content-Type", "application/json"))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", (headers or {}).pop("Content-Type", "application/json"))
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first (its timeout, during a "hang")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

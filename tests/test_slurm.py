@@ -83,8 +83,11 @@ def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_en
     assert rerun == [("axis", None), ("judge", "ghost"), ("vectors", "ghost")]
 
 
-def test_shards_plan_one_model_load_per_shard():
-    jobs = planned_jobs(ROOT, "--config", "shards=4")
+def test_shards_plan_one_model_load_per_shard(tmp_path, model_dir):
+    """The quickstart with `shards: 4`: four generate and four activations jobs."""
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    work = make_workspace(tmp_path, model_dir, config, bank=["*"])
+    jobs = planned_jobs(work, "--config", "shards=4")
     generate = {r for r, _ in jobs if r.startswith("generate")}
     activations = {r for r, _ in jobs if r.startswith("activations")}
     assert generate == {f"generate_shard{i}" for i in range(4)}

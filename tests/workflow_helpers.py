@@ -29,8 +29,11 @@ def tiny_config(**overrides) -> dict:
     return config
 
 
-def make_workspace(path: Path, model_dir: Path, config: dict | None = None) -> Path:
-    """Copy the workflow and the roles it needs into `path`; reuse the already converted bundled model."""
+def make_workspace(path: Path, model_dir: Path, config: dict | None = None, bank: list[str] | None = None) -> Path:
+    """Copy the workflow and a role bank (default: the tiny roles) into `path`; reuse the converted model.
+
+    `bank=["*"]` copies every role of data/roles.
+    """
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "Snakefile", path / "Snakefile")
     shutil.copy(ROOT / "environment.yml", path / "environment.yml")  # the rules' conda env file
@@ -38,7 +41,8 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None) -> P
                     ignore=shutil.ignore_patterns("__pycache__"))
     (path / "data/roles").mkdir(parents=True, exist_ok=True)
     (path / "data/questions").mkdir(parents=True, exist_ok=True)
-    for role in [*TINY_ROLES, "default"]:
+    names = [p.stem for p in (ROOT / "data/roles").glob("*.yaml")] if bank == ["*"] else (bank or TINY_ROLES)
+    for role in {*names, "default"}:
         shutil.copy(ROOT / f"data/roles/{role}.yaml", path / f"data/roles/{role}.yaml")
     shutil.copy(ROOT / "data/questions/questions.jsonl", path / "data/questions/questions.jsonl")
     config = config or tiny_config()

@@ -158,6 +158,7 @@ def judge(responses: str, output: str, role: str, description: str, template: st
           settings: dict) -> None:
     """Score every response of one role for role adherence (0-3)."""
     from assistant_axis.judge import (
+        DEFAULT_SYSTEM,
         EmbeddingJudge,
         EmbeddingThresholds,
         JudgeItem,
@@ -182,7 +183,8 @@ def judge(responses: str, output: str, role: str, description: str, template: st
         if not source:
             raise InputError("config", "judge.local.model", "the local judge needs a model")
         net, tokenizer = load_model(source, settings.get("dtype", "float32"))
-        engine = LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8))
+        engine = LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
+                            settings.get("system", DEFAULT_SYSTEM))
         prompts = [render_prompt(template, it) for it in items]
         verdicts = engine.score_prompts(prompts)
         hashes = [prompt_hash(p) for p in prompts]
