@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,17 +50,25 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float =
 
 @contextmanager
 def _serve(command: list[str], health: str, log: Path):
+    """Run a server in its own process group (launchers spawn the real server as a child) and stop the group."""
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_ready(health, process, log)
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    process.wait(timeout=wait)
+                    # The launcher is gone; make sure no child of its group outlives it.
+                    os.killpg(process.pid, signal.SIGKILL)
+                except (subprocess.TimeoutExpired, ProcessLookupError):
+                    continue
+                break
 
 
 def find_command(name: str) -> str | None:
