@@ -45,10 +45,8 @@ __all__ = [
     "verdict_from_text",
     "calibrate",
     "agreement",
-    "JUDGES",
 ]
 
-JUDGES = ("embedding", "local", "openai")
 PLACEHOLDERS = ("role", "description", "question", "response")
 DEFAULT_TEMPLATE = """\
 You are grading whether an AI model stayed in a role it was asked to play.

@@ -169,42 +169,37 @@ def judge(responses: str, output: str, role: str, description: str, template: st
 
     frame = read_parquet(responses, RESPONSE_COLUMNS)
     items = [JudgeItem(role, description, q, r) for q, r in zip(frame["question"], frame["response"], strict=True)]
+    prompts = [render_prompt(template, it) for it in items]
+    # An empty response has nothing to judge, whichever the backend: it keeps a null score and its reason.
+    scored = [i for i, it in enumerate(items) if it.response.strip()]
     if backend == "embedding":
         engine = EmbeddingJudge(EmbeddingThresholds(**settings))
-        verdicts = engine.score(items)
+        found = engine.score([items[i] for i in scored])
         # This judge reads no prompt: hash what decides its scores (settings and the role's text).
         hashes = [prompt_hash(engine.settings_hash() + description)] * len(items)
-        name = engine.name
-    elif backend == "local":
-        from assistant_axis.judge import LocalJudge
-        from assistant_axis.models import load_model
+    elif backend in ("local", "openai"):
+        if backend == "local":
+            from assistant_axis.judge import LocalJudge
+            from assistant_axis.models import load_model
 
-        source = settings.get("model", "")
-        if not source:
-            raise InputError("config", "judge.local.model", "the local judge needs a model")
-        net, tokenizer = load_model(source, settings.get("dtype", "float32"))
-        engine = LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
-                            settings.get("system", DEFAULT_SYSTEM))
-        prompts = [render_prompt(template, it) for it in items]
-        verdicts = engine.score_prompts(prompts)
-        hashes = [prompt_hash(p) for p in prompts]
-        for i, it in enumerate(items):
-            if not it.response.strip():
-                verdicts[i] = Verdict(None, None, "empty response")
-        name = engine.name
-    elif backend == "openai":
-        from assistant_axis.judge import OpenAIJudge
+            source = settings.get("model", "")
+            if not source:
+                raise InputError("config", "judge.local.model", "the local judge needs a model")
+            net, tokenizer = load_model(source, settings.get("dtype", "float32"))
+            engine = LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
+                                settings.get("system", DEFAULT_SYSTEM))
+        else:
+            from assistant_axis.judge import OpenAIJudge
 
-        engine = OpenAIJudge(settings)
-        prompts = [render_prompt(template, it) for it in items]
-        verdicts = [Verdict(None, None, "empty response") if not it.response.strip() else None for it in items]
-        todo = [i for i, v in enumerate(verdicts) if v is None]
-        for i, verdict in zip(todo, engine.score_prompts([prompts[i] for i in todo]), strict=True):
-            verdicts[i] = verdict
+            engine = OpenAIJudge(settings)
+        found = engine.score_prompts([prompts[i] for i in scored])
         hashes = [prompt_hash(p) for p in prompts]
-        name = engine.name
     else:
         raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")
+    name = engine.name
+    verdicts = [Verdict(None, None, "empty response")] * len(items)
+    for i, verdict in zip(scored, found, strict=True):
+        verdicts[i] = verdict
     scores = pd.DataFrame({
         **{k: frame[k] for k in KEYS},
         "score": pd.array([v.score for v in verdicts], dtype="Int64"),
