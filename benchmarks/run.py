@@ -22,9 +22,9 @@ import torch
 
 from assistant_axis.activations import mean_activations
 from assistant_axis.backends import Sampling, TransformersBackend
-from assistant_axis.chat import build_messages, render_ids, response_span
 from assistant_axis.models import find_blocks, load_model, prepare_model
 from assistant_axis.roles import load_bank, load_questions
+from assistant_axis.templates import build_messages, render_ids, response_span
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks/.cache"

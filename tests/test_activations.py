@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from assistant_axis.activations import mean_activations, resolve_layers, token_budget_batches
-from assistant_axis.chat import build_messages, response_span
 from assistant_axis.errors import InputError
 from assistant_axis.models import find_blocks
+from assistant_axis.templates import build_messages, response_span
 
 CASES = [
     ("You are a lighthouse keeper.", "What keeps you going?", "The lamp, and the gulls that wait for it each dusk."),

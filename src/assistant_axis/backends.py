@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from assistant_axis.chat import render_ids, supports_system_role
 from assistant_axis.errors import InputError
+from assistant_axis.templates import render_ids, supports_system_role
 
 __all__ = [
     "Sampling", "Generation", "GenerationBackend", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "TopP",

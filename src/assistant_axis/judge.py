@@ -258,7 +258,7 @@ class LocalJudge:
             self.digit_ids.append(ids[0])
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
-        from assistant_axis.chat import render_ids
+        from assistant_axis.templates import render_ids
 
         rows = [render_ids(self.tokenizer, judge_messages(p, self.system), add_generation_prompt=True)
                 for p in prompts]

@@ -77,7 +77,7 @@ def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[d
     `jobs[i]` is `{"role", "system_prompts"}` and is written to `outputs[i]`.
     """
     from assistant_axis.backends import Sampling, make_backend, stable_seed
-    from assistant_axis.chat import build_messages
+    from assistant_axis.templates import build_messages
 
     if len(outputs) != len(jobs):
         raise InputError("workflow", "generate", f"{len(jobs)} roles but {len(outputs)} outputs")
@@ -124,8 +124,8 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
     """Per-response mean activation over the response's tokens at every requested layer; one model load
     for all the given roles (`responses[i]` -> `outputs[i]`)."""
     from assistant_axis.activations import mean_activations, resolve_layers
-    from assistant_axis.chat import build_messages, response_span, supports_system_role
     from assistant_axis.models import find_blocks, load_model
+    from assistant_axis.templates import build_messages, response_span, supports_system_role
 
     if dtype not in STORAGE_DTYPES:
         raise InputError("config", "activations.dtype", f"unknown dtype {dtype!r}")

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from assistant_axis.chat import build_messages, response_span, supports_system_role
+from assistant_axis.templates import build_messages, response_span, supports_system_role
 
 # A Llama-3-style template: headers around each turn and `| trim` on the content.
 LLAMA3_STYLE = (
