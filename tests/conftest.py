@@ -48,8 +48,14 @@ def bundled(model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, model_dir) -> Path:
-    """The tiny config run once through Snakemake locally; its workspace (read-only for tests)."""
+    """The tiny config run once through Snakemake locally; its workspace (read-only for tests).
+
+    While developing, `AXIS_TINY_RUN=/path/to/workspace` reuses a workspace run earlier.
+    """
     from workflow_helpers import make_workspace, snakemake
+
+    if os.environ.get("AXIS_TINY_RUN"):
+        return Path(os.environ["AXIS_TINY_RUN"])
 
     workdir = make_workspace(tmp_path_factory.mktemp("tiny"), model_dir)
     snakemake(workdir)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from assistant_axis.errors import InputError
 
-__all__ = ["atomic_path", "write_parquet", "read_parquet", "write_tensors", "read_tensors", "write_json"]
+__all__ = ["atomic_path", "write_parquet", "read_parquet", "write_tensors", "read_tensors", "write_json",
+           "save_figure"]
 
 
 @contextmanager
@@ -86,3 +87,13 @@ def read_tensors(
 def write_json(data: dict, path: str | Path) -> None:
     with atomic_path(path, ".json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure atomically (format from the final name) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path, path.suffix) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -20,7 +20,7 @@ import torch
 from assistant_axis.artifacts import read_tensors
 from assistant_axis.errors import InputError
 
-__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "project"]
+__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "project", "unit_rows"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +81,16 @@ def load_axis(path: str | Path) -> tuple[torch.Tensor, list[int], dict]:
 def project(activation: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """Scalar projection of activation(s) [..., hidden] on the unit axis [hidden]."""
     return activation.float() @ (axis.float() / axis.float().norm())
+
+
+def unit_rows(axis: torch.Tensor, axis_layers: list[int], layers: list[int], hidden: int,
+              source: str = "axis") -> torch.Tensor:
+    """Unit axis vectors [len(layers), hidden] for model layers `layers`, checked against the model's `hidden`."""
+    if axis.shape[-1] != hidden:
+        raise InputError(source, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model has {hidden}")
+    missing = [layer for layer in layers if layer not in axis_layers]
+    if missing:
+        raise InputError(source, "layers", f"layer {missing[0]} is not in the axis (it has layers "
+                         f"{axis_layers[0]}..{axis_layers[-1]})")
+    rows = axis[[axis_layers.index(layer) for layer in layers]].float()
+    return rows / rows.norm(dim=-1, keepdim=True)

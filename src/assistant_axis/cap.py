@@ -1,0 +1,119 @@
+"""Activation capping: hold the residual stream's projection on the Assistant Axis at or above a floor.
+
+At each capped layer, with `v` the unit axis and `tau` that layer's threshold, the block output `h`
+becomes `h - v * min(<h, v> - tau, 0)`: untouched while `<h, v> >= tau`, otherwise lifted onto the
+floor along `v` only. `tau` is a percentile of the default Assistant's projections (the workflow's
+`calibrate` stage writes one capping config per layer range and percentile). An optional ceiling
+makes it a two-sided band.
+
+>>> config = load_capping("results/smollm2-135m-instruct/capping/late-p25.safetensors",
+...                       model_name="smollm2-135m-instruct")
+>>> with cap(model, config):
+...     model.generate(...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from assistant_axis.artifacts import read_tensors, write_tensors
+from assistant_axis.errors import InputError
+from assistant_axis.models import block_hidden, find_blocks, hidden_size, with_block_hidden
+
+__all__ = ["CappingConfig", "load_capping", "layer_range", "percentile_thresholds", "cap"]
+
+
+@dataclass(frozen=True)
+class CappingConfig:
+    layers: list[int]  # model block indices
+    vectors: torch.Tensor  # [k, hidden] unit axis per capped layer
+    thresholds: torch.Tensor  # [k] floor per capped layer
+    model: str  # the model whose axis this is
+    upper: torch.Tensor | None = None  # [k] ceiling per layer (two-sided band), or None
+    source: str = "capping"  # where it came from, for error messages
+
+    def save(self, path: str | Path, **metadata) -> None:
+        tensors = {"layers": torch.tensor(self.layers, dtype=torch.int64), "vectors": self.vectors.float().contiguous(),
+                   "thresholds": self.thresholds.float()}
+        if self.upper is not None:
+            tensors["upper"] = self.upper.float()
+        write_tensors(tensors, path, {"model": self.model, "hidden_size": int(self.vectors.shape[-1]), **metadata})
+
+    def with_upper(self, upper: torch.Tensor) -> CappingConfig:
+        return CappingConfig(self.layers, self.vectors, self.thresholds, self.model, upper, self.source)
+
+
+def load_capping(path: str | Path, model_name: str | None = None, hidden_size: int | None = None) -> CappingConfig:
+    """Read a capping config; refuse one made for another model or another hidden size."""
+    tensors, meta = read_tensors(path, ["layers", "vectors", "thresholds"])
+    layers, vectors, thresholds = tensors["layers"].tolist(), tensors["vectors"].float(), tensors["thresholds"].float()
+    if vectors.dim() != 2 or len(vectors) != len(layers) or thresholds.shape != (len(layers),):
+        raise InputError(path, "vectors", f"{len(layers)} layers but vectors {tuple(vectors.shape)} and "
+                         f"thresholds {tuple(thresholds.shape)}")
+    model = meta.get("model", "")
+    if model_name is not None and model != model_name:
+        raise InputError(path, "model", f"capping config for model {model!r}, not {model_name!r}")
+    if hidden_size is not None and vectors.shape[1] != hidden_size:
+        raise InputError(path, "hidden_size", f"vectors have size {vectors.shape[1]}, the model's hidden size is "
+                         f"{hidden_size}")
+    upper = tensors.get("upper")
+    return CappingConfig(layers, vectors / vectors.norm(dim=-1, keepdim=True), thresholds, model,
+                         None if upper is None else upper.float(), str(path))
+
+
+def layer_range(fractions: Sequence[float], n_layers: int) -> list[int]:
+    """Blocks from `start` to `end` (fractions of depth, end exclusive), e.g. [0.7, 0.85] of 30 -> 21..25."""
+    start, end = fractions
+    first, stop = round(start * n_layers), round(end * n_layers)
+    if not 0 <= first < stop <= n_layers:
+        raise InputError("config", "capping.ranges", f"{list(fractions)} selects no layers of {n_layers}")
+    return list(range(first, stop))
+
+
+def percentile_thresholds(projections: torch.Tensor, percentiles: Sequence[float]) -> torch.Tensor:
+    """[len(percentiles), n_layers] percentiles (linear interpolation) of projections [n, n_layers]."""
+    finite = projections[torch.isfinite(projections).all(dim=1)].double()
+    if not len(finite):
+        raise InputError("activations", "default", "no finite default activations to calibrate on")
+    q = torch.tensor([p / 100 for p in percentiles], dtype=torch.float64)
+    return torch.quantile(finite, q, dim=0).float()
+
+
+@contextmanager
+def cap(model, config: CappingConfig, blocks_path: str | None = None) -> Iterator[CappingConfig]:
+    """Cap the listed blocks' outputs while the block is active; hooks are removed on exit, also on error."""
+    blocks = find_blocks(model, blocks_path)
+    if config.vectors.shape[1] != hidden_size(model):
+        raise InputError(config.source, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's "
+                         f"hidden size is {hidden_size(model)}")
+    outside = [layer for layer in config.layers if not 0 <= layer < len(blocks)]
+    if outside:
+        raise InputError(config.source, "layers", f"layer {outside[0]} is outside the model's {len(blocks)} blocks")
+
+    def hook_for(k: int):
+        v, tau = config.vectors[k], float(config.thresholds[k])
+        ceiling = None if config.upper is None else float(config.upper[k])
+
+        def hook(_module, _args, output):
+            h = block_hidden(output)
+            unit = v.to(h.device)
+            hf = h.float()
+            proj = hf @ unit  # [batch, tokens]
+            shift = (proj - tau).clamp(max=0)  # negative below the floor, else 0
+            if ceiling is not None:
+                shift = shift + (proj - ceiling).clamp(min=0)
+            return with_block_hidden(output, (hf - shift.unsqueeze(-1) * unit).to(h.dtype))
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(k)) for k, layer in enumerate(config.layers)]
+    try:
+        yield config
+    finally:
+        for handle in handles:
+            handle.remove()

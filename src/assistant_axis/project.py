@@ -1,0 +1,103 @@
+"""Per-turn projections of a conversation on the Assistant Axis: watching a conversation drift.
+
+A message's activation is the mean block output over its tokens, computed on the conversation up to
+and including that message: for a reply, exactly what the activations stage stores. Its projection
+is that activation on the unit axis of the same layer (larger = more Assistant-like).
+
+>>> frame = conversation_projections(model, tokenizer, messages, axis, axis_layers, layers=[15, 20])
+>>> plot_trajectory(frame, "drift.png")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from assistant_axis.activations import mean_activations
+from assistant_axis.artifacts import save_figure
+from assistant_axis.axis import unit_rows
+from assistant_axis.errors import InputError
+from assistant_axis.models import hidden_size
+from assistant_axis.templates import supports_system_role, turn_span
+
+__all__ = ["load_conversation", "turn_activations", "conversation_projections", "plot_trajectory"]
+
+ROLES = ("system", "user", "assistant")
+
+
+def load_conversation(path: str | Path) -> list[dict]:
+    """A JSON list of `{"role", "content"}` messages, checked field by field."""
+    try:
+        messages = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, "file", f"not a readable JSON file ({exc})") from exc
+    if not isinstance(messages, list) or not messages:
+        raise InputError(path, "messages", "expected a non-empty JSON list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise InputError(path, f"[{i}].role", f"must be one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise InputError(path, f"[{i}].content", "must be a string")
+    return messages
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    """For templates without a system role: prepend the system prompt to the first user turn."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
+    return rest
+
+
+def turn_activations(model, tokenizer, messages: list[dict], layers: Sequence[int], blocks_path: str | None = None,
+                     ) -> tuple[list[dict], torch.Tensor]:
+    """The messages as the template sees them, and their activations [n_messages, len(layers), hidden]."""
+    if not supports_system_role(tokenizer):
+        messages = _fold_system(messages)
+    sequences, spans = [], []
+    for i, message in enumerate(messages):
+        ids, start, end = turn_span(tokenizer, messages[:i], message)
+        sequences.append(ids)
+        spans.append((start, end))
+    return messages, mean_activations(model, sequences, spans, list(layers), blocks_path=blocks_path, progress=False)
+
+
+def conversation_projections(model, tokenizer, messages: list[dict], axis: torch.Tensor, axis_layers: list[int],
+                             layers: Sequence[int], blocks_path: str | None = None,
+                             source: str = "axis") -> pd.DataFrame:
+    """One row per (message, layer): `turn, role, layer, projection, n_chars`."""
+    layers = sorted(layers)
+    units = unit_rows(axis, axis_layers, layers, hidden_size(model), source)
+    messages, acts = turn_activations(model, tokenizer, messages, layers, blocks_path)
+    projections = torch.einsum("nlh,lh->nl", acts, units)
+    rows = [{"turn": i, "role": m["role"], "layer": layer, "projection": float(projections[i, j]),
+             "n_chars": len(m["content"])}
+            for i, m in enumerate(messages) for j, layer in enumerate(layers)]
+    return pd.DataFrame(rows)
+
+
+def plot_trajectory(frame: pd.DataFrame, path: str | Path, title: str = "Projection on the Assistant Axis") -> None:
+    """Projection per turn, one line per layer; assistant turns as filled markers, others hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer, part in frame.groupby("layer"):
+        line = ax.plot(part["turn"], part["projection"], label=f"layer {layer}", alpha=0.8)[0]
+        replies = part[part["role"] == "assistant"]
+        ax.scatter(replies["turn"], replies["projection"], color=line.get_color(), zorder=3)
+        others = part[part["role"] != "assistant"]
+        ax.scatter(others["turn"], others["projection"], facecolors="none", edgecolors=line.get_color(), zorder=3)
+    ax.set_xlabel("turn (filled: assistant, hollow: user/system)")
+    ax.set_ylabel("projection (larger = more Assistant-like)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
