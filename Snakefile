@@ -1,10 +1,14 @@
-# The Assistant Axis: generate -> activations -> judge -> vectors -> axis (see README.md).
+# The Assistant Axis: generate -> activations -> judge -> vectors -> axis, then the analyses that use
+# it: pca, stability, calibrate (capping configs) and evaluate (see README.md).
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -14,9 +18,17 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/judge.smk"
 include: "workflow/rules/vectors.smk"
 include: "workflow/rules/axis.smk"
+include: "workflow/rules/pca.smk"
+include: "workflow/rules/stability.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     input:
         f"results/{MODEL}/axis.safetensors",
+        f"results/{MODEL}/pca/summary.parquet",
+        f"results/{MODEL}/stability/roles.parquet",
+        f"results/{MODEL}/capping/percentiles.parquet",
+        f"results/{MODEL}/evaluation/summary.parquet",
     default_target: True

@@ -24,6 +24,8 @@ def tiny_config(**overrides) -> dict:
     config["generate"].update(max_tokens=16, batch_size=8)
     # Plumbing test: 4 replies of 16 tokens rarely all score 3, so every scored reply counts.
     config["vectors"].update(min_score=1, min_count=1)
+    config["evaluate"] = {"n_prompts": 3, "max_tokens": 16}
+    config["analysis"] = {"stability": {"sizes": [1, 2], "repeats": 2}}
     for key, value in overrides.items():
         config.setdefault(key, {}).update(value)
     return config
@@ -45,6 +47,7 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None, bank
     for role in {*names, "default"}:
         shutil.copy(ROOT / f"data/roles/{role}.yaml", path / f"data/roles/{role}.yaml")
     shutil.copy(ROOT / "data/questions/questions.jsonl", path / "data/questions/questions.jsonl")
+    shutil.copytree(ROOT / "data/evaluation", path / "data/evaluation", dirs_exist_ok=True)
     config = config or tiny_config()
     (path / "config").mkdir(exist_ok=True)
     (path / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -6,6 +6,7 @@ killed job never leaves a half-written file under its final name.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from assistant_axis.errors import InputError
 
 __all__ = ["atomic_path", "write_parquet", "read_parquet", "write_tensors", "read_tensors", "write_json",
-           "save_figure"]
+           "save_figure", "read_layer"]
 
 
 @contextmanager
@@ -29,6 +30,8 @@ def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -62,6 +65,19 @@ def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: 
     tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
     with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        _sort_header(tmp)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place. safetensors writes them in hash order,
+    which changes from process to process, so the same tensors would otherwise give different bytes."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.dumps(json.loads(handle.read(size)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        data = header.encode()
+        if len(data) <= size:  # same content, so the same length in practice; padded with spaces as safetensors does
+            handle.seek(8)
+            handle.write(data + b" " * (size - len(data)))
 
 
 def read_tensors(
@@ -82,6 +98,19 @@ def read_tensors(
     if check:
         check(tensors)
     return tensors, metadata
+
+
+def read_layer(path: str | Path, name: str, index: int) -> torch.Tensor:
+    """Row `index` of dimension 1 of tensor `name` ([n, layers, hidden] -> [n, hidden]), reading only that slice."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if name not in handle.keys():
+                raise InputError(path, name, "tensor missing")
+            return handle.get_slice(name)[:, index]
+    except (OSError, SafetensorError) as exc:
+        raise InputError(path, "file", f"not a readable safetensors file ({exc})") from exc
 
 
 def write_json(data: dict, path: str | Path) -> None:

@@ -25,7 +25,10 @@ from assistant_axis.artifacts import read_tensors, write_tensors
 from assistant_axis.errors import InputError
 from assistant_axis.models import block_hidden, find_blocks, hidden_size, with_block_hidden
 
-__all__ = ["CappingConfig", "load_capping", "layer_range", "percentile_thresholds", "cap"]
+__all__ = ["CALIBRATION_PERCENTILES", "CappingConfig", "load_capping", "layer_range", "percentile_thresholds", "cap"]
+
+# The percentiles of the default replies' projections that calibration always records.
+CALIBRATION_PERCENTILES = (1, 5, 10, 25, 50, 75)
 
 
 @dataclass(frozen=True)

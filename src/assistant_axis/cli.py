@@ -1,5 +1,6 @@
 """Command line: `assistant-axis lint` checks the role and question bank; `calibrate-judge` fits the
-embedding judge's thresholds on hand-labelled replies and reports its agreement with them."""
+embedding judge's thresholds on hand-labelled replies and reports its agreement with them; `project`,
+`chat` and `serve` monitor, steer and cap a model with its Assistant Axis."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import random
 import sys
 
-from assistant_axis.errors import AxisError
+from assistant_axis.errors import AxisError, InputError
 
 __all__ = ["main"]
 
@@ -56,6 +57,71 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def _session(args: argparse.Namespace):
+    """Check the inputs (cheap), then load the model with its axis, capping and steering."""
+    from assistant_axis.backends import Sampling
+    from assistant_axis.chat import default_model, load_session
+
+    args.model = args.model or default_model()
+    for name, ok in (("--max-tokens", args.max_tokens >= 1), ("--temperature", args.temperature >= 0),
+                     ("--top-p", 0 < args.top_p <= 1)):
+        if not ok:
+            raise InputError("command line", name, f"out of range: {getattr(args, name[2:].replace('-', '_'))}")
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    return load_session(args.model, args.axis, args.cap, args.steer, args.steer_layers, args.steer_positions,
+                        args.layers, args.dtype, sampling, getattr(args, "system", None))
+
+
+def _project(args: argparse.Namespace) -> None:
+    from assistant_axis.artifacts import write_parquet
+    from assistant_axis.project import load_conversation, plot_trajectory
+
+    messages = load_conversation(args.conversation)  # a malformed file fails before the model loads
+    frame = _session(args).conversation_projections(messages)
+    print(frame.to_string(index=False))
+    if args.out:
+        write_parquet(frame, args.out)
+    if args.plot:
+        plot_trajectory(frame, args.plot)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from assistant_axis.chat import run_chat
+
+    run_chat(_session(args))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from assistant_axis.axis import load_axis
+    from assistant_axis.serve import run_server
+
+    session = _session(args)
+    name = args.served_model_name or load_axis(args.axis)[2].get("model") or Path(args.model).name
+    run_server(session, str(name), args.host, args.port)
+
+
+def _model_options() -> argparse.ArgumentParser:
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--model", help="model directory, hub id or bundled:NAME (default: "
+                        "results/models/smollm2-135m-instruct if prepared, else bundled:smollm2-135m-instruct)")
+    shared.add_argument("--axis", default="results/smollm2-135m-instruct/axis.safetensors")
+    shared.add_argument("--cap", metavar="CAPPING.safetensors", help="capping config (results/<model>/capping/)")
+    shared.add_argument("--steer", type=float, metavar="COEFFICIENT",
+                        help="add COEFFICIENT x unit axis at --steer-layers (negative: away from the Assistant)")
+    shared.add_argument("--steer-layers", type=int, nargs="+", help="default: the axis's middle layer")
+    shared.add_argument("--steer-positions", choices=("all", "last"), default="all")
+    shared.add_argument("--layers", type=int, nargs="+",
+                        help="projection layers (default: the capped layers, else the axis's middle layer)")
+    shared.add_argument("--max-tokens", type=int, default=256)
+    shared.add_argument("--temperature", type=float, default=0.7)
+    shared.add_argument("--top-p", type=float, default=0.9)
+    shared.add_argument("--seed", type=int, default=0)
+    shared.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    return shared
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="assistant-axis", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--splits", type=int, default=5)
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=_calibrate)
+    shared = _model_options()
+    proj = sub.add_parser("project", parents=[shared], help="per-turn projections of a conversation (JSON list)")
+    proj.add_argument("conversation", metavar="CONVERSATION.json")
+    proj.add_argument("--out", metavar="TABLE.parquet", help="write the table (turn, role, layer, projection)")
+    proj.add_argument("--plot", metavar="PLOT.png", help="write the trajectory plot")
+    proj.set_defaults(func=_project)
+    chat = sub.add_parser("chat", parents=[shared], help="chat in the terminal, showing each reply's projection")
+    chat.add_argument("--system", help="system prompt")
+    chat.set_defaults(func=_chat)
+    serve = sub.add_parser("serve", parents=[shared], help="OpenAI-compatible /v1/chat/completions server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the `model` in replies (default: the axis's model)")
+    serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     try:
         args.func(args)

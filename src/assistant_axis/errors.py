@@ -15,6 +15,7 @@ class InputError(AxisError):
     """A bad input file or value; the message names the file and the field."""
 
     def __init__(self, source: str | Path, field: str, problem: str):
+        problem = " ".join(str(problem).split())  # one line, whatever a wrapped library error held
         self.source, self.field, self.problem = str(source), field, problem
         super().__init__(f"{source}: {field}: {problem}")
 

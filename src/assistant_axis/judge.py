@@ -31,6 +31,7 @@ import torch
 from assistant_axis.errors import InputError, JudgeError
 
 __all__ = [
+    "make_judge", "judge_items",
     "DEFAULT_TEMPLATE",
     "DEFAULT_SYSTEM",
     "JudgeItem",
@@ -360,3 +361,43 @@ def verdict_from_text(response: dict) -> Verdict:
     if not match:
         return Verdict(None, None, f"no digit 0-3 in the judge's reply {text[:80]!r}")
     return Verdict(int(match.group()), float(match.group()), json.dumps({"text": text[:80]}))
+
+
+def make_judge(backend: str, settings: dict):
+    """The configured judge: `embedding` (CPU heuristic), `local` (a judge model) or `openai` (an API)."""
+    if backend == "embedding":
+        return EmbeddingJudge(EmbeddingThresholds(**settings))
+    if backend == "local":
+        from assistant_axis.models import load_model
+
+        source = settings.get("model", "")
+        if not source:
+            raise InputError("config", "judge.local.model", "the local judge needs a model")
+        net, tokenizer = load_model(source, settings.get("dtype", "float32"))
+        return LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
+                          settings.get("system", DEFAULT_SYSTEM))
+    if backend == "openai":
+        return OpenAIJudge(settings)
+    raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")
+
+
+def judge_items(items: Sequence[JudgeItem], template: str, backend: str, settings: dict,
+                engine=None) -> tuple[list[Verdict], str, list[str]]:
+    """Score items: (verdicts, judge name, per-item hash of what decided the score).
+
+    An empty response has nothing to judge, whichever the backend: it keeps a null score and its reason.
+    """
+    engine = engine or make_judge(backend, settings)
+    prompts = [render_prompt(template, it) for it in items]
+    scored = [i for i, it in enumerate(items) if it.response.strip()]
+    if isinstance(engine, EmbeddingJudge):
+        found = engine.score([items[i] for i in scored])
+        # This judge reads no prompt: hash what decides its scores (settings and the role's text).
+        hashes = [prompt_hash(engine.settings_hash() + it.description) for it in items]
+    else:
+        found = engine.score_prompts([prompts[i] for i in scored])
+        hashes = [prompt_hash(p) for p in prompts]
+    verdicts = [Verdict(None, None, "empty response")] * len(items)
+    for i, verdict in zip(scored, found, strict=True):
+        verdicts[i] = verdict
+    return verdicts, engine.name, hashes

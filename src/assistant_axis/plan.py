@@ -6,10 +6,15 @@ exactly what an edit affects: a role's prompts feed its generation, its descript
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from assistant_axis.backends import stable_seed
 from assistant_axis.errors import InputError
@@ -24,7 +29,7 @@ from assistant_axis.roles import (
     load_questions,
 )
 
-__all__ = ["Plan", "DEFAULT_RESOURCES"]
+__all__ = ["Plan", "DEFAULT_RESOURCES", "validate_config", "config_source"]
 
 # Sane per-job defaults (minutes, MB); config `resources.<stage>` overrides them per stage.
 DEFAULT_RESOURCES = {
@@ -34,8 +39,12 @@ DEFAULT_RESOURCES = {
     "judge": {"runtime": 240, "mem_mb": 8000},
     "vectors": {"runtime": 30, "mem_mb": 8000},
     "axis": {"runtime": 30, "mem_mb": 8000},
+    "pca": {"runtime": 30, "mem_mb": 8000},
+    "stability": {"runtime": 120, "mem_mb": 16000},
+    "calibrate": {"runtime": 30, "mem_mb": 16000},
+    "evaluate": {"runtime": 240, "mem_mb": 32000},
 }
-GPU_STAGES = ("generate", "activations")
+GPU_STAGES = ("generate", "activations", "evaluate")
 
 
 def _load_roles(bank: Path, layout: str) -> dict[str, Role]:
@@ -45,6 +54,57 @@ def _load_roles(bank: Path, layout: str) -> dict[str, Role]:
             raise InputError(bank, DEFAULT_ROLE, "the bank has no default.json")
         return roles
     return load_bank(bank)
+
+
+def config_source(files: Sequence[str | Path], key: Sequence[str | int]) -> str:
+    """The config file that sets `key` (`files` lowest precedence first), for naming it in a message."""
+    for file in reversed(files):
+        try:
+            node = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in key:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+        else:
+            return str(file)
+    return str(files[-1]) if files else "config"
+
+
+def validate_config(config: dict, schema_file: str | Path, files: Sequence[str | Path] = ()) -> None:
+    """Check `config` against the JSON schema and fill in its defaults (as Snakemake's `validate` does);
+    the first problem is raised as one line naming the config file and the key."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_file).read_text())
+    base = jsonschema.Draft202012Validator
+
+    def properties_with_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop:
+                    instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, subschema)
+
+    validator = jsonschema.validators.extend(base, {"properties": properties_with_defaults})(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return
+    path, problem = list(error.absolute_path), error.message
+    if error.validator == "additionalProperties":  # name the unknown key itself
+        known, patterns = error.schema.get("properties", {}), error.schema.get("patternProperties", {})
+        extra = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
+        names = list(known) or [p.strip("^$()") for p in patterns]
+        path, problem = [*path, extra[0]], f"unknown key (known: {', '.join(names)})"
+    elif error.validator == "required":
+        missing = next(k for k in error.validator_value if k not in error.instance)
+        path, problem = [*path, missing], "missing"
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+    raise InputError(config_source(files, path), key, problem)
 
 
 @dataclass
@@ -75,6 +135,49 @@ class Plan:
                                  f"{n_questions} requested but {qfile} has {len(questions)}")
             questions = questions[:n_questions]
         return cls(config, roles, questions)
+
+    @classmethod
+    def for_workflow(cls, config: dict, schema_file: str | Path, files: Sequence[str | Path] = ()) -> Plan:
+        """Validate, plan and check everything that can be checked before a job runs (Snakemake deletes a
+        job's old outputs when it starts, so a bad value caught later would cost existing results).
+        A problem with a config value names the config file (`files`: lowest precedence first)."""
+        try:
+            validate_config(config, schema_file, files)
+            plan = cls.from_config(config)
+            plan.check()
+        except InputError as exc:
+            if exc.source != "config":
+                raise
+            key = [int(k) if k.isdigit() else k for k in exc.field.split(".")]
+            raise InputError(config_source(files, key), exc.field, exc.problem) from exc
+        return plan
+
+    def check(self) -> None:
+        """Semantic checks of a schema-valid config: layers against the model (when its size is known),
+        API settings, and judge prompts that show the judge the response."""
+        from assistant_axis.activations import resolve_layers
+        from assistant_axis.api import APISettings
+
+        dims = self.model_dims()
+        if dims is not None:
+            resolve_layers(self.config["activations"]["layers"], dims[0])
+        if self.config["generate"]["backend"] == "openai":
+            APISettings.from_config(self.config["generate"].get("openai", {}), "generate.openai")
+        judge = self.config["judge"]
+        if judge["backend"] == "openai":
+            settings = dict(judge.get("openai", {}))
+            scoring = settings.pop("scoring", "logprobs")
+            if scoring not in ("logprobs", "parse"):
+                raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {scoring!r}")
+            for key in ("top_logprobs", "system"):
+                settings.pop(key, None)
+            APISettings.from_config(settings, "judge.openai")
+        if judge.get("template") and "{response}" not in judge["template"]:
+            raise InputError("config", "judge.template", "has no {response} placeholder: the judge would not see it")
+        for role in self.roles.values():
+            if role.judge_prompt and "{response}" not in role.judge_prompt:
+                raise InputError(role.source, "judge_prompt", "has no {response} placeholder: the judge would not "
+                                 "see the response")
 
     @property
     def model(self) -> str:
@@ -140,8 +243,14 @@ class Plan:
         model = self.config["model"]
         manifest = Path("results") / self.model / "model.json"
         if manifest.is_file():
-            info = json.loads(manifest.read_text())
-            return info["n_layers"], info["hidden_size"]
+            try:
+                info = json.loads(manifest.read_text())
+                dims = int(info["n_layers"]), int(info["hidden_size"])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InputError(manifest, "file", f"not a readable model manifest ({exc}): delete it to "
+                                 "prepare the model again") from exc
+            if info.get("source") == model["source"]:  # else a stale manifest of another source
+                return dims
         if model.get("n_layers") and model.get("hidden_size"):
             return model["n_layers"], model["hidden_size"]
         config_file = Path(model["source"]) / "config.json"
@@ -178,6 +287,17 @@ class Plan:
             "backend": judge["backend"],
             "settings": judge.get(judge["backend"], {}),
         }
+
+    def capping_names(self) -> list[str]:
+        """`<range>-p<percentile>` for every configured layer range and percentile."""
+        capping = self.config["capping"]
+        return [f"{name}-p{q:g}" for name in capping["ranges"] for q in capping["percentiles"]]
+
+    def judge_settings(self) -> dict:
+        """The judge as the evaluation stage uses it: the configured backend and template."""
+        judge = self.config["judge"]
+        return {"backend": judge["backend"], "settings": judge.get(judge["backend"], {}),
+                "template": judge.get("template") or DEFAULT_TEMPLATE}
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]

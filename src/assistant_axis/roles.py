@@ -119,6 +119,10 @@ def load_role(path: str | Path) -> Role:
         # The default role keeps one empty prompt on purpose: the model with no system prompt at all.
         if not prompt.strip() and not is_default:
             raise InputError(path, f"prompts[{i}]", "empty prompt")
+        unknown_placeholder = next((m for m in re.findall(r"\{\w*\}", prompt) if m != "{model_name}"), None)
+        if unknown_placeholder:  # it would reach the model verbatim
+            raise InputError(path, f"prompts[{i}]", f"unknown placeholder {unknown_placeholder} (only {{model_name}} "
+                             "is filled in)")
     stripped = [p.strip() for p in prompts]
     dup = next((i for i, p in enumerate(stripped) if stripped.index(p) != i), None)
     if dup is not None:

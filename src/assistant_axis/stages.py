@@ -20,7 +20,8 @@ import torch
 from assistant_axis.artifacts import atomic_path, read_parquet, read_tensors, write_json, write_parquet, write_tensors
 from assistant_axis.errors import AxisError, InputError
 
-__all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vectors", "axis",
+__all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
+           "calibrate", "evaluate",
            "RESPONSE_COLUMNS", "SCORE_COLUMNS"]
 
 log = logging.getLogger("assistant_axis")
@@ -157,49 +158,17 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
 def judge(responses: str, output: str, role: str, description: str, template: str, backend: str,
           settings: dict) -> None:
     """Score every response of one role for role adherence (0-3)."""
-    from assistant_axis.judge import (
-        DEFAULT_SYSTEM,
-        EmbeddingJudge,
-        EmbeddingThresholds,
-        JudgeItem,
-        Verdict,
-        prompt_hash,
-        render_prompt,
-    )
+    from assistant_axis.judge import JudgeItem, judge_items
 
     frame = read_parquet(responses, RESPONSE_COLUMNS)
     items = [JudgeItem(role, description, q, r) for q, r in zip(frame["question"], frame["response"], strict=True)]
-    prompts = [render_prompt(template, it) for it in items]
-    # An empty response has nothing to judge, whichever the backend: it keeps a null score and its reason.
-    scored = [i for i, it in enumerate(items) if it.response.strip()]
-    if backend == "embedding":
-        engine = EmbeddingJudge(EmbeddingThresholds(**settings))
-        found = engine.score([items[i] for i in scored])
-        # This judge reads no prompt: hash what decides its scores (settings and the role's text).
-        hashes = [prompt_hash(engine.settings_hash() + description)] * len(items)
-    elif backend in ("local", "openai"):
-        if backend == "local":
-            from assistant_axis.judge import LocalJudge
-            from assistant_axis.models import load_model
-
-            source = settings.get("model", "")
-            if not source:
-                raise InputError("config", "judge.local.model", "the local judge needs a model")
-            net, tokenizer = load_model(source, settings.get("dtype", "float32"))
-            engine = LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
-                                settings.get("system", DEFAULT_SYSTEM))
-        else:
-            from assistant_axis.judge import OpenAIJudge
-
-            engine = OpenAIJudge(settings)
-        found = engine.score_prompts([prompts[i] for i in scored])
-        hashes = [prompt_hash(p) for p in prompts]
-    else:
-        raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")
-    name = engine.name
-    verdicts = [Verdict(None, None, "empty response")] * len(items)
-    for i, verdict in zip(scored, found, strict=True):
-        verdicts[i] = verdict
+    verdicts, name, hashes = judge_items(items, template, backend, settings)
+    # A judge that answers but never with a score is misconfigured (wrong model or scoring): a rerun would
+    # not help, unlike failed requests, which keep a null score and are asked again next time.
+    unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith(("empty response", "request failed"))]
+    if unreadable and all(v.score is None for v in verdicts):
+        raise InputError(responses, "judge", f"{name} answered {len(unreadable)} responses without a usable score "
+                         f"({unreadable[0].raw})")
     scores = pd.DataFrame({
         **{k: frame[k] for k in KEYS},
         "score": pd.array([v.score for v in verdicts], dtype="Int64"),
@@ -213,15 +182,34 @@ def judge(responses: str, output: str, role: str, description: str, template: st
     write_parquet(scores, output)
 
 
-def vectors(activations: str, output: str, role: str, scores: str | None, min_score: int, min_count: int) -> None:
-    """The role's vector: mean activation of its qualifying responses (`default`: all of them)."""
+def vectors(activations: str, output: str, role: str, scores: str | None, min_score: int, min_count: int,
+            model: str | None = None) -> None:
+    """The role's vector: mean activation of its qualifying responses (`default`: all of them).
+
+    The activations are checked against the model manifest `model` (name, hidden size, layers)."""
     from assistant_axis.axis import role_vector
 
     tensors, meta = read_tensors(activations, ["activations", "layers"])
     acts = tensors["activations"].float()
+    n_layers = len(tensors["layers"])
+    if acts.dim() != 3 or acts.shape[1] != n_layers or meta.get("n_responses", str(len(acts))) != str(len(acts)):
+        raise InputError(activations, "activations", f"shape {tuple(acts.shape)} does not match its {n_layers} "
+                         f"layers and {meta.get('n_responses')} responses")
+    if model is not None:
+        info = _model_info(model)
+        if meta.get("model", info["name"]) != info["name"]:
+            raise InputError(activations, "model", f"activations of model {meta['model']!r}, expected {info['name']!r}")
+        if acts.shape[-1] != info["hidden_size"] or int(tensors["layers"].max()) >= info["n_layers"]:
+            raise InputError(activations, "activations", f"hidden size {acts.shape[-1]} and layers up to "
+                             f"{int(tensors['layers'].max())}, but {info['name']} has hidden size "
+                             f"{info['hidden_size']} and {info['n_layers']} layers")
     table = None
     if scores is not None:
         table = read_parquet(scores, SCORE_COLUMNS)
+        wrong = table["score"][table["score"].notna() & ~table["score"].isin([0, 1, 2, 3])]
+        if len(wrong):
+            value = wrong.iloc[0].item() if hasattr(wrong.iloc[0], "item") else wrong.iloc[0]
+            raise InputError(scores, "score", f"{value!r} in row {wrong.index[0]} is not a score 0-3")
         if len(table) != len(acts):
             raise InputError(activations, "activations",
                              f"{len(acts)} rows but {scores} has {len(table)} scores: rerun activations")
@@ -241,13 +229,13 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
     rows, role_vecs, default, layers = [], [], None, None
     for path in vector_files:
         tensors, meta = read_tensors(path, ["vector", "layers"])
+        if meta.get("model", model) != model:
+            raise InputError(path, "model", f"vector of model {meta.get('model')!r}, expected {model!r}")
         if layers is None:
             layers, shape = tensors["layers"], tensors["vector"].shape
         elif not torch.equal(layers, tensors["layers"]) or tensors["vector"].shape != shape:
             raise InputError(path, "vector", f"shape {tuple(tensors['vector'].shape)} or layers differ from "
                              f"{vector_files[0]} ({tuple(shape)})")
-        if meta.get("model", model) != model:
-            raise InputError(path, "model", f"vector of model {meta.get('model')!r}, expected {model!r}")
         included = json.loads(meta.get("included", "true"))
         rows.append({"role": meta["role"], "n_responses": int(meta["n_responses"]),
                      "n_used": int(meta["n_used"]), "included": bool(included)})
@@ -265,3 +253,216 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
                   {"model": model, "layers": layers.tolist(), "roles": used, "config_hash": config_hash})
     with atomic_path(output_pt, ".pt") as tmp:
         torch.save(result.clone(), tmp)
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+
+def _axis_and_layer(axis_file: str, layer: int | None) -> tuple[torch.Tensor, list[int], int, dict]:
+    """The axis, its layer list, the analysis layer (`None`: the middle one) and the axis metadata."""
+    from assistant_axis.axis import load_axis
+
+    tensor, layers, meta = load_axis(axis_file)
+    if layer is None:
+        layer = layers[len(layers) // 2]
+    if layer not in layers:
+        raise InputError("config", "analysis.layer", f"layer {layer} is not in the axis ({layers[0]}..{layers[-1]})")
+    return tensor, layers, layer, meta
+
+
+def _included_vectors(vector_files: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(role names, stacked vectors of the roles used in the axis, the default vector)."""
+    names, stack, default = [], [], None
+    for path in vector_files:
+        tensors, meta = read_tensors(path, ["vector", "layers"])
+        if meta.get("role") == "default":
+            default = tensors["vector"].float()
+        elif json.loads(meta.get("included", "true")):
+            names.append(meta["role"])
+            stack.append(tensors["vector"].float())
+    if default is None or len(stack) < 2:
+        raise InputError("vectors", "included", f"PCA needs the default vector and >= 2 roles, got {len(stack)}")
+    return names, torch.stack(stack), default
+
+
+def pca(vector_files: list[str], axis_file: str, layer: int | None, summary: str, components: str, roles: str,
+        plots: dict[str, str]) -> None:
+    """PCA of the role vectors per layer; the analysis layer in detail (components, role loadings)."""
+    from assistant_axis import plots as figures
+    from assistant_axis.analysis import cosine
+    from assistant_axis.analysis import pca as role_pca
+
+    axis_tensor, layers, layer, _ = _axis_and_layer(axis_file, layer)
+    names, vecs, _ = _included_vectors(vector_files)
+    rows = []
+    for i, model_layer in enumerate(layers):
+        result = role_pca(vecs[:, i], axis_tensor[i])
+        cumulative = result.variance_ratio.cumsum(0)
+        rows.append({"layer": model_layer, "axis_norm": float(axis_tensor[i].norm()),
+                     "pc1_cosine": cosine(result.components[0], axis_tensor[i]),
+                     "pc1_variance": float(result.variance_ratio[0]),
+                     "components_for_70pct": int((cumulative < 0.7).sum()) + 1})
+    table = pd.DataFrame(rows)
+    i = layers.index(layer)
+    result = role_pca(vecs[:, i], axis_tensor[i])
+    comp = pd.DataFrame({"component": range(1, len(result.variance_ratio) + 1),
+                         "variance_ratio": result.variance_ratio.numpy(),
+                         "cumulative": result.variance_ratio.cumsum(0).numpy()})
+    unit = axis_tensor[i] / axis_tensor[i].norm()
+    loadings = pd.DataFrame({"role": names, "pc1": result.scores[:, 0].numpy(),
+                             "pc2": result.scores[:, 1].numpy() if result.scores.shape[1] > 1 else 0.0,
+                             "axis_projection": (vecs[:, i] @ unit).numpy()})
+    row = table[table["layer"] == layer].iloc[0]
+    log.info("layer %d: PC1 explains %.1f%% of role variance, cos(PC1, axis) = %.3f, %d components reach 70%%",
+             layer, 100 * row["pc1_variance"], row["pc1_cosine"], row["components_for_70pct"])
+    write_parquet(table, summary)
+    write_parquet(comp, components)
+    write_parquet(loadings, roles)
+    figures.pca_variance(comp, layer, plots["variance"])
+    figures.pca_scatter(loadings, layer, plots["scatter"])
+    figures.pca_layers(table, plots["layers"])
+
+
+def stability(activation_files: list[str], score_files: list[str | None], vector_files: list[str], axis_file: str,
+              layer: int | None, sizes: list[int], repeats: int, seed: int, min_score: int,
+              roles_table: str, axis_table: str, plot: str) -> None:
+    """How many rollouts a role vector needs, and how stable the axis is across role halves."""
+    from assistant_axis import plots as figures
+    from assistant_axis.analysis import axis_split_cosines, split_cosines
+    from assistant_axis.artifacts import read_layer
+
+    _, layers, layer, _ = _axis_and_layer(axis_file, layer)
+    index = layers.index(layer)
+    generator = torch.Generator().manual_seed(seed)
+    names, vecs, default = _included_vectors(vector_files)
+    rows = []
+    for acts_path, scores_path in zip(activation_files, score_files, strict=True):
+        if scores_path is None:  # the default role: the reference, not a subject
+            continue
+        acts = read_layer(acts_path, "activations", index).float()
+        scores = read_parquet(scores_path, SCORE_COLUMNS)
+        if len(scores) != len(acts):
+            raise InputError(acts_path, "activations", f"{len(acts)} rows but {scores_path} has {len(scores)}")
+        keep = torch.as_tensor((scores["score"].astype("Float64") >= min_score).fillna(False).to_numpy(dtype=bool))
+        keep &= torch.isfinite(acts).all(dim=1)
+        role = str(scores["role"].iloc[0]) if len(scores) else Path(acts_path).stem
+        for n, r, cos, raw in split_cosines(acts[keep], default[index], sizes, repeats, generator):
+            rows.append({"role": role, "n_available": int(keep.sum()), "n": n, "repeat": r, "cosine": cos,
+                         "cosine_raw": raw})
+    table = pd.DataFrame(rows, columns=["role", "n_available", "n", "repeat", "cosine", "cosine_raw"])
+    cosines = axis_split_cosines(default, vecs, repeats, generator)
+    axis_rows = pd.DataFrame([{"layer": model_layer, "repeat": r, "cosine": float(cosines[r, i])}
+                              for r in range(repeats) for i, model_layer in enumerate(layers)])
+    if len(table):
+        log.info("layer %d: median split-half cosine by n: %s", layer,
+                 table.groupby("n")["cosine"].median().round(3).to_dict())
+    write_parquet(table, roles_table)
+    write_parquet(axis_rows, axis_table)
+    figures.stability(table, axis_rows, layer, plot)
+
+
+def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict[str, list[float]],
+              percentiles: list[float], table: str, configs: dict[str, str], plot: str) -> None:
+    """Percentiles of the default replies' projections per layer, and one capping config per range x percentile.
+
+    `model` is the prepared model's manifest (`model.json`): layer ranges are fractions of its depth.
+    """
+    from assistant_axis import plots as figures
+    from assistant_axis.cap import CALIBRATION_PERCENTILES, CappingConfig, layer_range, percentile_thresholds
+
+    info = _model_info(model)
+    model, n_layers = info["name"], info["n_layers"]
+    axis_tensor, layers, _, meta = _axis_and_layer(axis_file, None)
+    tensors, act_meta = read_tensors(default_activations, ["activations", "layers"])
+    if tensors["layers"].tolist() != layers:
+        raise InputError(default_activations, "layers", "activation layers differ from the axis's: rerun the axis")
+    if act_meta.get("model", model) != model or meta.get("model", model) != model:
+        raise InputError(axis_file, "model", f"axis of model {meta.get('model')!r}, expected {model!r}")
+    units = axis_tensor.float() / axis_tensor.float().norm(dim=-1, keepdim=True)
+    projections = torch.einsum("nlh,lh->nl", tensors["activations"].float(), units)
+    wanted = sorted({*CALIBRATION_PERCENTILES, *percentiles})
+    values = percentile_thresholds(projections, wanted)
+    frame = pd.DataFrame({"layer": layers, "mean": projections.nanmean(dim=0).numpy(),
+                          **{f"p{q:g}": values[k].numpy() for k, q in enumerate(wanted)}})
+    capped = {}
+    for name, path in configs.items():
+        range_name, q = name.rsplit("-p", 1)
+        chosen = layer_range(ranges[range_name], n_layers)
+        missing = [layer for layer in chosen if layer not in layers]
+        if missing:
+            raise InputError("config", f"capping.ranges.{range_name}", f"layer {missing[0]} has no activations")
+        rows = [layers.index(layer) for layer in chosen]
+        taus = values[wanted.index(float(q))][rows]
+        CappingConfig(chosen, units[rows], taus, model).save(path, percentile=float(q), range=range_name,
+                                                             fractions=list(ranges[range_name]))
+        capped[name] = (chosen, taus.tolist())
+        log.info("capping %s: layers %s, thresholds %s", name, chosen, [round(t, 2) for t in taus.tolist()])
+    write_parquet(frame, table)
+    figures.thresholds(frame, capped, plot)
+
+
+def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file: str, n_prompts: int | None,
+             sampling: dict, batch_size: int, layer: int | None, judge: dict, responses: str, summary: str,
+             plot: str, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+    """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
+    from contextlib import nullcontext
+
+    from assistant_axis import plots as figures
+    from assistant_axis.activations import mean_activations
+    from assistant_axis.backends import Sampling, TransformersBackend
+    from assistant_axis.cap import cap, load_capping
+    from assistant_axis.evaluate import UNCAPPED, first_of_each_kind, is_correct, load_eval_prompts, summarize
+    from assistant_axis.judge import JudgeItem, judge_items, make_judge
+    from assistant_axis.models import load_model
+    from assistant_axis.templates import build_messages, response_span
+
+    axis_tensor, layers, layer, meta = _axis_and_layer(axis_file, layer)
+    info = _model_info(model)
+    prompts = first_of_each_kind(load_eval_prompts(prompts_file), n_prompts)
+    configs = {Path(p).name.removesuffix(".safetensors"): load_capping(p, model_name=info["name"],
+                                                                        hidden_size=info["hidden_size"])
+               for p in capping_files}
+    cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
+    watched = sorted({layer, *cap_layers})
+    units = axis_tensor[[layers.index(w) for w in watched]].float()
+    units = units / units.norm(dim=-1, keepdim=True)
+    net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
+    backend = TransformersBackend(net, tokenizer, batch_size)
+    conversations = [build_messages("", p.prompt, backend.system_role) for p in prompts]
+    engine = make_judge(judge["backend"], judge["settings"])
+    frames = []
+    for setting in [UNCAPPED, *configs]:
+        hooks = cap(net, configs[setting]) if setting in configs else nullcontext()
+        with hooks:
+            replies = backend.generate(conversations, Sampling(sampling["temperature"], sampling["top_p"],
+                                                                sampling["max_tokens"], sampling["seed"]))
+            spans = [response_span(tokenizer, c, r.text) for c, r in zip(conversations, replies, strict=True)]
+            # Projections as the model sees them: under the same cap, so capped layers read post-cap.
+            acts = mean_activations(net, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
+        projections = torch.einsum("nlh,lh->nl", acts, units)
+        persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
+        items = [JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text)
+                 for i in persona]
+        verdicts, judge_name, _ = judge_items(items, judge["template"], judge["backend"], judge["settings"], engine)
+        scores = dict(zip(persona, verdicts, strict=True))
+        on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
+        frames.append(pd.DataFrame({
+            "setting": setting,
+            "id": [p.id for p in prompts], "kind": [p.kind for p in prompts],
+            "category": [p.category for p in prompts], "prompt": [p.prompt for p in prompts],
+            "response": [r.text for r in replies], "n_response_tokens": [r.n_tokens for r in replies],
+            "score": pd.array([scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"),
+            "correct": pd.array([is_correct(r.text, p.answers) if p.kind == "plain" else None
+                                 for p, r in zip(prompts, replies, strict=True)], dtype="boolean"),
+            "projection": projections[:, watched.index(layer)].numpy(),
+            "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
+            "judge": judge_name,
+        }))
+        log.info("setting %s done", setting)
+    table = pd.concat(frames, ignore_index=True)
+    result = summarize(table, [UNCAPPED, *configs])
+    result["monitor_layer"] = layer
+    log.info("evaluation:\n%s", result.to_string(index=False))
+    write_parquet(table, responses)
+    write_parquet(result, summary)
+    figures.tradeoff(result, plot)

@@ -1,16 +1,24 @@
 import sys
-
-from snakemake.utils import validate
+from pathlib import Path
 
 from assistant_axis.errors import AxisError
 from assistant_axis.plan import Plan
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+def config_files():
+    """The config files in use, lowest precedence first (`configfile:`, then --configfile), as given."""
+    cwd, shown = Path.cwd(), {}
+    cli = [Path(f).resolve() for f in workflow.overwrite_configfiles]
+    for f in [f for f in workflow.configfiles if Path(f).resolve() not in cli] + cli:
+        path = Path(f).resolve()
+        shown.pop(path, None)
+        shown[path] = str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+    return list(shown.values())
 
-try:
-    PLAN = Plan.from_config(config)
-except AxisError as exc:  # a bad role file or config value: one line, no traceback
+
+try:  # the schema, role files, questions, values checked against the model: one line, no traceback
+    PLAN = Plan.for_workflow(config, workflow.source_path("../schemas/config.schema.yaml"), config_files())
+except AxisError as exc:
     sys.exit(f"error: {exc}")
 
 MODEL = PLAN.model

@@ -1,5 +1,6 @@
 rule vectors:
     input:
+        model="results/{model}/model.json",  # to check the activations against
         activations="results/{model}/activations/{role}.safetensors",
         scores=scores_input,
     output:

@@ -1,0 +1,336 @@
+"""Talking to a model while watching its projection on the Assistant Axis, optionally capped or steered.
+
+`ChatSession` generates each reply with the steering and capping hooks active and then measures the
+reply's mean projection per layer under the same hooks, so a capped reply's projection is the
+post-cap one. The reply's tokens are located exactly as the activations stage and `project` locate
+them (the rendered conversation, `templates.turn_span`). `run_chat` is the terminal loop behind
+`assistant-axis chat`; `serve` answers OpenAI-style requests through the same session.
+
+>>> session = load_session("results/models/smollm2-135m-instruct", "results/smollm2-135m-instruct/axis.safetensors",
+...                        cap_path="results/smollm2-135m-instruct/capping/late-p25.safetensors")
+>>> reply = session.send("Who are you?")
+>>> reply.text, reply.projection   # values per layer in session.layers
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+import torch
+
+from assistant_axis.activations import mean_activations
+from assistant_axis.axis import load_axis, unit_rows
+from assistant_axis.backends import Sampling, TopP, _eos_ids
+from assistant_axis.cap import CappingConfig, cap, load_capping
+from assistant_axis.errors import InputError
+from assistant_axis.models import hidden_size
+from assistant_axis.project import _fold_system, conversation_projections
+from assistant_axis.steer import steer
+from assistant_axis.templates import render_ids, supports_system_role, turn_span
+
+__all__ = ["Steering", "TokenLogprob", "Reply", "ChatSession", "load_session", "format_projection", "run_chat",
+           "default_model"]
+
+BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
+PREPARED_DEFAULT = "results/models/smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Steering:
+    directions: torch.Tensor  # [len(layers), hidden]; steer() normalises each row
+    layers: list[int]
+    coefficient: float
+    positions: str = "all"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # the most likely tokens at this step, best first
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str  # "stop" (end of turn) or "length" (max_tokens reached)
+    prompt_tokens: int
+    token_ids: list[int]  # the generated tokens, without the end-of-turn token
+    logprobs: list[TokenLogprob] | None
+    layers: list[int]
+    projection: list[float | None]  # mean projection per layer; None for an empty reply
+    tau: list[float | None] | None  # the capping floor per layer (None where uncapped); None without capping
+
+
+def default_model() -> str:
+    """The workflow's prepared copy of the bundled model when it exists (loads in ~1 s), else the GGUF."""
+    return PREPARED_DEFAULT if (Path(PREPARED_DEFAULT) / "config.json").is_file() else BUNDLED_DEFAULT
+
+
+@dataclass
+class ChatSession:
+    """One model with its axis, optional steering and capping, sampling defaults, and one conversation."""
+
+    model: object
+    tokenizer: object
+    axis: torch.Tensor  # [n_axis_layers, hidden]
+    axis_layers: list[int]
+    layers: list[int]  # projection layers
+    capping: CappingConfig | None = None
+    steering: Steering | None = None
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_tokens=256))
+    system: str | None = None
+    axis_source: str = "axis"
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.units = unit_rows(self.axis, self.axis_layers, self.layers, hidden_size(self.model), self.axis_source)
+        self.system_role = supports_system_role(self.tokenizer)
+        with self.hooks():  # cap() and steer() check sizes and layers on entry: fail now, not mid-chat
+            pass
+        self.reset()
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Steering first, then capping: the cap floors the already-steered stream."""
+        with ExitStack() as stack:
+            if self.steering is not None:
+                s = self.steering
+                stack.enter_context(steer(self.model, s.directions, s.layers, s.coefficient, s.positions,
+                                          source="--steer-layers"))
+            if self.capping is not None:
+                stack.enter_context(cap(self.model, self.capping))
+            yield
+
+    # ------------------------------------------------------------------ conversation state (chat)
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+        self.reset()
+
+    def send(self, text: str, sampling: Sampling | None = None) -> Reply:
+        """Add a user turn, generate the reply, keep both in the history."""
+        reply = self.complete([*self.messages, {"role": "user", "content": text}], sampling)
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+        return reply
+
+    # ------------------------------------------------------------------ stateless (serve, project)
+
+    def complete(self, messages: Sequence[dict], sampling: Sampling | None = None,
+                 top_logprobs: int | None = None) -> Reply:
+        """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs."""
+        sampling = sampling or self.sampling
+        shown = list(messages) if self.system_role else _fold_system(list(messages))
+        prompt = render_ids(self.tokenizer, shown, add_generation_prompt=True)
+        with self.hooks():
+            new, finish, logits = self._generate(prompt, sampling, top_logprobs is not None)
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            values = self._reply_projection(shown, text)
+        logprobs = None if top_logprobs is None else [
+            self._logprob(token, step, top_logprobs) for token, step in zip(new, logits, strict=True)]
+        return Reply(text, finish, len(prompt), new, logprobs, list(self.layers), values, self.tau())
+
+    def tau(self) -> list[float | None] | None:
+        if self.capping is None:
+            return None
+        floors = dict(zip(self.capping.layers, self.capping.thresholds.tolist(), strict=True))
+        return [floors.get(layer) for layer in self.layers]
+
+    def conversation_projections(self, messages: list[dict]) -> pd.DataFrame:
+        """Per-turn projections (see `project.conversation_projections`) under this session's hooks."""
+        with self.hooks():
+            return conversation_projections(self.model, self.tokenizer, messages, self.axis, self.axis_layers,
+                                            self.layers, source=self.axis_source)
+
+    def _generate(self, prompt: list[int], sampling: Sampling, want_logits: bool):
+        """One sequence, no padding; same stopping and top-p rules as `TransformersBackend`."""
+        eos = _eos_ids(self.model, self.tokenizer)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prompt], device=device)
+        sample = sampling.temperature > 0
+        torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=sample,
+                temperature=sampling.temperature if sample else None, top_p=None, top_k=None,
+                logits_processor=[TopP(sampling.top_p)] if sample and sampling.top_p < 1 else None,
+                max_new_tokens=sampling.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(eos), return_dict_in_generate=True, output_logits=want_logits)
+        new = out.sequences[0, len(prompt):].tolist()
+        stop = next((k for k, t in enumerate(new) if t in eos), None)
+        n = len(new) if stop is None else stop
+        # Raw logits, i.e. the model's own distribution before temperature and top-p.
+        logits = [step[0] for step in out.logits[:n]] if want_logits else [None] * n
+        return new[:n], "length" if stop is None else "stop", logits
+
+    def _logprob(self, token: int, logits: torch.Tensor, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        best = torch.topk(logprobs, top) if top > 0 else None
+        ranked = [] if best is None else [(self.tokenizer.decode([int(i)]), float(v))
+                                          for v, i in zip(best.values, best.indices, strict=True)]
+        return TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), ranked)
+
+    def _reply_projection(self, shown: list[dict], text: str) -> list[float | None]:
+        """Mean projection of the reply's tokens per layer: the last row of `project.turn_activations`."""
+        ids, start, end = turn_span(self.tokenizer, shown, {"role": "assistant", "content": text})
+        if end <= start:
+            return [None] * len(self.layers)
+        acts = mean_activations(self.model, [ids], [(start, end)], self.layers, progress=False)[0]
+        values = torch.einsum("lh,lh->l", acts, self.units).tolist()
+        return [v if math.isfinite(v) else None for v in values]
+
+
+# ---------------------------------------------------------------------------------- building a session
+
+
+def _model_shape(model_path: str) -> tuple[int, int] | None:
+    """(n_layers, hidden_size) from the model's config, without loading weights; None when unknown."""
+    if not Path(model_path, "config.json").is_file():
+        return None  # a bundled GGUF or a hub id: checked once the model is loaded
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers), int(text.hidden_size)
+
+
+def _check_layers(layers: Sequence[int], axis_layers: list[int], n_layers: int | None, source: str) -> None:
+    for layer in layers:
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise InputError(source, "layers", f"layer {layer} is outside the model's {n_layers} layers "
+                             f"(0..{n_layers - 1})")
+        if layer not in axis_layers:
+            raise InputError(source, "layers", f"layer {layer} is not in the axis (it has layers "
+                             f"{axis_layers[0]}..{axis_layers[-1]})")
+
+
+def load_session(model_path: str, axis_path: str, cap_path: str | None = None, steer_coefficient: float | None = None,
+                 steer_layers: Sequence[int] | None = None, steer_positions: str = "all",
+                 layers: Sequence[int] | None = None, dtype: str = "float32", sampling: Sampling | None = None,
+                 system: str | None = None, device: str | None = None) -> ChatSession:
+    """Check every input against the axis and the model's config first (cheap), then load the model.
+
+    Projection layers default to the capped layers when capping, else the axis's middle layer; steering
+    layers default to the axis's middle layer.
+    """
+    from assistant_axis.models import load_model
+
+    axis, axis_layers, meta = load_axis(axis_path)
+    shape = _model_shape(model_path)
+    if shape is not None and axis.shape[-1] != shape[1]:
+        raise InputError(axis_path, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model "
+                         f"{model_path} has {shape[1]}")
+    n_layers = shape[0] if shape else None
+    axis_model = meta.get("model") if isinstance(meta.get("model"), str) else None
+    capping = None
+    if cap_path:
+        capping = load_capping(cap_path, model_name=axis_model, hidden_size=int(axis.shape[-1]))
+        if n_layers is not None:
+            outside = [layer for layer in capping.layers if not 0 <= layer < n_layers]
+            if outside:
+                raise InputError(cap_path, "layers", f"layer {outside[0]} is outside the model's {n_layers} layers")
+    middle = [axis_layers[len(axis_layers) // 2]]
+    if steer_layers is not None and steer_coefficient is None:
+        raise InputError("--steer-layers", "steer", "given without --steer COEFFICIENT")
+    layers = sorted(set(layers)) if layers else (list(capping.layers) if capping else middle)
+    _check_layers(layers, axis_layers, n_layers, "--layers")
+    steering = None
+    if steer_coefficient is not None:
+        chosen = list(steer_layers) if steer_layers else middle
+        _check_layers(chosen, axis_layers, n_layers, "--steer-layers")
+        rows = axis[[axis_layers.index(layer) for layer in chosen]].float()
+        steering = Steering(rows, chosen, float(steer_coefficient), steer_positions)
+    model, tokenizer = load_model(model_path, dtype, device)
+    return ChatSession(model, tokenizer, axis, axis_layers, layers, capping, steering,
+                       sampling or Sampling(temperature=0.7, top_p=0.9, max_tokens=256), system, str(axis_path))
+
+
+# ------------------------------------------------------------------------------------ the terminal loop
+
+
+def format_projection(reply: Reply) -> str:
+    """`[projection L21 +43.1  L25 +120.4]`; with capping each value shows its floor, `!` when below it."""
+    parts = []
+    for i, layer in enumerate(reply.layers):
+        value = reply.projection[i]
+        text = f"L{layer} " + ("n/a" if value is None else f"{value:+.1f}")
+        tau = reply.tau[i] if reply.tau else None
+        if tau is not None and value is not None:
+            text += f" (tau {tau:+.1f}{' !' if value < tau - 1e-4 * abs(tau) else ''})"
+        parts.append(text)
+    return "[projection " + "  ".join(parts) + "]"
+
+
+HELP = "commands: /system TEXT (new conversation with that system prompt), /reset, /quit"
+
+
+def describe(session: ChatSession) -> str:
+    parts = [f"projection layers {' '.join(map(str, session.layers))}"]
+    if session.steering is not None:
+        s = session.steering
+        parts.append(f"steering {s.coefficient:+g} at layers {' '.join(map(str, s.layers))} ({s.positions})")
+    if session.capping is not None:
+        parts.append(f"capped at layers {' '.join(map(str, session.capping.layers))} ({session.capping.source})")
+    return "; ".join(parts)
+
+
+def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Read user turns line by line (a terminal with line editing, or piped input) until /quit or EOF."""
+    tty = stdin.isatty() and stdout.isatty()
+
+    def say(text: str) -> None:
+        print(text, file=stdout, flush=True)
+
+    def read() -> str | None:
+        if tty:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        line = stdin.readline()
+        return line.rstrip("\n") if line else None
+
+    say(describe(session))
+    say(HELP)
+    while (line := read()) is not None:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+            say("(conversation cleared)")
+            continue
+        if line == "/system" or line.startswith("/system "):
+            session.set_system(line.removeprefix("/system").strip())
+            say(f"(new conversation; system prompt {'set' if session.system else 'cleared'})")
+            continue
+        if line.startswith("/"):
+            say(HELP)
+            continue
+        if not tty:
+            say(f"you> {line}")
+        try:
+            reply = session.send(line)
+        except KeyboardInterrupt:
+            say("(interrupted)")
+            continue
+        say(f"assistant> {reply.text}")
+        say(format_projection(reply))
+
+
+def with_sampling(session: ChatSession, **changes) -> Sampling:
+    """The session's sampling with some fields replaced (None leaves a field as it is)."""
+    return replace(session.sampling, **{k: v for k, v in changes.items() if v is not None})

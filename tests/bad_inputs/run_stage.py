@@ -1,0 +1,12 @@
+"""Run one workflow stage as its Snakemake script does, outside Snakemake (which deletes a job's old
+outputs before it starts): `python run_stage.py STAGE LOG KWARGS_JSON`. Pointed at existing outputs,
+it shows that a stage given a bad input fails in one line and leaves every existing artifact as it was."""
+
+import json
+import sys
+
+from assistant_axis import stages
+
+stage, log, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+with stages.logged(log):
+    getattr(stages, stage)(**kwargs)

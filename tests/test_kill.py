@@ -1,0 +1,178 @@
+"""Kill anywhere: SIGKILL the whole workflow (Snakemake and its jobs) at 10 seeded points spread over every
+stage, recover as the README says (`snakemake --unlock`, then `snakemake --cores 2 --rerun-incomplete`,
+itself killed again), and end with the uninterrupted run's artifacts, byte for byte.
+
+Each run is killed while a job of the earliest stage not yet killed is running: a seeded fraction of
+that stage's job time (in the uninterrupted run) after its first job starts, or sooner, if a job of
+another stage not yet killed starts meanwhile, so that stages running side by side are caught too.
+Once every stage has been killed, the remaining kills pick a stage of the run at random. After every
+kill, every Parquet and safetensors file under results/ must open: no truncated artifact under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import re
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors import safe_open
+
+from workflow_helpers import SNAKEMAKE, make_workspace
+
+SEED = 20261123
+N_KILLS = 10
+# The SLURM executor plugin runs `scontrol` when Snakemake starts; with no SLURM controller that waits
+# ~9 s. These runs are local, so point it at an empty SLURM config: it fails at once.
+ENV = {**os.environ, "SLURM_CONF": "/dev/null"}
+pytestmark = pytest.mark.slow
+
+
+def job_times(workdir: Path) -> tuple[list[str], dict[str, float]]:
+    """Stages in the order their first job started, and each stage's median job time (s), from the
+    Snakemake log of an uninterrupted run."""
+    log = sorted((workdir / ".snakemake/log").glob("*.snakemake.log"))[0]  # the first: the full run
+    order, starts, spans, now, rule = [], {}, {}, None, None
+    for line in log.read_text().splitlines():
+        if stamp := re.match(r"^\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]$", line):
+            now = datetime.strptime(stamp.group(1), "%a %b %d %H:%M:%S %Y").timestamp()
+        elif start := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule = start.group(1)
+        elif (job := re.match(r"^\s+jobid: (\d+)$", line)) and rule:
+            starts[job.group(1)] = (rule, now)
+            if rule != "all" and rule not in order:
+                order.append(rule)
+            rule = None
+        elif done := re.match(r"^Finished jobid: (\d+)", line):
+            name, began = starts[done.group(1)]
+            spans.setdefault(name, []).append(now - began)
+    return order, {name: max(1.0, statistics.median(times)) for name, times in spans.items()}
+
+
+def run_and_kill(workdir: Path, args: list[str], killed: set[str], fraction: float, seconds: dict,
+                 order: list[str], rng: random.Random) -> dict | None:
+    """Run Snakemake in its own process group and SIGKILL the group (see the module's docstring).
+    `killed`: the stages caught mid-job so far; `fraction` < 0: no kill. None: the run finished."""
+    proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ENV)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
+    output, planned, in_stats, target, rule = [], [], False, None, None
+    jobs, running, trigger, kill_at, jobid, started = {}, set(), None, None, None, 0.0  # jobs: id -> "rule[role]"
+    while True:
+        wait = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+        try:
+            line = lines.get(timeout=wait)
+        except queue.Empty:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            _wait_group_gone(proc.pid)
+            return {"target": target, "trigger": jobs[trigger], "delay": round(kill_at - started, 1),
+                    "running": sorted(jobs[j] for j in running)}
+        if line is None:
+            assert proc.wait() == 0, "".join(output[-60:])
+            return None
+        output.append(line)
+        text = line.rstrip()
+        if text == "Job stats:":
+            in_stats = True
+        elif in_stats and (row := re.match(r"^(\w+)\s+\d+$", text)):
+            if row.group(1) != "total":
+                planned.append(row.group(1))
+            elif fraction >= 0:  # the earliest stage not killed yet, else any stage of this run
+                in_stats = False
+                todo = [s for s in order if s in planned and s not in killed]
+                target = todo[0] if todo else rng.choice([s for s in order if s in planned])
+        elif start := re.match(r"^(?:local)?rule (\w+):$", text):
+            rule = start.group(1)
+        elif (job := re.match(r"^\s+jobid: (\d+)$", text)) and rule:
+            jobid, jobs[job.group(1)], rule = job.group(1), rule, None
+            running.add(jobid)
+            if target and jobs[jobid] == target and kill_at is None:
+                trigger, started = jobid, time.monotonic()
+                kill_at = started + fraction * seconds.get(target, 1.0)
+            elif kill_at is not None and jobs[jobid] not in killed and jobs[jobid] != target:
+                kill_at = min(kill_at, time.monotonic() + 0.5 * seconds.get(jobs[jobid], 1.0))
+        elif (wildcards := re.search(r"^\s+wildcards: .*role=(\w+)", text)) and jobid:
+            jobs[jobid] += f"[{wildcards.group(1)}]"
+        elif done := re.match(r"^Finished jobid: (\d+)", text):
+            running.discard(done.group(1))
+
+
+def _wait_group_gone(pgid: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {pgid} outlived SIGKILL")
+
+
+def artifacts(results: Path) -> list[Path]:
+    """Every Parquet and safetensors file under results/ (the linked model folder is not followed)."""
+    found = []
+    for base, _dirs, files in os.walk(results):
+        found += [Path(base) / f for f in files if f.endswith((".parquet", ".safetensors"))]
+    return sorted(found)
+
+
+def assert_all_open(results: Path) -> None:
+    for path in artifacts(results):
+        try:
+            if path.suffix == ".parquet":
+                pd.read_parquet(path)
+            else:
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 (any failure to read is the finding)
+            raise AssertionError(f"{path} does not open after a kill: {exc}") from exc
+
+
+def test_killed_anywhere_and_recovered_gives_the_same_axis(tmp_path, model_dir, tiny_run, capsys):
+    order, seconds = job_times(tiny_run)
+    rng = random.Random(SEED)
+    work = make_workspace(tmp_path / "work", model_dir)
+    results = work / "results"
+    kills, killed, args = [], set(), []
+    started = time.monotonic()
+    for _ in range(N_KILLS):
+        kill = run_and_kill(work, args, killed, rng.uniform(0.05, 0.7), seconds, order, rng)
+        assert kill is not None, f"the run finished before kill {len(kills) + 1}"
+        kills.append(kill)
+        killed |= {job.split("[")[0] for job in kill["running"]}
+        assert_all_open(results)
+        # Recovery, as in the README: release the lock, then rerun what was incomplete.
+        unlock = subprocess.run([*SNAKEMAKE, "--unlock"], cwd=work, capture_output=True, text=True, env=ENV)
+        assert unlock.returncode == 0, unlock.stderr[-3000:]
+        args = ["--rerun-incomplete"]
+    assert run_and_kill(work, args, killed, -1, seconds, order, rng) is None
+    elapsed = time.monotonic() - started
+    with capsys.disabled():
+        print(f"\n{len(kills)} kills and recoveries in {elapsed:.0f} s (seed {SEED}):")
+        for i, kill in enumerate(kills, 1):
+            print(f"  {i:2d}. {kill['trigger']} + {kill['delay']} s; running: {', '.join(kill['running'])}")
+    assert killed == set(order), f"stages never killed mid-job: {set(order) - killed}"
+    dry = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2"], cwd=work, capture_output=True, text=True, env=ENV)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    # The same artifacts as the uninterrupted run, byte for byte (safetensors) and value for value (Parquet).
+    ours, reference = artifacts(results), artifacts(tiny_run / "results")
+    assert [p.relative_to(results) for p in ours] == [p.relative_to(tiny_run / "results") for p in reference]
+    axis = "smollm2-135m-instruct/axis.safetensors"
+    assert (results / axis).read_bytes() == (tiny_run / "results" / axis).read_bytes()
+    for mine, theirs in zip(ours, reference, strict=True):
+        if mine.suffix == ".safetensors":
+            assert mine.read_bytes() == theirs.read_bytes(), mine
+        else:
+            pd.testing.assert_frame_equal(pd.read_parquet(mine), pd.read_parquet(theirs), obj=str(mine))

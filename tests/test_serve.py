@@ -1,0 +1,169 @@
+"""`assistant-axis serve` on 127.0.0.1, called with the `openai` client: plain and capped.
+
+The capped server is also steered away from the Assistant (-40 at layers 8-25, as in
+test_steering.py), so its replies would fall below the capping floor without the cap; the in-process
+test below shows that they do, and the server's `projection` field shows that capping holds them at
+or above `tau` on every capped layer. The workflow's own `OpenAIJudge` is pointed at the plain server.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from assistant_axis.axis import load_axis
+from assistant_axis.backends import Sampling
+
+from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
+from servers import _serve, free_port
+
+STEER = ["--steer", "-40", "--steer-layers", *map(str, range(8, 26))]
+PIRATE = [{"role": "system", "content": "You are a pirate. Always speak like a pirate."},
+          {"role": "user", "content": "What do you like to do on a day off?"}]
+
+
+@pytest.fixture(scope="module")
+def capping_file(tiny_run, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("capping") / "late-p25.safetensors"
+    capping_config(tiny_run).save(path, percentile=25)
+    return path
+
+
+def _server(tiny_run: Path, log: Path, *extra: str):
+    model_dir, axis = tiny_paths(tiny_run)
+    port = free_port()
+    command = [sys.executable, "-m", "assistant_axis.cli", "serve", "--model", str(model_dir), "--axis", str(axis),
+               "--host", "127.0.0.1", "--port", str(port), "--max-tokens", "24", *extra]
+    return _serve(command, f"http://127.0.0.1:{port}/health", log), f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def plain_url(tiny_run, tmp_path_factory):
+    server, url = _server(tiny_run, tmp_path_factory.mktemp("serve") / "plain.log")
+    with server:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def capped_url(tiny_run, tmp_path_factory, capping_file):
+    server, url = _server(tiny_run, tmp_path_factory.mktemp("serve") / "capped.log", "--cap", str(capping_file),
+                          *STEER)
+    with server:
+        yield url
+
+
+def _client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key="no-key", timeout=120, max_retries=0)
+
+
+def _check_logprobs(choice, completion_tokens: int, top: int) -> None:
+    content = choice.logprobs.content
+    assert isinstance(content, list) and len(content) == completion_tokens > 0
+    for entry in content:
+        assert entry.logprob <= 0 and isinstance(entry.token, str) and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == top
+        ranked = [t.logprob for t in entry.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True) and all(lp <= 0 for lp in ranked)
+        assert entry.logprob <= ranked[0] + 1e-6
+
+
+def test_plain_server_answers_the_openai_client_with_logprobs(plain_url):
+    client = _client(plain_url)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    completion = client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=12, temperature=0,
+                                                logprobs=True, top_logprobs=3)
+    assert completion.object == "chat.completion" and completion.model == MODEL and completion.id
+    choice = completion.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 12 and completion.usage.prompt_tokens > 0
+    _check_logprobs(choice, completion.usage.completion_tokens, 3)
+    # Greedy: every generated token is the most likely one.
+    for entry in choice.logprobs.content:
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)
+    projection = completion.model_extra["projection"]
+    assert projection["layers"] == [15] and projection["tau"] is None
+    assert isinstance(projection["values"][0], float)
+    # Without `logprobs` none are returned; the same greedy request gives the same reply.
+    again = client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=12, temperature=0)
+    assert again.choices[0].logprobs is None
+    assert again.choices[0].message.content == choice.message.content
+
+
+def test_sampling_is_seeded(plain_url):
+    client = _client(plain_url)
+    ask = dict(model=MODEL, messages=PIRATE, max_tokens=8, temperature=1.0, top_p=0.95)
+    first, second = (client.chat.completions.create(**ask, seed=7).choices[0].message.content for _ in range(2))
+    assert first == second
+
+
+def test_unsupported_requests_get_a_400_naming_the_field(plain_url):
+    import openai
+
+    client = _client(plain_url)
+    for extra, field in (({"n": 2}, "n"), ({"stream": True}, "stream"), ({"top_logprobs": 50, "logprobs": True},
+                                                                          "top_logprobs")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=4, **extra)
+        assert caught.value.body["param"] == field and field in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=4)
+
+
+def test_capped_replies_stay_at_or_above_tau(capped_url, tiny_run):
+    config = capping_config(tiny_run)
+    client = _client(capped_url)
+    prompts = [PIRATE, [{"role": "user", "content": "Tell me about yourself."}]]
+    for messages in prompts:
+        for sampling in ({"temperature": 0}, {"temperature": 0.8, "seed": 3}):
+            completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, logprobs=True,
+                                                        top_logprobs=2, **sampling)
+            choice = completion.choices[0]
+            _check_logprobs(choice, completion.usage.completion_tokens, 2)
+            projection = completion.model_extra["projection"]
+            assert projection["layers"] == CAPPED
+            assert projection["tau"] == pytest.approx(config.thresholds.tolist(), rel=1e-6)
+            for value, tau in zip(projection["values"], projection["tau"], strict=True):
+                assert value >= tau - 1e-4 * abs(tau), (projection, choice.message.content)
+
+
+def test_the_workflow_openai_judge_talks_to_the_server(plain_url):
+    from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, OpenAIJudge, render_prompt
+
+    judge = OpenAIJudge({"base_url": plain_url, "model": MODEL, "api_key_env": None, "cache": None,
+                         "scoring": "logprobs", "max_retries": 0})
+    items = [JudgeItem("pirate", "A sea-faring pirate.", "How are you?", "Arr, I be fine, matey!"),
+             JudgeItem("pirate", "A sea-faring pirate.", "How are you?", "As an AI, I have no feelings.")]
+    verdicts = judge.score_prompts([render_prompt(DEFAULT_TEMPLATE, item) for item in items])
+    assert len(verdicts) == 2
+    for verdict in verdicts:  # the 135M model is no judge: only the plumbing is tested
+        assert verdict.score in (0, 1, 2, 3) and 0 <= verdict.expected_score <= 3, verdict.raw
+        assert "digit_mass" in verdict.raw
+
+
+def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
+    """In process: steering alone drops a reply below tau; with the cap it stays at or above tau."""
+    from assistant_axis.chat import ChatSession, Steering
+    from assistant_axis.project import turn_activations
+
+    model, tokenizer = bundled
+    axis, layers, _ = load_axis(tiny_paths(tiny_run)[1])
+    config = capping_config(tiny_run)
+    steering = Steering(axis[8:26], list(range(8, 26)), -40.0)
+    greedy = Sampling(temperature=0, max_tokens=16)
+    steered = ChatSession(model, tokenizer, axis, layers, CAPPED, steering=steering, sampling=greedy)
+    capped = ChatSession(model, tokenizer, axis, layers, CAPPED, config, steering, greedy)
+    low = steered.send(PIRATE[1]["content"])
+    high = capped.send(PIRATE[1]["content"])
+    assert any(v < t for v, t in zip(low.projection, config.thresholds.tolist(), strict=True)), low
+    assert all(v >= t - 1e-4 * abs(t) for v, t in zip(high.projection, high.tau, strict=True)), high
+    # The reply's projection is the last row of project.turn_activations under the same hooks.
+    with capped.hooks():
+        _, acts = turn_activations(model, tokenizer, capped.messages, CAPPED)
+    expected = torch.einsum("lh,lh->l", acts[-1], capped.units).tolist()
+    assert high.projection == pytest.approx(expected, rel=1e-5, abs=1e-4)
