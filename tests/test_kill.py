@@ -2,11 +2,12 @@
 stage, recover as the README says (`snakemake --unlock`, then `snakemake --cores 2 --rerun-incomplete`,
 itself killed again), and end with the uninterrupted run's artifacts, byte for byte.
 
-Each run is killed while a job of the earliest stage not yet killed is running: a seeded fraction of
-that stage's job time (in the uninterrupted run) after its first job starts, or sooner, if a job of
-another stage not yet killed starts meanwhile, so that stages running side by side are caught too.
-Once every stage has been killed, the remaining kills pick a stage of the run at random. After every
-kill, every Parquet and safetensors file under results/ must open: no truncated artifact under a final name.
+Each run is killed while a job of the earliest stage not yet killed is running: a seeded fraction (up
+to half) of that stage's job time in the uninterrupted run after its first job starts, or sooner, if a
+job of another stage not yet killed starts meanwhile, so that stages running side by side are caught too.
+Once every stage has been killed, the remaining kills pick a stage of the run at random and a fraction
+up to 1.25, and come at the latest just as that job finishes: between jobs. After every kill, every
+Parquet and safetensors file under results/ must open: no truncated artifact under a final name.
 """
 
 from __future__ import annotations
@@ -86,12 +87,13 @@ def run_and_kill(workdir: Path, args: list[str], killed: set[str], fraction: flo
         if text == "Job stats:":
             in_stats = True
         elif in_stats and (row := re.match(r"^(\w+)\s+\d+$", text)):
-            if row.group(1) != "total":
+            in_stats = row.group(1) != "total"
+            if in_stats:
                 planned.append(row.group(1))
             elif fraction >= 0:  # the earliest stage not killed yet, else any stage of this run
-                in_stats = False
                 todo = [s for s in order if s in planned and s not in killed]
                 target = todo[0] if todo else rng.choice([s for s in order if s in planned])
+                fraction = fraction * 0.4 if todo else fraction
         elif start := re.match(r"^(?:local)?rule (\w+):$", text):
             rule = start.group(1)
         elif (job := re.match(r"^\s+jobid: (\d+)$", text)) and rule:
@@ -101,11 +103,13 @@ def run_and_kill(workdir: Path, args: list[str], killed: set[str], fraction: flo
                 trigger, started = jobid, time.monotonic()
                 kill_at = started + fraction * seconds.get(target, 1.0)
             elif kill_at is not None and jobs[jobid] not in killed and jobs[jobid] != target:
-                kill_at = min(kill_at, time.monotonic() + 0.5 * seconds.get(jobs[jobid], 1.0))
+                kill_at = min(kill_at, time.monotonic() + 0.3 * seconds.get(jobs[jobid], 1.0))
         elif (wildcards := re.search(r"^\s+wildcards: .*role=(\w+)", text)) and jobid:
             jobs[jobid] += f"[{wildcards.group(1)}]"
         elif done := re.match(r"^Finished jobid: (\d+)", text):
             running.discard(done.group(1))
+            if done.group(1) == trigger:  # faster than in the uninterrupted run: kill now, before the next job
+                kill_at = time.monotonic()
 
 
 def _wait_group_gone(pgid: int) -> None:
@@ -148,7 +152,7 @@ def test_killed_anywhere_and_recovered_gives_the_same_axis(tmp_path, model_dir, 
     kills, killed, args = [], set(), []
     started = time.monotonic()
     for _ in range(N_KILLS):
-        kill = run_and_kill(work, args, killed, rng.uniform(0.05, 0.7), seconds, order, rng)
+        kill = run_and_kill(work, args, killed, rng.uniform(0.05, 1.25), seconds, order, rng)
         assert kill is not None, f"the run finished before kill {len(kills) + 1}"
         kills.append(kill)
         killed |= {job.split("[")[0] for job in kill["running"]}

@@ -28,7 +28,8 @@ UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 
 def unsafe_calls(source: str, name: str = "<source>") -> list[str]:
     """Pickle imports, pickle readers, torch.load without weights_only=True, weights_only=False,
-    allow_pickle=True and trust_remote_code=True, found in Python source by its syntax tree."""
+    allow_pickle=True, trust_remote_code=True, and a transformers model loaded without
+    use_safetensors=True (which would unpickle a pytorch_model.bin), found by the syntax tree."""
     found = []
     for node in ast.walk(ast.parse(source)):
         where = f"{name}:{getattr(node, 'lineno', 0)}"
@@ -45,6 +46,11 @@ def unsafe_calls(source: str, name: str = "<source>") -> list[str]:
                 value = keywords.get("weights_only")
                 if not (isinstance(value, ast.Constant) and value.value is True):
                     found.append(f"{where}: torch.load without weights_only=True")
+            if (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"
+                    and getattr(func.value, "id", "").startswith("AutoModel") and "gguf_file" not in keywords):
+                value = keywords.get("use_safetensors")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    found.append(f"{where}: {func.value.id}.from_pretrained without use_safetensors=True")
             for key, unsafe in (("weights_only", False), ("allow_pickle", True), ("trust_remote_code", True)):
                 value = keywords.get(key)
                 if isinstance(value, ast.Constant) and value.value is unsafe:
@@ -60,8 +66,11 @@ def test_the_scan_finds_what_it_looks_for():
     bad = ("import pickle\nfrom joblib import load\nimport torch, pandas as pd\n"
            "torch.load('a.pt')\ntorch.load('b.pt', weights_only=False)\npd.read_pickle('c')\n"
            "np.load('d.npy', allow_pickle=True)\nAutoModel.from_pretrained('m', trust_remote_code=True)\n")
-    assert len(unsafe_calls(bad)) == 8
-    assert unsafe_calls("torch.load('axis.pt', weights_only=True)\nload_model(p, trust_remote_code=flag)\n") == []
+    assert len(unsafe_calls(bad)) == 9  # the last line twice: remote code, and no use_safetensors
+    good = ("torch.load('axis.pt', weights_only=True)\nload_model(p, trust_remote_code=flag)\n"
+            "AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)\n"
+            "AutoModel.from_pretrained(d, gguf_file=f)\n")
+    assert unsafe_calls(good) == []
 
 
 def test_no_pickle_and_no_unasked_remote_code_in_the_package():

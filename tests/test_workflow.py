@@ -74,12 +74,15 @@ def _edit_yaml(path, edit):
 def test_nothing_changed_nothing_to_do(run):
     assert planned_jobs(run) == set()
 
+# A changed axis reruns every analysis that reads it.
+AFTER_AXIS = {(stage, None) for stage in ("axis", "pca", "stability", "calibrate", "evaluate", "all")}
+
 
 def test_description_edit_reruns_only_that_roles_judge_chain(run):
     path = run / "data/roles/pirate.yaml"
     original = _edit_yaml(path, lambda d: d.update(description=d["description"] + " Speaks of the sea."))
     try:
-        assert planned_jobs(run) == {("judge", "pirate"), ("vectors", "pirate"), ("axis", None), ("all", None)}
+        assert planned_jobs(run) == {("judge", "pirate"), ("vectors", "pirate"), *AFTER_AXIS}
     finally:
         path.write_text(original)
 
@@ -89,7 +92,7 @@ def test_prompt_edit_reruns_only_that_roles_chain(run):
     original = _edit_yaml(path, lambda d: d["prompts"].__setitem__(0, d["prompts"][0] + " Whisper."))
     try:
         assert planned_jobs(run) == {("generate", "ghost"), ("activations", "ghost"), ("judge", "ghost"),
-                                     ("vectors", "ghost"), ("axis", None), ("all", None)}
+                                     ("vectors", "ghost"), *AFTER_AXIS}
     finally:
         path.write_text(original)
 
@@ -108,7 +111,7 @@ def test_judge_template_edit_reruns_every_judge_and_nothing_upstream(run):
     original = _edit_yaml(path, lambda d: d["judge"].update(template="Rate {role}: {response}"))
     try:
         expected = {("judge", r) for r in TINY_ROLES} | {("vectors", r) for r in TINY_ROLES}
-        assert planned_jobs(run) == expected | {("axis", None), ("all", None)}
+        assert planned_jobs(run) == expected | AFTER_AXIS
     finally:
         path.write_text(original)
 
@@ -139,4 +142,5 @@ def test_paper_config_plans_every_role_of_the_bank(tmp_path):
             counts[parts[0]] = int(parts[1])
     n = len(bank)
     assert counts == {"prepare_model": 1, "generate": n, "activations": n, "judge": n - 1, "vectors": n,
-                      "axis": 1, "all": 1, "total": 4 * n + 2}
+                      "axis": 1, "pca": 1, "stability": 1, "calibrate": 1, "evaluate": 1, "all": 1,
+                      "total": 4 * n + 6}

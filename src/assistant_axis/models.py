@@ -109,8 +109,12 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None, tru
     if path.startswith("bundled:"):
         model, tokenizer = _load_gguf(bundled_gguf(path), DTYPES[dtype])
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     device_map="auto" if spread else None)
+        try:  # safetensors weights only: a pickled checkpoint (pytorch_model.bin) is never unpickled
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code,
+                                                         device_map="auto" if spread else None)
+        except OSError as exc:
+            raise InputError(path, "model.source", f"cannot load safetensors weights ({exc})") from exc
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -24,7 +24,7 @@ from assistant_axis.errors import InputError
 from assistant_axis.models import hidden_size
 from assistant_axis.templates import supports_system_role, turn_span
 
-__all__ = ["load_conversation", "turn_activations", "conversation_projections", "plot_trajectory"]
+__all__ = ["load_conversation", "fold_system", "turn_activations", "conversation_projections", "plot_trajectory"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,7 +45,7 @@ def load_conversation(path: str | Path) -> list[dict]:
     return messages
 
 
-def _fold_system(messages: list[dict]) -> list[dict]:
+def fold_system(messages: list[dict]) -> list[dict]:
     """For templates without a system role: prepend the system prompt to the first user turn."""
     if not messages or messages[0]["role"] != "system":
         return messages
@@ -59,7 +59,7 @@ def turn_activations(model, tokenizer, messages: list[dict], layers: Sequence[in
                      ) -> tuple[list[dict], torch.Tensor]:
     """The messages as the template sees them, and their activations [n_messages, len(layers), hidden]."""
     if not supports_system_role(tokenizer):
-        messages = _fold_system(messages)
+        messages = fold_system(messages)
     sequences, spans = [], []
     for i, message in enumerate(messages):
         ids, start, end = turn_span(tokenizer, messages[:i], message)

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,10 +345,7 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(case, tiny_run, tmp_pat
     work = _copy(tiny_run, tmp_path / "work")
     case.edit(work)
     before = digests(work / "results")
-    server = FakeOpenAI(case.reply) if case.reply else None
-    try:
-        if server:
-            server.__enter__()
+    with FakeOpenAI(case.reply) if case.reply else nullcontext() as server:
         if case.command:
             command = case.command
         elif case.stage is None:
@@ -358,9 +356,6 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(case, tiny_run, tmp_pat
                        json.dumps(kwargs)]
         out = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
                              env={**os.environ, **NO_SLURM})
-    finally:
-        if server:
-            server.__exit__(None, None, None)
     text = out.stdout + out.stderr
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     print(f"{case.id}: {errors}")
