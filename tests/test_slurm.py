@@ -16,7 +16,8 @@ from workflow_helpers import ROOT, TINY_ROLES, make_workspace, planned_jobs, sna
 
 pytestmark = pytest.mark.slow
 SMALL = {stage: {"mem_mb": 1500, "runtime": 30}
-         for stage in ("prepare_model", "generate", "activations", "judge", "vectors", "axis")}
+         for stage in ("prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
+                       "calibrate", "evaluate")}
 
 
 @pytest.fixture(scope="module")
