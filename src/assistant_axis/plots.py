@@ -32,6 +32,7 @@ def pca_scatter(roles: pd.DataFrame, layer: int, path: str | Path) -> None:
     points = ax.scatter(roles["pc1"], roles["pc2"], c=roles["axis_projection"], cmap="coolwarm", s=30)
     for row in roles.itertuples():
         ax.annotate(row.role, (row.pc1, row.pc2), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.margins(0.12)  # room for the labels of the outermost roles
     fig.colorbar(points, label="projection on the axis (larger = more Assistant-like)")
     ax.set_xlabel("PC1 (sign-aligned with the axis)")
     ax.set_ylabel("PC2")
@@ -55,12 +56,16 @@ def pca_layers(summary: pd.DataFrame, path: str | Path) -> None:
     save_figure(fig, path)
 
 
-def stability(roles: pd.DataFrame, axis: pd.DataFrame, layer: int, path: str | Path) -> None:
+def stability(roles: pd.DataFrame, axis: pd.DataFrame, sizes: list[int], layer: int, path: str | Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    per_n = roles.groupby("n")["cosine"]
+    # The configured sizes make the curve; each role's own half split (n = half its replies) differs from
+    # role to role, so it is shown per role rather than folded into the curve.
+    per_n = roles[roles["n"].isin(sizes)].groupby("n")["cosine"]
     median, low, high = per_n.median(), per_n.quantile(0.1), per_n.quantile(0.9)
     left.plot(median.index, median.values, "o-", label="median over roles and repeats")
     left.fill_between(median.index, low.values, high.values, alpha=0.25, label="10th-90th percentile")
+    halves = roles[roles["n"] == roles["n_available"] // 2].groupby("role")[["n", "cosine"]].median()
+    left.scatter(halves["n"], halves["cosine"], marker="x", color="tab:grey", label="each role's half split")
     left.set_xscale("log", base=2)
     left.set_xlabel("responses per role vector (n)")
     left.set_ylabel("cosine between two disjoint n-subsets")
@@ -94,6 +99,7 @@ def tradeoff(summary: pd.DataFrame, path: str | Path) -> None:
         left.scatter(row.accuracy, row.persona_adoption, s=50)
         left.annotate(row.setting, (row.accuracy, row.persona_adoption), fontsize=8, xytext=(4, 4),
                       textcoords="offset points")
+    left.margins(0.15)  # room for the labels
     left.set_xlabel("accuracy on plain questions (capability proxy)")
     left.set_ylabel("persona adoption (share of replies judged 3)")
     left.set_title("Persona adoption vs capability")

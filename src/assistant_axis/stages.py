@@ -358,7 +358,7 @@ def stability(activation_files: list[str], score_files: list[str | None], vector
                  table.groupby("n")["cosine"].median().round(3).to_dict())
     write_parquet(table, roles_table)
     write_parquet(axis_rows, axis_table)
-    figures.stability(table, axis_rows, layer, plot)
+    figures.stability(table, axis_rows, sizes, layer, plot)
 
 
 def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict[str, list[float]],
