@@ -8,3 +8,10 @@ for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; d
     rm -f "$pidfile"
   fi
 done
+# up.sh points /etc/slurm/slurm.conf at our cluster for job steps. Left behind, it makes every SLURM
+# command (and so every Snakemake start: the SLURM plugin runs `scontrol show config` when it loads)
+# wait ~9 s for a controller that is gone.
+default_conf=/etc/slurm/slurm.conf
+if [ -L "$default_conf" ] && [ "$(readlink "$default_conf")" = "$dir/slurm.conf" ]; then
+  rm -f "$default_conf"
+fi
