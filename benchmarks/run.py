@@ -213,8 +213,7 @@ def time_split(fn) -> dict[str, float]:
     return {k: v / total for k, v in split.items()}
 
 
-def bench_extraction(path: str, quick: bool, repeat: int, budgets: list[int]) -> None:
-    model, tokenizer = load_model(path, "float32", device="cpu")
+def bench_extraction(model, tokenizer, path: str, quick: bool, repeat: int, budgets: list[int]) -> None:
     data = responses_256(model, tokenizer)[: 64 if quick else 256]
     seqs, spans = [], []
     for conv, reply in data:
@@ -295,8 +294,7 @@ def bench_extraction(path: str, quick: bool, repeat: int, budgets: list[int]) ->
 # ------------------------------------------------------------------------------------- generation
 
 
-def bench_generation(path: str, quick: bool, repeat: int) -> None:
-    model, tokenizer = load_model(path, "float32", device="cpu")
+def bench_generation(model, tokenizer, quick: bool, repeat: int) -> None:
     n_prompts, max_tokens, batch = (32, 32, 32) if quick else (64, 64, 32)
     convs = conversations(n_prompts)
     prompts = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
@@ -464,15 +462,15 @@ def main() -> None:
     print(f"machine: {machine_line()}")
     print(f"start: {load()}", flush=True)
     path = model_dir()
+    if {"floor", "extraction", "generation"} & set(args.only):
+        model, tokenizer = load_model(path, "float32", device="cpu")  # once, for all three
     if {"floor", "extraction"} & set(args.only):
-        model, _ = load_model(path, "float32", device="cpu")
         bench_floor(model, 10 * repeat)
-        del model
     if "extraction" in args.only:
         budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [config_budget()]
-        bench_extraction(path, args.quick, repeat, budgets)
+        bench_extraction(model, tokenizer, path, args.quick, repeat, budgets)
     if "generation" in args.only:
-        bench_generation(path, args.quick, repeat)
+        bench_generation(model, tokenizer, args.quick, repeat)
     if "judge" in args.only:
         bench_judge(args.quick, repeat)
     if "planning" in args.only:

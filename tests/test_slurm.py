@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
+from assistant_axis.plan import DEFAULT_RESOURCES
+
 from conftest import need
-from workflow_helpers import ROOT, TINY_ROLES, make_workspace, planned_jobs, snakemake, tiny_config
+from workflow_helpers import AXIS_AND_AFTER, ROOT, TINY_ROLES, make_workspace, planned_jobs, snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
-SMALL = {stage: {"mem_mb": 1500, "runtime": 30}
-         for stage in ("prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
-                       "calibrate", "evaluate")}
+# Every stage asks the one-node test cluster for little, so that a new stage cannot outgrow it.
+SMALL = {stage: {"mem_mb": 1500, "runtime": 30} for stage in DEFAULT_RESOURCES}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,7 @@ def _run_on_slurm(work: Path, env: dict) -> tuple[dict, dict]:
     assert set(slurm) <= submitted_in_log, "every job Snakemake reports went through sbatch"
     return table, slurm
 
-# The axis and every stage that reads it.
-ANALYSIS = [(stage, None) for stage in ("axis", "pca", "stability", "calibrate", "evaluate")]
+ANALYSIS = [(stage, None) for stage in AXIS_AND_AFTER]
 
 
 def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_env, tiny_run, capsys):

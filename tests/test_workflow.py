@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from assistant_axis.axis import load_axis
 from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
 
-from workflow_helpers import TINY_ROLES, planned_jobs, snakemake
+from workflow_helpers import AXIS_AND_AFTER, TINY_ROLES, planned_jobs, snakemake
 
 MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
@@ -74,8 +74,7 @@ def _edit_yaml(path, edit):
 def test_nothing_changed_nothing_to_do(run):
     assert planned_jobs(run) == set()
 
-# A changed axis reruns every analysis that reads it.
-AFTER_AXIS = {(stage, None) for stage in ("axis", "pca", "stability", "calibrate", "evaluate", "all")}
+AFTER_AXIS = {(stage, None) for stage in (*AXIS_AND_AFTER, "all")}
 
 
 def test_description_edit_reruns_only_that_roles_judge_chain(run):

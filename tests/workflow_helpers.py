@@ -14,6 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TINY_ROLES = ["accountant", "pirate", "ghost"]
+# The axis and the stages that read it: a change to the axis reruns all of them.
+AXIS_AND_AFTER = ("axis", "pca", "stability", "calibrate", "evaluate")
 
 
 def tiny_config(**overrides) -> dict:
