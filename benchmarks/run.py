@@ -320,6 +320,7 @@ def bench_generation(model, tokenizer, quick: bool, repeat: int) -> None:
     order = sorted(range(n_prompts), key=lambda i: -len(prompts[i]))
     seconds = {"baseline": 0.0, "ours": 0.0}
     n_base = n_ours = same = 0
+    reference: dict[int, str] = {}  # the baseline's replies, to compare vLLM's with
     for k in range(0, n_prompts, batch):
         rows = order[k : k + batch]
         best, results = best_of({"baseline": lambda r=rows: per_prompt(r), "ours": lambda r=rows: ours(r)}, repeat)
@@ -327,13 +328,39 @@ def bench_generation(model, tokenizer, quick: bool, repeat: int) -> None:
             seconds[name] += best[name]
         n_base += sum(map(len, results["baseline"]))
         n_ours += sum(g.n_tokens for g in results["ours"])
-        same += sum(tokenizer.decode(t, skip_special_tokens=True).strip() == g.text
-                    for t, g in zip(results["baseline"], results["ours"], strict=True))
+        texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in results["baseline"]]
+        reference.update(zip(rows, texts, strict=True))
+        same += sum(t == g.text for t, g in zip(texts, results["ours"], strict=True))
     base, fast = n_base / seconds["baseline"], n_ours / seconds["ours"]
     report("generation per-prompt baseline", f"{base:.0f} tok/s",
            f"{n_prompts} prompts, <= {max_tokens} tokens, greedy, fp32")
     report("generation ours (TransformersBackend)", f"{fast:.0f} tok/s",
            f"{fast / base:.2f}x baseline (target 5x); batch {batch}; {same}/{n_prompts} replies identical")
+    bench_vllm_generation(convs, [reference[i] for i in range(n_prompts)], greedy, base, fast, repeat)
+
+
+def bench_vllm_generation(convs, reference: list[str], greedy, base: float, ours: float, repeat: int) -> None:
+    """vLLM (its CPU build here) on the same prompts and max tokens, all of them in one `chat` call."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        report("generation vLLM", "not run", f"vllm cannot be imported ({exc}); make test installs it")
+        return
+    from assistant_axis.backends import VLLMBackend, vllm_engine, vllm_engine_args
+
+    engine = {"gpu_memory_utilization": 0.1, "max_model_len": 2048, "enforce_eager": True}
+    path = model_dir()
+    start = time.perf_counter()
+    llm = vllm_engine(vllm_engine_args(path, engine, "benchmark", "float32"), "benchmark")
+    startup = time.perf_counter() - start
+    backend = VLLMBackend(path, {"vllm": engine}, "float32", llm=llm, progress=False)
+    best, results = best_of({"vllm": lambda: backend.generate(convs, greedy)}, repeat)
+    tokens = sum(g.n_tokens for g in results["vllm"])
+    rate = tokens / best["vllm"]
+    same = sum(a == g.text for a, g in zip(reference, results["vllm"], strict=True))
+    report("generation vLLM (VLLMBackend, CPU build)", f"{rate:.0f} tok/s",
+           f"{rate / base:.2f}x baseline, {rate / ours:.2f}x TransformersBackend; fp32, eager; engine start "
+           f"{startup:.0f} s (not counted); {same}/{len(convs)} replies identical to the baseline")
 
 
 # ------------------------------------------------------------------------------------------ judge

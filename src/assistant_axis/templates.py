@@ -32,13 +32,16 @@ def build_messages(system_prompt: str, question: str, system_role: bool = True) 
     return [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
 
 
-def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """The chat template's text; `template_kwargs` are the template's own options (e.g. enable_thinking)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **template_kwargs)
 
 
-def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
     # The rendered text already holds any BOS the template wants.
-    return tokenizer(render_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
+    text = render_text(tokenizer, messages, add_generation_prompt, **template_kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def response_span(tokenizer, messages: list[dict], response: str) -> tuple[list[int], int, int]:

@@ -7,7 +7,7 @@ rule judge:
     # Functions, because a template holds {placeholders} that Snakemake would otherwise expand.
     params:
         judge=lambda wc: PLAN.judge_params(wc.role),
-    threads: 1
+    threads: PLAN.threads("judge", 1)
     resources:
         **PLAN.resources("judge"),
     conda:

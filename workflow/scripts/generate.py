@@ -2,7 +2,10 @@ import torch
 
 from assistant_axis import stages
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-torch.set_num_threads(sm.threads)
-with stages.logged(sm.log[0]):
-    stages.generate(sm.input.model, list(sm.output.responses), **sm.params)
+# vLLM starts its engine and worker processes by spawn, which imports this file again (as `__mp_main__`):
+# only the job's own process runs the stage.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    torch.set_num_threads(sm.threads)
+    with stages.logged(sm.log[0]):
+        stages.generate(sm.input.model, list(sm.output.responses), **sm.params)

@@ -1,5 +1,8 @@
 from assistant_axis import stages
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-with stages.logged(sm.log[0]):
-    stages.judge(sm.input.responses, sm.output.scores, **sm.params.judge)
+# vLLM starts its engine and worker processes by spawn, which imports this file again (as `__mp_main__`):
+# only the job's own process runs the stage.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    with stages.logged(sm.log[0]):
+        stages.judge(sm.input.responses, sm.output.scores, **sm.params.judge)
