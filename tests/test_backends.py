@@ -1,13 +1,14 @@
 """Production backends against real loopback servers: llama.cpp's server and `transformers serve`.
 
 Also: the fault-injecting proxy (retries, recorded reasons, cache-only reruns), the API key never
-written anywhere, and the vLLM backend's requests (its end-to-end test needs vllm and a GPU).
+written anywhere, and the vLLM backend's engine settings (vLLM itself runs in test_vllm.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -299,20 +300,52 @@ def test_openai_generation_requests_carry_per_response_seeds():
     assert all(r["max_tokens"] == 64 and r["temperature"] == 0.7 for r in requests)
 
 
-def test_vllm_missing_is_one_clear_line():
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vllm is installed here")
-    with pytest.raises(InputError, match=r"backend 'vllm' needs the vllm package"):
+def test_vllm_missing_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
+    with pytest.raises(InputError, match=r"generate.backend: needs the vllm package: pip install '.\[vllm\]'"):
         VLLMBackend("m", {}, "auto")
 
 
-@pytest.mark.slow
-def test_vllm_end_to_end(tmp_path, model_dir):
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        pytest.skip("the vLLM backend runs only where vllm and a CUDA GPU are present")
-    config = tiny_config(generate={"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.3,
-                                                                "max_model_len": 2048}})
-    work = make_workspace(tmp_path, model_dir, config)
-    snakemake(work)
-    axis = torch.load(work / "results/smollm2-135m-instruct/axis.pt", weights_only=True)
-    assert axis.shape == (30, 576)
+def test_vllm_jobs_ask_for_their_gpus_and_cores():
+    """A vLLM job asks SLURM for its tensor-parallel GPUs and 2 + GPUs cores (vLLM's own processes)."""
+    import yaml
+
+    from assistant_axis.plan import Plan, validate_config
+
+    config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    config["judge"] = {"backend": "vllm", "vllm": {"model": "/models/judge", "tensor_parallel_size": 4}}
+    validate_config(config, ROOT / "workflow/schemas/config.schema.yaml")
+    plan = Plan.from_config(config, ROOT)
+    assert plan.resources("generate")["gpu"] == 2 and plan.threads("generate", 2) == 4
+    assert plan.resources("judge")["gpu"] == 4 and plan.threads("judge", 1) == 6
+    assert "gpu" not in plan.resources("vectors") and plan.threads("vectors", 1) == 1
+    config["judge"] = {"backend": "embedding"}
+    validate_config(config, ROOT / "workflow/schemas/config.schema.yaml")
+    plan = Plan.from_config(config, ROOT)
+    assert "gpu" not in plan.resources("judge") and plan.threads("judge", 1) == 1
+
+
+@pytest.mark.parametrize("section", ["generate", "judge"])
+def test_a_misspelt_vllm_setting_stops_planning(section):
+    import yaml
+
+    from assistant_axis.plan import validate_config
+
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    config[section]["backend"] = "vllm"
+    config[section]["vllm"] = {"tensor_paralel_size": 2}
+    with pytest.raises(InputError, match=rf"config.yaml: {section}.vllm.tensor_paralel_size: unknown key"):
+        validate_config(config, ROOT / "workflow/schemas/config.schema.yaml", ["config/config.yaml"])
+
+
+def test_the_schema_lists_the_engine_settings_the_backend_passes():
+    import yaml
+
+    from assistant_axis.backends import VLLM_ENGINE_KEYS
+    from assistant_axis.judge import VLLMJudge
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    generate = set(schema["properties"]["generate"]["properties"]["vllm"]["properties"])
+    judge = set(schema["properties"]["judge"]["properties"]["vllm"]["properties"])
+    assert generate == {*VLLM_ENGINE_KEYS, "chat_template_kwargs"}
+    assert judge == {*VLLM_ENGINE_KEYS, *VLLMJudge.SETTINGS}

@@ -145,7 +145,7 @@ def test_vllm_judge_agrees_with_the_local_judge(llm, bundled, capsys):
     """Same weights, same rendered prompts: where vLLM's top 20 logprobs hold all four digits, the expected
     scores agree with the transformers judge, which reads all four from the full distribution."""
     model, tokenizer = bundled
-    prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in _labelled(24)]
+    prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in _labelled(16)]
     local = LocalJudge(model, tokenizer, "local", batch_size=4).score_prompts(prompts)
     judge = VLLMJudge({"min_digit_mass": 0.0, "top_logprobs": 20}, llm=llm, progress=False)
     verdicts = judge.score_prompts(prompts)
@@ -205,7 +205,7 @@ def test_tiny_run_with_vllm_generation(tmp_path, model_dir, tiny_run):
     """generate.backend: vllm through Snakemake, one engine per job; then an edited role regenerates alone,
     and its unchanged replies come back token for token."""
     _need_vllm()
-    roles = ["accountant", "pirate"]
+    roles = ["pirate"]  # and default: two generate jobs, each starting its own engine
     config = tiny_config(generate={"backend": "vllm", "vllm": ENGINE})
     config["roles"]["include"] = roles
     work = make_workspace(tmp_path, model_dir, config, bank=roles)
@@ -233,7 +233,7 @@ def test_tiny_run_with_vllm_generation(tmp_path, model_dir, tiny_run):
 
     # Edit the pirate's second prompt: only the pirate is generated again.
     before = {role: _responses(work, role) for role in ["default", *roles]}
-    stamps = {role: (results / f"responses/{role}.parquet").stat().st_mtime_ns for role in ["default", "accountant"]}
+    stamps = {"default": (results / "responses/default.parquet").stat().st_mtime_ns}
     role_file = work / "data/roles/pirate.yaml"
     data = yaml.safe_load(role_file.read_text())
     data["prompts"][1] = "You are a retired pirate captain who now keeps bees and speaks in sea shanties."
