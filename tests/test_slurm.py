@@ -45,6 +45,11 @@ def _job_table(output: str) -> tuple[dict[str, tuple[str, str | None]], dict[str
             table[job] = (rule, dict(kv.split("=", 1) for kv in m.group(1).split(", ")).get("role"))
         if m := re.search(r"Job (\d+) has been submitted with SLURM jobid (\d+)", line):
             slurm[m.group(2)] = m.group(1)
+            # Snakemake does not always print the rule block before a submission; the plugin's log path
+            # (.../rule_<rule>/<model>[_<role>]/<id>.log) names the rule and wildcards too.
+            if m.group(1) not in table and (where := re.search(r"/rule_(\w+)/([^/]+)/\d+\.log", line)):
+                wildcards = where.group(2).split("_", 1)
+                table[m.group(1)] = (where.group(1), wildcards[1] if len(wildcards) == 2 else None)
     return table, slurm
 
 
