@@ -23,19 +23,11 @@ import torch  # noqa: E402
 
 from assistant_axis.backends import Sampling, TransformersBackend, VLLMBackend, vllm_engine, vllm_engine_args  # noqa: E402
 from assistant_axis.models import load_model, prepare_model  # noqa: E402
-from assistant_axis.roles import load_bank, load_questions  # noqa: E402
-from assistant_axis.templates import build_messages, supports_system_role  # noqa: E402
+from assistant_axis.templates import supports_system_role  # noqa: E402
+
+from run import conversations  # noqa: E402 (benchmarks/run.py: the same prompts as the CPU benchmark)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def conversations(n: int, system_role: bool) -> list[list[dict]]:
-    """`n` (system prompt, question) conversations spread over the roles and questions of the bank."""
-    bank = load_bank(ROOT / "data/roles")
-    questions = load_questions(ROOT / "data/questions/questions.jsonl")
-    roles = sorted(r for r in bank if r != "default")
-    return [build_messages(bank[roles[i % len(roles)]].prompts[i % 5], questions[i % len(questions)].question,
-                           system_role) for i in range(n)]
 
 
 def main() -> None:

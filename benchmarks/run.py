@@ -87,13 +87,14 @@ def model_dir() -> str:
     return prepare_model("smollm2-135m-instruct", "bundled:smollm2-135m-instruct", CACHE / "models").path
 
 
-def conversations(n: int) -> list[list[dict]]:
-    """`n` (system prompt, question) conversations spread over the roles and questions of the bank."""
+def conversations(n: int, system_role: bool = True) -> list[list[dict]]:
+    """`n` (system prompt, question) conversations spread over the roles and questions of the bank
+    (`system_role`: whether the model's template has one; see `build_messages`)."""
     bank = load_bank(ROOT / "data/roles")
     questions = load_questions(ROOT / "data/questions/questions.jsonl")
     roles = sorted(r for r in bank if r != "default")
-    return [build_messages(bank[roles[i % len(roles)]].prompts[0], questions[i % len(questions)].question)
-            for i in range(n)]
+    return [build_messages(bank[roles[i % len(roles)]].prompts[0], questions[i % len(questions)].question,
+                           system_role) for i in range(n)]
 
 
 def responses_256(model, tokenizer) -> list[tuple[list[dict], str]]:

@@ -154,12 +154,15 @@ VLLM_ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "kv_cache_
 
 
 def vllm_engine_args(model_path: str, engine: dict, key: str, dtype: str = "auto", seed: int = 0,
-                     trust_remote_code: bool = False) -> dict:
-    """Keyword arguments of `vllm.LLM` from a config's engine block (`key` names it in errors)."""
-    unknown = sorted(set(engine) - {*VLLM_ENGINE_KEYS, "chat_template_kwargs"})
+                     trust_remote_code: bool = False, own: tuple[str, ...] = ()) -> dict:
+    """Keyword arguments of `vllm.LLM` from a config block (`key` names it in errors).
+
+    `own` are the caller's settings in the same block (e.g. the judge's `model`), allowed and not passed on.
+    """
+    known = tuple(dict.fromkeys((*own, *VLLM_ENGINE_KEYS, "chat_template_kwargs")))
+    unknown = sorted(set(engine) - set(known))
     if unknown:
-        raise InputError("config", f"{key}.{unknown[0]}",
-                         f"unknown vLLM setting (known: {', '.join(VLLM_ENGINE_KEYS)}, chat_template_kwargs)")
+        raise InputError("config", f"{key}.{unknown[0]}", f"unknown vLLM setting (known: {', '.join(known)})")
     args = {"model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code}
     args.update({k: engine[k] for k in VLLM_ENGINE_KEYS if k in engine})
     return args
@@ -193,8 +196,7 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, settings: dict, dtype: str = "auto", trust_remote_code: bool = False,
                  llm=None, progress: bool = True):
-        self.engine = dict(settings.get("vllm") or {})
-        self.template_kwargs = self.engine.get("chat_template_kwargs") or {}
+        self.template_kwargs = (settings.get("vllm") or {}).get("chat_template_kwargs") or {}
         self.llm = llm or vllm_engine(self.engine_args(model_path, settings, dtype, trust_remote_code),
                                       "generate.backend")
         self.progress = progress

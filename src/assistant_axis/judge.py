@@ -293,12 +293,11 @@ class VLLMJudge:
                 "chat_template_kwargs")
 
     def __init__(self, settings: dict, llm=None, progress: bool = True):
-        from assistant_axis.backends import VLLM_ENGINE_KEYS, vllm_engine, vllm_engine_args
+        from assistant_axis.backends import vllm_engine, vllm_engine_args
 
-        unknown = sorted(set(settings) - {*self.SETTINGS, *VLLM_ENGINE_KEYS})
-        if unknown:
-            raise InputError("config", f"judge.vllm.{unknown[0]}",
-                             f"unknown setting (known: {', '.join([*self.SETTINGS, *VLLM_ENGINE_KEYS])})")
+        # Checks every setting's name, whether or not an engine is passed in.
+        args = vllm_engine_args(settings.get("model") or "", settings, "judge.vllm", settings.get("dtype", "auto"),
+                                trust_remote_code=bool(settings.get("trust_remote_code", False)), own=self.SETTINGS)
         source = settings.get("model") or ""
         if not source and llm is None:
             raise InputError("config", "judge.vllm.model", "the vllm judge needs a model")
@@ -308,9 +307,6 @@ class VLLMJudge:
         self.min_digit_mass = float(settings.get("min_digit_mass", 0.5))
         self.progress = progress
         if llm is None:
-            engine = {k: settings[k] for k in VLLM_ENGINE_KEYS if k in settings}
-            args = vllm_engine_args(source, engine, "judge.vllm", settings.get("dtype", "auto"),
-                                    trust_remote_code=bool(settings.get("trust_remote_code", False)))
             llm = vllm_engine({**args, "max_logprobs": self.top_logprobs}, "judge.backend")
         self.llm = llm
         self.name = f"vllm:{source or llm.llm_engine.model_config.model}"

@@ -216,9 +216,8 @@ class Plan:
 
     def vllm_settings(self, stage: str) -> dict | None:
         """The vLLM settings of a stage configured to run vLLM (generate or judge), else None."""
-        section = {"generate": "generate", "judge": "judge"}.get(stage)
-        if section and self.config[section]["backend"] == "vllm":
-            return self.config[section].get("vllm") or {}
+        if stage in ("generate", "judge") and self.config[stage]["backend"] == "vllm":
+            return self.config[stage].get("vllm") or {}
         return None
 
     def threads(self, stage: str, default: int) -> int:
