@@ -38,6 +38,28 @@ def model_dir(tmp_path_factory) -> Path:
     return Path(info.path)
 
 
+TEMPLATES = ROOT / "tests/templates"
+
+
+def model_with_template(model_dir: Path, template: str, folder: Path) -> Path:
+    """A model directory with the bundled weights (linked) and `tests/templates/<template>.jinja` as its template."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "chat_template.jinja":
+            (folder / item.name).symlink_to(item)
+    (folder / "chat_template.jinja").write_text((TEMPLATES / f"{template}.jinja").read_text())
+    return folder
+
+
+def tokenizer_with_template(tokenizer, template: str):
+    """A copy of `tokenizer` rendering with `tests/templates/<template>.jinja`."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (TEMPLATES / f"{template}.jinja").read_text()
+    return tok
+
+
 @pytest.fixture(scope="session")
 def bundled(model_dir):
     """(model, tokenizer) of the bundled chat model, float32, eval mode."""

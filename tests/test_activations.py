@@ -8,7 +8,7 @@ import torch
 from assistant_axis.activations import mean_activations, resolve_layers, token_budget_batches
 from assistant_axis.errors import InputError
 from assistant_axis.models import find_blocks
-from assistant_axis.templates import build_messages, response_span
+from assistant_axis.templates import ChatTemplate
 
 CASES = [
     ("You are a lighthouse keeper.", "What keeps you going?", "The lamp, and the gulls that wait for it each dusk."),
@@ -23,7 +23,8 @@ def batch(bundled):
     _, tokenizer = bundled
     seqs, spans = [], []
     for system, question, reply in CASES:
-        ids, start, end = response_span(tokenizer, build_messages(system, question), reply)
+        template = ChatTemplate(tokenizer)
+        ids, start, end = template.reply_span(template.conversation(system, question), reply)
         seqs.append(ids)
         spans.append((start, end))
     return seqs, spans
@@ -88,7 +89,8 @@ def test_forward_stops_after_the_last_requested_layer(bundled, batch):
 def test_empty_span_gives_nan_row(bundled, batch):
     model, tokenizer = bundled
     seqs, spans = batch
-    ids, start, end = response_span(tokenizer, build_messages("", "Hi"), "")
+    template = ChatTemplate(tokenizer)
+    ids, start, end = template.reply_span(template.conversation("", "Hi"), "")
     got = mean_activations(model, [seqs[0], ids], [spans[0], (start, end)], [5], progress=False)
     assert torch.isfinite(got[0]).all() and torch.isnan(got[1]).all()
 

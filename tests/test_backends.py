@@ -282,7 +282,7 @@ def test_unreachable_server_gives_reasons_not_a_crash(tmp_path, key):
 
 def test_vllm_requests_are_built_from_config():
     settings = {"seed": 7, "vllm": {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.85,
-                                     "max_model_len": 4096, "chat_template_kwargs": {"enable_thinking": False}}}
+                                     "max_model_len": 4096}}
     args = VLLMBackend.engine_args("/models/qwen", settings, "bfloat16", trust_remote_code=False)
     assert args == {"model": "/models/qwen", "dtype": "bfloat16", "seed": 7, "trust_remote_code": False,
                     "tensor_parallel_size": 4, "gpu_memory_utilization": 0.85, "max_model_len": 4096}
@@ -291,6 +291,9 @@ def test_vllm_requests_are_built_from_config():
                       {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 12}]
     with pytest.raises(InputError, match="generate.vllm.tensor_paralel_size: unknown vLLM setting"):
         VLLMBackend.engine_args("m", {"vllm": {"tensor_paralel_size": 2}}, "auto", False)
+    # Template options are the model's, for every stage: the old vLLM-only place says where they went.
+    with pytest.raises(InputError, match="move them to model.chat_template_kwargs"):
+        VLLMBackend.engine_args("m", {"vllm": {"chat_template_kwargs": {"enable_thinking": False}}}, "auto", False)
 
 
 def test_openai_generation_requests_carry_per_response_seeds():
@@ -298,6 +301,7 @@ def test_openai_generation_requests_carry_per_response_seeds():
     requests = OpenAIBackend.requests(convs, Sampling(0.7, 0.9, 64, 1), [5, 6])
     assert [r["seed"] for r in requests] == [5, 6] and requests[1]["messages"] == convs[1]
     assert all(r["max_tokens"] == 64 and r["temperature"] == 0.7 for r in requests)
+    assert all("chat_template_kwargs" not in r for r in requests)  # only sent when a config sets options
 
 
 def test_vllm_missing_is_one_clear_line(monkeypatch):
@@ -347,5 +351,5 @@ def test_the_schema_lists_the_engine_settings_the_backend_passes():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     generate = set(schema["properties"]["generate"]["properties"]["vllm"]["properties"])
     judge = set(schema["properties"]["judge"]["properties"]["vllm"]["properties"])
-    assert generate == {*VLLM_ENGINE_KEYS, "chat_template_kwargs"}
+    assert generate == set(VLLM_ENGINE_KEYS)
     assert judge == {*VLLM_ENGINE_KEYS, *VLLMJudge.SETTINGS}

@@ -3,7 +3,7 @@
 `transformers` runs here (CPU or GPU); `vllm` and `openai` serve the paper-scale run and plug in
 behind the same `generate()` call.
 
->>> backend = TransformersBackend(model, tokenizer, batch_size=32)
+>>> backend = TransformersBackend(model, ChatTemplate(tokenizer), batch_size=32)
 >>> replies = backend.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_tokens=16))
 """
 
@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from assistant_axis.errors import InputError
-from assistant_axis.templates import render_ids, supports_system_role
+from assistant_axis.templates import ChatTemplate, split_reasoning
 
 __all__ = [
     "Sampling", "Generation", "GenerationBackend", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "TopP",
-    "stable_seed", "make_backend", "BACKENDS", "VLLM_ENGINE_KEYS", "vllm_engine_args", "vllm_engine",
+    "generation", "stable_seed", "make_backend", "BACKENDS", "VLLM_ENGINE_KEYS", "vllm_engine_args", "vllm_engine",
 ]
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -38,15 +38,25 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Generation:
-    text: str
-    n_tokens: int
+    text: str  # the reply, without a thinking model's reasoning
+    n_tokens: int  # generated tokens, reasoning included
     finish_reason: str  # "stop" (end of turn) or "length" (max_tokens reached)
+    reasoning: str = ""  # the think block's text, if the model wrote one
+
+
+def generation(text: str, n_tokens: int, finish_reason: str, reasoning: str = "") -> Generation:
+    """A `Generation` from generated text: a `<think>` block in it is reasoning, not reply."""
+    thought, reply = split_reasoning(text)
+    return Generation(reply, n_tokens, finish_reason, (reasoning or thought).strip())
 
 
 class GenerationBackend(Protocol):
-    """`seeds`, one per conversation, are used where the backend can seed each request (vLLM, servers)."""
+    """`seeds`, one per conversation, are used where the backend can seed each request (vLLM, servers).
 
-    system_role: bool
+    `template` is the model's chat template as every stage renders it: conversations are built with it.
+    """
+
+    template: ChatTemplate
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling,
                  seeds: list[int] | None = None) -> list[Generation]: ...
@@ -96,17 +106,17 @@ class TopP:
 class TransformersBackend:
     """In-process `generate`: prompts sorted by length, left-padded, in batches; stops at end of turn."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, progress: bool = True):
+    def __init__(self, model, template: ChatTemplate, batch_size: int = 32, progress: bool = True):
         if batch_size < 1:
             raise InputError("config", "generate.batch_size", f"must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
-        self.system_role = supports_system_role(tokenizer)
+        self.model, self.template, self.batch_size, self.progress = model, template, batch_size, progress
+        self.tokenizer = template.tokenizer
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling,
                  seeds: list[int] | None = None) -> list[Generation]:
         # Batched sampling here draws from one generator per batch (seeded from sampling.seed), so
         # per-request seeds are not used; results are reproducible for the same prompts and batch size.
-        prompts = [render_ids(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
+        prompts = [self.template.ids(c, add_generation_prompt=True) for c in conversations]
         # Longest first: similar lengths share a batch, so little padding is computed.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         eos = _eos_ids(self.model, self.tokenizer)
@@ -141,8 +151,8 @@ class TransformersBackend:
                 new = out[r, width:].tolist()
                 stop = next((k for k, t in enumerate(new) if t in eos), None)
                 n = len(new) if stop is None else stop
-                text = self.tokenizer.decode(new[:n], skip_special_tokens=True).strip()
-                results[i] = Generation(text, n, "length" if stop is None else "stop")
+                text = self.tokenizer.decode(new[:n], skip_special_tokens=True)
+                results[i] = generation(text, n, "length" if stop is None else "stop")
         return results  # type: ignore[return-value]
 
 
@@ -159,8 +169,11 @@ def vllm_engine_args(model_path: str, engine: dict, key: str, dtype: str = "auto
 
     `own` are the caller's settings in the same block (e.g. the judge's `model`), allowed and not passed on.
     """
-    known = tuple(dict.fromkeys((*own, *VLLM_ENGINE_KEYS, "chat_template_kwargs")))
+    known = tuple(dict.fromkeys((*own, *VLLM_ENGINE_KEYS)))
     unknown = sorted(set(engine) - set(known))
+    if "chat_template_kwargs" in unknown and key == "generate.vllm":
+        raise InputError("config", f"{key}.chat_template_kwargs", "template options are set once, for every "
+                         "stage that renders: move them to model.chat_template_kwargs")
     if unknown:
         raise InputError("config", f"{key}.{unknown[0]}", f"unknown vLLM setting (known: {', '.join(known)})")
     args = {"model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code}
@@ -194,18 +207,14 @@ class VLLMBackend:
     activations are taken over the very tokens the reply was generated after.
     """
 
-    def __init__(self, model_path: str, settings: dict, dtype: str = "auto", trust_remote_code: bool = False,
-                 llm=None, progress: bool = True):
-        self.template_kwargs = (settings.get("vllm") or {}).get("chat_template_kwargs") or {}
+    def __init__(self, model_path: str, settings: dict, template: ChatTemplate, dtype: str = "auto",
+                 trust_remote_code: bool = False, llm=None, progress: bool = True):
+        # `template` is the tokenizer as the activations stage loads it, with the same options: the
+        # conversations and the check below use the very rendering that stage takes activations over.
+        self.template = template
         self.llm = llm or vllm_engine(self.engine_args(model_path, settings, dtype, trust_remote_code),
                                       "generate.backend")
         self.progress = progress
-        # The tokenizer as the activations stage loads it: the system-role decision and the check below
-        # use the very template that stage renders with.
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.system_role = supports_system_role(self.tokenizer)
 
     @staticmethod
     def engine_args(model_path: str, settings: dict, dtype: str, trust_remote_code: bool) -> dict:
@@ -225,10 +234,10 @@ class VLLMBackend:
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
         params = [SamplingParams(**kw) for kw in self.sampling_params(sampling, seeds)]
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
-                                chat_template_kwargs=self.template_kwargs or None)
+                                chat_template_kwargs=self.template.options or None)
         results = []
         for conversation, output in zip(conversations, outputs, strict=True):
-            expected = render_ids(self.tokenizer, conversation, add_generation_prompt=True, **self.template_kwargs)
+            expected = self.template.ids(conversation, add_generation_prompt=True)
             if list(output.prompt_token_ids) != expected:
                 raise InputError(self.llm.llm_engine.model_config.model, "chat_template",
                                  "vLLM rendered a conversation differently from the chat template as the "
@@ -236,51 +245,66 @@ class VLLMBackend:
                                  "tokens): the reply's activations would not be taken after its real prompt")
             best = output.outputs[0]
             finish = "length" if best.finish_reason == "length" else "stop"
-            results.append(Generation(best.text.strip(), len(best.token_ids), finish))
+            results.append(generation(best.text, len(best.token_ids), finish))
         return results
 
 
 class OpenAIBackend:
-    """Generation through any OpenAI-compatible server; the server applies the chat template."""
+    """Generation through any OpenAI-compatible server; the server applies the chat template.
 
-    system_role = True
+    The conversations are built with the local model's `template` (the one the activations stage renders
+    with), and its options go with every request as `chat_template_kwargs` (vLLM's and llama.cpp's servers
+    read them), so the server renders what the activations stage will.
+    """
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, template: ChatTemplate):
         from assistant_axis.api import APISettings, ChatAPI
 
+        self.template = template
         self.api = ChatAPI(APISettings.from_config(settings.get("openai", {}), "generate.openai"), "generate.openai")
 
     @staticmethod
-    def requests(conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[dict]:
+    def requests(conversations: list[list[dict]], sampling: Sampling, seeds: list[int],
+                 template_options: dict | None = None) -> list[dict]:
+        options = {"chat_template_kwargs": template_options} if template_options else {}
         return [{"messages": c, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                 "max_tokens": sampling.max_tokens, "seed": seed} for c, seed in zip(conversations, seeds, strict=True)]
+                 "max_tokens": sampling.max_tokens, "seed": seed, **options}
+                for c, seed in zip(conversations, seeds, strict=True)]
 
     def generate(self, conversations: list[list[dict]], sampling: Sampling,
                  seeds: list[int] | None = None) -> list[Generation]:
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
         results = []
-        for outcome in self.api.run(self.requests(conversations, sampling, seeds), desc="generate"):
+        for outcome in self.api.run(self.requests(conversations, sampling, seeds, self.template.options),
+                                    desc="generate"):
             if outcome.response is None:  # kept as an empty reply with its reason; a rerun asks again
                 results.append(Generation("", 0, f"error: {outcome.error}"))
                 continue
             choice = outcome.response["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
+            message = choice.get("message") or {}
+            # Servers with a reasoning parser return the think block apart (vLLM: reasoning_content).
+            reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
             usage = outcome.response.get("usage") or {}
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
-            results.append(Generation(text.strip(), int(usage.get("completion_tokens") or 0), finish))
+            results.append(generation(message.get("content") or "", int(usage.get("completion_tokens") or 0),
+                                      finish, reasoning))
         return results
 
 
 def make_backend(name: str, settings: dict, model_path: str, dtype: str = "float32",
-                 trust_remote_code: bool = False) -> GenerationBackend:
-    """Build the configured backend; heavy imports happen only for the chosen one."""
-    if name == "transformers":
-        from assistant_axis.models import load_model
+                 trust_remote_code: bool = False, template_options: dict | None = None,
+                 model_name: str = "model") -> GenerationBackend:
+    """Build the configured backend, rendering with the model's template and `template_options`; heavy
+    imports happen only for the chosen one."""
+    if name not in BACKENDS:
+        raise InputError("config", "generate.backend", f"unknown backend {name!r} (allowed: {', '.join(BACKENDS)})")
+    from assistant_axis.models import load_model, load_tokenizer
 
+    if name == "transformers":
         model, tokenizer = load_model(model_path, dtype, trust_remote_code=trust_remote_code)
-        return TransformersBackend(model, tokenizer, batch_size=settings.get("batch_size", 32))
+        return TransformersBackend(model, ChatTemplate(tokenizer, template_options, model_name),
+                                   batch_size=settings.get("batch_size", 32))
+    template = ChatTemplate(load_tokenizer(model_path, trust_remote_code), template_options, model_name)
     if name == "vllm":
-        return VLLMBackend(model_path, settings, dtype, trust_remote_code)
-    if name == "openai":
-        return OpenAIBackend(settings)
-    raise InputError("config", "generate.backend", f"unknown backend {name!r} (allowed: {', '.join(BACKENDS)})")
+        return VLLMBackend(model_path, settings, template, dtype, trust_remote_code)
+    return OpenAIBackend(settings, template)

@@ -3,7 +3,7 @@
 `ChatSession` generates each reply with the steering and capping hooks active and then measures the
 reply's mean projection per layer under the same hooks, so a capped reply's projection is the
 post-cap one. The reply's tokens are located exactly as the activations stage and `project` locate
-them (the rendered conversation, `templates.turn_span`). `run_chat` is the terminal loop behind
+them (the rendered conversation, `ChatTemplate.turn_span`). `run_chat` is the terminal loop behind
 `assistant-axis chat`; `serve` answers OpenAI-style requests through the same session.
 
 >>> session = load_session("results/models/smollm2-135m-instruct", "results/smollm2-135m-instruct/axis.safetensors",
@@ -31,9 +31,9 @@ from assistant_axis.backends import Sampling, TopP, _eos_ids
 from assistant_axis.cap import CappingConfig, cap, load_capping
 from assistant_axis.errors import InputError
 from assistant_axis.models import hidden_size
-from assistant_axis.project import conversation_projections, fold_system
+from assistant_axis.project import conversation_projections
 from assistant_axis.steer import steer
-from assistant_axis.templates import render_ids, supports_system_role, turn_span
+from assistant_axis.templates import ChatTemplate, split_reasoning
 
 __all__ = ["Steering", "TokenLogprob", "Reply", "ChatSession", "load_session", "format_projection", "run_chat",
            "default_model"]
@@ -68,6 +68,7 @@ class Reply:
     layers: list[int]
     projection: list[float | None]  # mean projection per layer; None for an empty reply
     tau: list[float | None] | None  # the capping floor per layer (None where uncapped); None without capping
+    reasoning: str = ""  # a thinking model's think block, kept out of `text` and of the projection
 
 
 def default_model() -> str:
@@ -89,11 +90,13 @@ class ChatSession:
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_tokens=256))
     system: str | None = None
     axis_source: str = "axis"
+    template_options: dict | None = None  # the chat template's options, as the axis's activations used
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.units = unit_rows(self.axis, self.axis_layers, self.layers, hidden_size(self.model), self.axis_source)
-        self.system_role = supports_system_role(self.tokenizer)
+        self.template = ChatTemplate(self.tokenizer, self.template_options,
+                                     getattr(self.tokenizer, "name_or_path", "") or "model")
         with self.hooks():  # cap() and steer() check sizes and layers on entry: fail now, not mid-chat
             pass
         self.reset()
@@ -122,7 +125,10 @@ class ChatSession:
     def send(self, text: str, sampling: Sampling | None = None) -> Reply:
         """Add a user turn, generate the reply, keep both in the history."""
         reply = self.complete([*self.messages, {"role": "user", "content": text}], sampling)
-        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+        answer = {"role": "assistant", "content": reply.text}
+        if reply.reasoning:
+            answer["reasoning_content"] = reply.reasoning
+        self.messages += [{"role": "user", "content": text}, answer]
         return reply
 
     # ------------------------------------------------------------------ stateless (serve, project)
@@ -131,15 +137,15 @@ class ChatSession:
                  top_logprobs: int | None = None) -> Reply:
         """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs."""
         sampling = sampling or self.sampling
-        shown = list(messages) if self.system_role else fold_system(list(messages))
-        prompt = render_ids(self.tokenizer, shown, add_generation_prompt=True)
+        shown = self.template.fit(list(messages))
+        prompt = self.template.ids(shown, add_generation_prompt=True)
         with self.hooks():
             new, finish, logits = self._generate(prompt, sampling, top_logprobs is not None)
-            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            values = self._reply_projection(shown, text)
+            reasoning, text = split_reasoning(self.tokenizer.decode(new, skip_special_tokens=True))
+            values = self._reply_projection(shown, text, reasoning)
         logprobs = None if top_logprobs is None else [
             self._logprob(token, step, top_logprobs) for token, step in zip(new, logits, strict=True)]
-        return Reply(text, finish, len(prompt), new, logprobs, list(self.layers), values, self.tau())
+        return Reply(text, finish, len(prompt), new, logprobs, list(self.layers), values, self.tau(), reasoning)
 
     def tau(self) -> list[float | None] | None:
         if self.capping is None:
@@ -150,7 +156,7 @@ class ChatSession:
     def conversation_projections(self, messages: list[dict]) -> pd.DataFrame:
         """Per-turn projections (see `project.conversation_projections`) under this session's hooks."""
         with self.hooks():
-            return conversation_projections(self.model, self.tokenizer, messages, self.axis, self.axis_layers,
+            return conversation_projections(self.model, self.template, messages, self.axis, self.axis_layers,
                                             self.layers, source=self.axis_source)
 
     def _generate(self, prompt: list[int], sampling: Sampling, want_logits: bool):
@@ -181,9 +187,9 @@ class ChatSession:
                                           for v, i in zip(best.values, best.indices, strict=True)]
         return TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), ranked)
 
-    def _reply_projection(self, shown: list[dict], text: str) -> list[float | None]:
+    def _reply_projection(self, shown: list[dict], text: str, reasoning: str = "") -> list[float | None]:
         """Mean projection of the reply's tokens per layer: the last row of `project.turn_activations`."""
-        ids, start, end = turn_span(self.tokenizer, shown, {"role": "assistant", "content": text})
+        ids, start, end = self.template.reply_span(shown, text, reasoning)
         if end <= start:
             return [None] * len(self.layers)
         acts = mean_activations(self.model, [ids], [(start, end)], self.layers, progress=False)[0]
@@ -218,11 +224,13 @@ def _check_layers(layers: Sequence[int], axis_layers: list[int], n_layers: int |
 def load_session(model_path: str, axis_path: str, cap_path: str | None = None, steer_coefficient: float | None = None,
                  steer_layers: Sequence[int] | None = None, steer_positions: str = "all",
                  layers: Sequence[int] | None = None, dtype: str = "float32", sampling: Sampling | None = None,
-                 system: str | None = None, device: str | None = None) -> ChatSession:
+                 system: str | None = None, device: str | None = None,
+                 template_options: dict | None = None) -> ChatSession:
     """Check every input against the axis and the model's config first (cheap), then load the model.
 
     Projection layers default to the capped layers when capping, else the axis's middle layer; steering
-    layers default to the axis's middle layer.
+    layers default to the axis's middle layer. The chat template renders with `template_options`, by
+    default those the axis's activations were rendered with.
     """
     from assistant_axis.models import load_model
 
@@ -251,9 +259,13 @@ def load_session(model_path: str, axis_path: str, cap_path: str | None = None, s
         _check_layers(chosen, axis_layers, n_layers, "--steer-layers")
         rows = axis[[axis_layers.index(layer) for layer in chosen]].float()
         steering = Steering(rows, chosen, float(steer_coefficient), steer_positions)
+    if template_options is None:
+        recorded = meta.get("chat_template_kwargs")  # load_axis decodes it
+        template_options = recorded if isinstance(recorded, dict) else {}
     model, tokenizer = load_model(model_path, dtype, device)
     return ChatSession(model, tokenizer, axis, axis_layers, layers, capping, steering,
-                       sampling or Sampling(temperature=0.7, top_p=0.9, max_tokens=256), system, str(axis_path))
+                       sampling or Sampling(temperature=0.7, top_p=0.9, max_tokens=256), system, str(axis_path),
+                       template_options)
 
 
 # ------------------------------------------------------------------------------------ the terminal loop

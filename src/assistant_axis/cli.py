@@ -68,8 +68,17 @@ def _session(args: argparse.Namespace):
         if not ok:
             raise InputError("command line", name, f"out of range: {getattr(args, name[2:].replace('-', '_'))}")
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    options = None
+    if args.chat_template_kwargs is not None:
+        try:
+            options = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as exc:
+            raise InputError("command line", "--chat-template-kwargs", f"not JSON ({exc})") from exc
+        if not isinstance(options, dict):
+            raise InputError("command line", "--chat-template-kwargs", "must be a JSON object")
     return load_session(args.model, args.axis, args.cap, args.steer, args.steer_layers, args.steer_positions,
-                        args.layers, args.dtype, sampling, getattr(args, "system", None))
+                        args.layers, args.dtype, sampling, getattr(args, "system", None),
+                        template_options=options)
 
 
 def _project(args: argparse.Namespace) -> None:
@@ -119,6 +128,8 @@ def _model_options() -> argparse.ArgumentParser:
     shared.add_argument("--top-p", type=float, default=0.9)
     shared.add_argument("--seed", type=int, default=0)
     shared.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    shared.add_argument("--chat-template-kwargs", metavar="JSON",
+                        help='chat template options, e.g. \'{"enable_thinking": false}\' (default: the axis\'s own)')
     return shared
 
 

@@ -249,15 +249,17 @@ def agreement(judge: EmbeddingJudge, items: Sequence[JudgeItem], labels: Sequenc
 class LocalJudge:
     """A transformers chat model scored from its next-token distribution over the digits 0-3."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 8, system: str | None = DEFAULT_SYSTEM):
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 8, system: str | None = DEFAULT_SYSTEM,
+                 template_options: dict | None = None):
+        from assistant_axis.templates import ChatTemplate
+
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.system = system
+        self.template = ChatTemplate(tokenizer, template_options, name)
         self.digit_ids = digit_tokens(tokenizer, "judge.local.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
-        from assistant_axis.templates import render_ids
-
-        rows = [render_ids(self.tokenizer, judge_messages(p, self.system), add_generation_prompt=True)
+        rows = [self.template.ids(self.template.fit(judge_messages(p, self.system)), add_generation_prompt=True)
                 for p in prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
@@ -294,6 +296,7 @@ class VLLMJudge:
 
     def __init__(self, settings: dict, llm=None, progress: bool = True):
         from assistant_axis.backends import vllm_engine, vllm_engine_args
+        from assistant_axis.templates import ChatTemplate
 
         # Checks every setting's name, whether or not an engine is passed in.
         args = vllm_engine_args(settings.get("model") or "", settings, "judge.vllm", settings.get("dtype", "auto"),
@@ -301,7 +304,6 @@ class VLLMJudge:
         source = settings.get("model") or ""
         if not source and llm is None:
             raise InputError("config", "judge.vllm.model", "the vllm judge needs a model")
-        self.template_kwargs = settings.get("chat_template_kwargs") or {}
         self.system = settings.get("system", DEFAULT_SYSTEM)
         self.top_logprobs = int(settings.get("top_logprobs", 20))
         self.min_digit_mass = float(settings.get("min_digit_mass", 0.5))
@@ -311,13 +313,16 @@ class VLLMJudge:
         self.llm = llm
         self.name = f"vllm:{source or llm.llm_engine.model_config.model}"
         self.digit_ids = digit_tokens(llm.get_tokenizer(), "judge.vllm.model")
+        # vLLM renders the judge's prompts; the template decides only whether the system message is folded in.
+        self.template = ChatTemplate(llm.get_tokenizer(), settings.get("chat_template_kwargs"), self.name)
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
-        outputs = self.llm.chat([judge_messages(p, self.system) for p in prompts], sampling_params=params,
-                                use_tqdm=self.progress, chat_template_kwargs=self.template_kwargs or None)
+        conversations = [self.template.fit(judge_messages(p, self.system)) for p in prompts]
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
+                                chat_template_kwargs=self.template.options or None)
         verdicts, masses = [], []
         for output in outputs:
             top = output.outputs[0].logprobs[0]  # token id -> Logprob of the one generated position
@@ -449,7 +454,7 @@ def make_judge(backend: str, settings: dict):
             raise InputError("config", "judge.local.model", "the local judge needs a model")
         net, tokenizer = load_model(source, settings.get("dtype", "float32"))
         return LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
-                          settings.get("system", DEFAULT_SYSTEM))
+                          settings.get("system", DEFAULT_SYSTEM), settings.get("chat_template_kwargs"))
     if backend == "vllm":
         return VLLMJudge(settings)
     if backend == "openai":

@@ -20,7 +20,7 @@ import torch
 
 from assistant_axis.errors import InputError
 
-__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "find_blocks", "DTYPES",
+__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "load_tokenizer", "find_blocks", "DTYPES",
            "hidden_size", "block_hidden", "with_block_hidden"]
 
 # Bundled models: source name -> (python package holding the file, file name).
@@ -99,7 +99,7 @@ def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_c
 
 def load_model(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
     """Load a prepared model (or a bundled GGUF directly) in eval mode, with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InputError("config", "model.dtype", f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
@@ -115,12 +115,25 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None, tru
                                                          device_map="auto" if spread else None)
         except OSError as exc:
             raise InputError(path, "model.source", f"cannot load safetensors weights ({exc})") from exc
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not spread:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer alone (its chat template), for stages that render but run no weights here."""
+    from transformers import AutoTokenizer
+
+    if path.startswith("bundled:"):
+        gguf = bundled_gguf(path)
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise InputError(path, "model.source", f"cannot load the tokenizer ({exc})") from exc
 
 
 def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:

@@ -4,7 +4,7 @@ A message's activation is the mean block output over its tokens, computed on the
 and including that message: for a reply, exactly what the activations stage stores. Its projection
 is that activation on the unit axis of the same layer (larger = more Assistant-like).
 
->>> frame = conversation_projections(model, tokenizer, messages, axis, axis_layers, layers=[15, 20])
+>>> frame = conversation_projections(model, ChatTemplate(tokenizer), messages, axis, axis_layers, layers=[15, 20])
 >>> plot_trajectory(frame, "drift.png")
 """
 
@@ -22,9 +22,9 @@ from assistant_axis.artifacts import save_figure
 from assistant_axis.axis import unit_rows
 from assistant_axis.errors import InputError
 from assistant_axis.models import hidden_size
-from assistant_axis.templates import supports_system_role, turn_span
+from assistant_axis.templates import ChatTemplate
 
-__all__ = ["load_conversation", "fold_system", "turn_activations", "conversation_projections", "plot_trajectory"]
+__all__ = ["load_conversation", "turn_activations", "conversation_projections", "plot_trajectory"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,36 +45,35 @@ def load_conversation(path: str | Path) -> list[dict]:
     return messages
 
 
-def fold_system(messages: list[dict]) -> list[dict]:
-    """For templates without a system role: prepend the system prompt to the first user turn."""
-    if not messages or messages[0]["role"] != "system":
-        return messages
-    system, rest = messages[0]["content"], list(messages[1:])
-    if rest and rest[0]["role"] == "user":
-        rest[0] = {**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}
-    return rest
+def _template(template) -> ChatTemplate:
+    # A bare tokenizer renders with its template's defaults (no options).
+    return template if isinstance(template, ChatTemplate) else ChatTemplate(template)
 
 
-def turn_activations(model, tokenizer, messages: list[dict], layers: Sequence[int], blocks_path: str | None = None,
+def turn_activations(model, template, messages: list[dict], layers: Sequence[int], blocks_path: str | None = None,
                      ) -> tuple[list[dict], torch.Tensor]:
-    """The messages as the template sees them, and their activations [n_messages, len(layers), hidden]."""
-    if not supports_system_role(tokenizer):
-        messages = fold_system(messages)
+    """The messages as the template sees them, and their activations [n_messages, len(layers), hidden].
+
+    `template` is a `ChatTemplate` (or a tokenizer, rendered without options). Each message is taken in
+    the conversation up to it, so an assistant turn is measured as it was generated.
+    """
+    template = _template(template)
+    messages = template.fit(messages)
     sequences, spans = [], []
     for i, message in enumerate(messages):
-        ids, start, end = turn_span(tokenizer, messages[:i], message)
+        ids, start, end = template.turn_span(messages[:i], message)
         sequences.append(ids)
         spans.append((start, end))
     return messages, mean_activations(model, sequences, spans, list(layers), blocks_path=blocks_path, progress=False)
 
 
-def conversation_projections(model, tokenizer, messages: list[dict], axis: torch.Tensor, axis_layers: list[int],
+def conversation_projections(model, template, messages: list[dict], axis: torch.Tensor, axis_layers: list[int],
                              layers: Sequence[int], blocks_path: str | None = None,
                              source: str = "axis") -> pd.DataFrame:
     """One row per (message, layer): `turn, role, layer, projection, n_chars`."""
     layers = sorted(layers)
     units = unit_rows(axis, axis_layers, layers, hidden_size(model), source)
-    messages, acts = turn_activations(model, tokenizer, messages, layers, blocks_path)
+    messages, acts = turn_activations(model, template, messages, layers, blocks_path)
     projections = torch.einsum("nlh,lh->nl", acts, units)
     rows = [{"turn": i, "role": m["role"], "layer": layer, "projection": float(projections[i, j]),
              "n_chars": len(m["content"])}

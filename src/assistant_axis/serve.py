@@ -83,12 +83,15 @@ def completion_body(reply: Reply, model_name: str, want_logprobs: bool) -> dict:
              "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
             for t in reply.logprobs or []], "refusal": None}
     n_out = len(reply.token_ids)
+    message = {"role": "assistant", "content": reply.text}
+    if reply.reasoning:  # as vLLM's server returns a thinking model's think block
+        message["reasoning_content"] = reply.reasoning
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+        "choices": [{"index": 0, "message": message,
                      "finish_reason": reply.finish_reason, "logprobs": logprobs}],
         "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": n_out,
                   "total_tokens": reply.prompt_tokens + n_out},

@@ -27,8 +27,12 @@ __all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vecto
 log = logging.getLogger("assistant_axis")
 RESPONSE_COLUMNS = ("role", "prompt_index", "question_index", "question_id", "system_prompt", "question",
                     "response", "n_response_tokens", "finish_reason")
+# Written by generate since thinking models are handled; tables from before read as no reasoning.
+OPTIONAL_RESPONSE_COLUMNS = ("reasoning",)
 SCORE_COLUMNS = ("role", "prompt_index", "question_index", "score", "expected_score", "judge", "prompt_hash", "raw")
 KEYS = ["role", "prompt_index", "question_index"]
+# How the activations were rendered (see `ChatTemplate.metadata`): carried to the vectors and the axis.
+RENDERING_KEYS = ("chat_template_kwargs", "chat_template_sha")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -72,26 +76,26 @@ def prepare_model(output: str, name: str, source: str, models_dir: str, trust_re
 
 
 def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[dict], backend: str,
-             settings: dict, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+             settings: dict, dtype: str = "float32", trust_remote_code: bool = False,
+             template_options: dict | None = None) -> None:
     """Every (system prompt x question) pair of each job's role, one model load and one backend call.
 
-    `jobs[i]` is `{"role", "system_prompts"}` and is written to `outputs[i]`.
+    `jobs[i]` is `{"role", "system_prompts"}` and is written to `outputs[i]`. `template_options` are the
+    chat template's (`model.chat_template_kwargs`); a thinking model's reasoning goes to its own column.
     """
     from assistant_axis.backends import Sampling, make_backend, stable_seed
-    from assistant_axis.templates import build_messages
 
     if len(outputs) != len(jobs):
         raise InputError("workflow", "generate", f"{len(jobs)} roles but {len(outputs)} outputs")
     info = _model_info(model)
-    engine = make_backend(backend, settings, info["path"], dtype, trust_remote_code)
-    system_role = getattr(engine, "system_role", True)
+    engine = make_backend(backend, settings, info["path"], dtype, trust_remote_code, template_options, info["name"])
     keys, conversations, seeds = [], [], []
     for job in jobs:
         prompts = job["system_prompts"]
         for p in range(len(prompts)):
             for q in range(len(questions)):
                 keys.append((job["role"], p, q))
-                conversations.append(build_messages(prompts[p], questions[q]["question"], system_role))
+                conversations.append(engine.template.conversation(prompts[p], questions[q]["question"]))
                 # A seed per response, from its key: where the backend seeds requests one by one (vLLM,
                 # servers), regenerating reproduces unchanged responses whichever job or shard runs them.
                 seeds.append(stable_seed(job["role"], prompts[p], questions[q]["id"]) + settings.get("seed", 0))
@@ -110,6 +114,7 @@ def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[d
             "system_prompt": [prompts[p] for (_, p, _), _ in rows],
             "question": [questions[q]["question"] for (_, _, q), _ in rows],
             "response": [r.text for _, r in rows],
+            "reasoning": [r.reasoning for _, r in rows],
             "n_response_tokens": [r.n_tokens for _, r in rows],
             "finish_reason": [r.finish_reason for _, r in rows],
         })
@@ -121,12 +126,17 @@ def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[d
 
 def activations(model: str, responses: list[str], outputs: list[str], layers, dtype: str = "float32",
                 compute_dtype: str = "float32", batch_tokens: int = 8192, blocks: str | None = None,
-                trust_remote_code: bool = False) -> None:
+                trust_remote_code: bool = False, template_options: dict | None = None) -> None:
     """Per-response mean activation over the response's tokens at every requested layer; one model load
-    for all the given roles (`responses[i]` -> `outputs[i]`)."""
+    for all the given roles (`responses[i]` -> `outputs[i]`).
+
+    Conversations render with `template_options` as generation rendered them; a thinking model's
+    reasoning is rendered where the template puts it, before the reply, and is not part of the mean.
+    Every reply is located before the model runs: one that cannot be is an error and nothing is written.
+    """
     from assistant_axis.activations import mean_activations, resolve_layers
     from assistant_axis.models import find_blocks, load_model
-    from assistant_axis.templates import build_messages, response_span, supports_system_role
+    from assistant_axis.templates import ChatTemplate
 
     if dtype not in STORAGE_DTYPES:
         raise InputError("config", "activations.dtype", f"unknown dtype {dtype!r}")
@@ -134,12 +144,16 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
     info = _model_info(model)
     net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
     layer_ids = resolve_layers(layers, len(find_blocks(net, blocks)))
-    system_role = supports_system_role(tokenizer)
+    template = ChatTemplate(tokenizer, template_options, info["name"])
     sequences, spans = [], []
-    for frame in frames:
-        for row in frame.itertuples(index=False):
-            messages = build_messages(row.system_prompt, row.question, system_role)
-            ids, start, end = response_span(tokenizer, messages, row.response if row.response.strip() else "")
+    for path, frame in zip(responses, frames, strict=True):
+        reasoning = frame["reasoning"].fillna("") if "reasoning" in frame else [""] * len(frame)
+        for i, (row, thought) in enumerate(zip(frame.itertuples(index=False), reasoning, strict=True)):
+            messages = template.conversation(row.system_prompt, row.question)
+            try:
+                ids, start, end = template.reply_span(messages, row.response.strip(), thought)
+            except InputError as exc:
+                raise InputError(path, "response", f"row {i}: {exc}") from exc
             sequences.append(ids)
             spans.append((start, end))
     acts = mean_activations(net, sequences, spans, layer_ids, batch_tokens=batch_tokens, blocks_path=blocks)
@@ -151,7 +165,8 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
         write_tensors(
             {"activations": part.to(STORAGE_DTYPES[dtype]), "layers": torch.tensor(layer_ids)},
             output,
-            {"model": info["name"], "role": role, "hidden_size": acts.shape[-1], "n_responses": len(frame)},
+            {"model": info["name"], "role": role, "hidden_size": acts.shape[-1], "n_responses": len(frame),
+             **template.metadata()},
         )
 
 
@@ -219,18 +234,27 @@ def vectors(activations: str, output: str, role: str, scores: str | None, min_sc
                     role, vec.n_used, vec.n_responses, min_score, min_count)
     write_tensors({"vector": vec.vector, "layers": tensors["layers"]}, output,
                   {"role": role, "model": meta.get("model", ""), "n_responses": vec.n_responses,
-                   "n_used": vec.n_used, "included": vec.included})
+                   "n_used": vec.n_used, "included": vec.included,
+                   **{k: meta[k] for k in RENDERING_KEYS if k in meta}})
 
 
 def axis(vector_files: list[str], output: str, output_pt: str, summary: str, model: str, config_hash: str) -> None:
     """`mean(default) - mean(included roles)` per layer, with the summary of which roles were used."""
     from assistant_axis.axis import compute_axis
 
-    rows, role_vecs, default, layers = [], [], None, None
+    rows, role_vecs, default, layers, rendering = [], [], None, None, None
     for path in vector_files:
         tensors, meta = read_tensors(path, ["vector", "layers"])
         if meta.get("model", model) != model:
             raise InputError(path, "model", f"vector of model {meta.get('model')!r}, expected {model!r}")
+        # Activations rendered with different template options (or templates) are not comparable.
+        own = {k: meta.get(k) for k in RENDERING_KEYS}
+        if rendering is None:
+            rendering = own
+        elif own != rendering:
+            key = next(k for k in RENDERING_KEYS if own[k] != rendering[k])
+            raise InputError(path, key, f"rendered with {own[key]!r}, but {vector_files[0]} with "
+                             f"{rendering[key]!r}: rerun activations for every role with one template setting")
         if layers is None:
             layers, shape = tensors["layers"], tensors["vector"].shape
         elif not torch.equal(layers, tensors["layers"]) or tensors["vector"].shape != shape:
@@ -250,7 +274,8 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
     log.info("axis over %d layers from %d roles (%d left out)", len(layers), len(used), len(rows) - 1 - len(used))
     write_parquet(pd.DataFrame(rows), summary)
     write_tensors({"axis": result, "layers": layers}, output,
-                  {"model": model, "layers": layers.tolist(), "roles": used, "config_hash": config_hash})
+                  {"model": model, "layers": layers.tolist(), "roles": used, "config_hash": config_hash,
+                   **{k: v for k, v in (rendering or {}).items() if v is not None}})
     with atomic_path(output_pt, ".pt") as tmp:
         torch.save(result.clone(), tmp)
 
@@ -403,7 +428,8 @@ def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict
 
 def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file: str, n_prompts: int | None,
              sampling: dict, batch_size: int, layer: int | None, judge: dict, responses: str, summary: str,
-             plot: str, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+             plot: str, dtype: str = "float32", trust_remote_code: bool = False,
+             template_options: dict | None = None) -> None:
     """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
     from contextlib import nullcontext
 
@@ -414,9 +440,13 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     from assistant_axis.evaluate import UNCAPPED, first_of_each_kind, is_correct, load_eval_prompts, summarize
     from assistant_axis.judge import JudgeItem, judge_items, make_judge
     from assistant_axis.models import load_model
-    from assistant_axis.templates import build_messages, response_span
+    from assistant_axis.templates import ChatTemplate
 
     axis_tensor, layers, layer, meta = _axis_and_layer(axis_file, layer)
+    recorded = meta.get("chat_template_kwargs", template_options or {})
+    if recorded != (template_options or {}):
+        raise InputError(axis_file, "chat_template_kwargs", f"the axis was rendered with {recorded}, the evaluation "
+                         f"would render with {template_options or {}} (model.chat_template_kwargs)")
     info = _model_info(model)
     prompts = first_of_each_kind(load_eval_prompts(prompts_file), n_prompts)
     configs = {Path(p).name.removesuffix(".safetensors"): load_capping(p, model_name=info["name"],
@@ -427,8 +457,9 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     units = axis_tensor[[layers.index(w) for w in watched]].float()
     units = units / units.norm(dim=-1, keepdim=True)
     net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
-    backend = TransformersBackend(net, tokenizer, batch_size)
-    conversations = [build_messages("", p.prompt, backend.system_role) for p in prompts]
+    template = ChatTemplate(tokenizer, template_options, info["name"])
+    backend = TransformersBackend(net, template, batch_size)
+    conversations = [template.conversation("", p.prompt) for p in prompts]
     engine = make_judge(judge["backend"], judge["settings"])
     frames = []
     for setting in [UNCAPPED, *configs]:
@@ -436,7 +467,7 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
         with hooks:
             replies = backend.generate(conversations, Sampling(sampling["temperature"], sampling["top_p"],
                                                                 sampling["max_tokens"], sampling["seed"]))
-            spans = [response_span(tokenizer, c, r.text) for c, r in zip(conversations, replies, strict=True)]
+            spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
             # Projections as the model sees them: under the same cap, so capped layers read post-cap.
             acts = mean_activations(net, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
         projections = torch.einsum("nlh,lh->nl", acts, units)

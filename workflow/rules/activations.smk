@@ -16,6 +16,7 @@ for name, roles in PLAN.job_groups("activations"):
             batch_tokens=config["activations"]["batch_tokens"],
             blocks=config["model"]["blocks"],
             trust_remote_code=config["model"]["trust_remote_code"],
+            template_options=config["model"]["chat_template_kwargs"],
         threads: 2
         resources:
             **PLAN.resources("activations"),

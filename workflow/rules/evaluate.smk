@@ -18,6 +18,7 @@ rule evaluate:
         judge=lambda wc: PLAN.judge_settings(),
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
+        template_options=config["model"]["chat_template_kwargs"],
     threads: 2
     resources:
         **PLAN.resources("evaluate"),

@@ -16,6 +16,7 @@ for name, roles in PLAN.job_groups("generate"):
             settings={k: v for k, v in config["generate"].items() if k != "backend"},
             dtype=config["model"]["dtype"],
             trust_remote_code=config["model"]["trust_remote_code"],
+            template_options=config["model"]["chat_template_kwargs"],
         threads: PLAN.threads("generate", 2)
         resources:
             **PLAN.resources("generate"),

@@ -8,4 +8,4 @@ with stages.logged(sm.log[0]):
     stages.evaluate(sm.input.model, sm.input.axis, list(sm.input.capping), sm.input.prompts, sm.params.n_prompts,
                     sm.params.sampling, sm.params.batch_size, sm.params.layer, sm.params.judge,
                     sm.output.responses, sm.output.summary, sm.output.plot, sm.params.dtype,
-                    sm.params.trust_remote_code)
+                    sm.params.trust_remote_code, sm.params.template_options)
