@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from assistant_axis.backends import Sampling, TransformersBackend, VLLMBackend, vllm_engine, vllm_engine_args  # noqa: E402
 from assistant_axis.models import load_model, prepare_model  # noqa: E402
-from assistant_axis.templates import supports_system_role  # noqa: E402
+from assistant_axis.templates import ChatTemplate  # noqa: E402
 
 from run import conversations  # noqa: E402 (benchmarks/run.py: the same prompts as the CPU benchmark)
 
@@ -52,8 +52,9 @@ def main() -> None:
     rows = []
 
     model, tokenizer = load_model(path, dtype, device=args.device)
-    convs = conversations(args.prompts, supports_system_role(tokenizer))
-    backend = TransformersBackend(model, tokenizer, batch_size=args.batch_size, progress=False)
+    template = ChatTemplate(tokenizer)
+    convs = conversations(args.prompts, template.system_role)
+    backend = TransformersBackend(model, template, batch_size=args.batch_size, progress=False)
     backend.generate(convs[: min(4, len(convs))], Sampling(0.0, 1.0, 4))  # warm-up (kernels, allocator)
     start = time.perf_counter()
     hf = backend.generate(convs, greedy)
@@ -71,7 +72,7 @@ def main() -> None:
     start = time.perf_counter()
     llm = vllm_engine(vllm_engine_args(path, engine, "benchmark", dtype), "benchmark")
     startup = time.perf_counter() - start
-    vllm = VLLMBackend(path, {"vllm": engine}, dtype, llm=llm, progress=False)
+    vllm = VLLMBackend(path, {"vllm": engine}, template, dtype, llm=llm, progress=False)
     vllm.generate(convs[: min(4, len(convs))], Sampling(0.0, 1.0, 4))
     start = time.perf_counter()
     out = vllm.generate(convs, greedy)

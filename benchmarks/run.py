@@ -33,9 +33,9 @@ import torch  # noqa: E402
 
 from assistant_axis.activations import mean_activations  # noqa: E402
 from assistant_axis.backends import Sampling, TransformersBackend  # noqa: E402
-from assistant_axis.models import bundled_gguf, find_blocks, load_model, prepare_model  # noqa: E402
+from assistant_axis.models import bundled_gguf, find_blocks, load_model, load_tokenizer, prepare_model  # noqa: E402
 from assistant_axis.roles import load_bank, load_questions  # noqa: E402
-from assistant_axis.templates import build_messages, render_ids, response_span  # noqa: E402
+from assistant_axis.templates import ChatTemplate, build_messages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks/.cache"
@@ -104,7 +104,8 @@ def responses_256(model, tokenizer) -> list[tuple[list[dict], str]]:
         return [(c, r) for c, r in json.loads(path.read_text())]
     print("  (generating the 256 benchmark responses once; cached in benchmarks/.cache)", flush=True)
     convs = conversations(256)
-    replies = TransformersBackend(model, tokenizer, 32, progress=False).generate(convs, Sampling(0.7, 0.9, 96, 1))
+    backend = TransformersBackend(model, ChatTemplate(tokenizer), 32, progress=False)
+    replies = backend.generate(convs, Sampling(0.7, 0.9, 96, 1))
     data = [(c, g.text) for c, g in zip(convs, replies, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
@@ -218,7 +219,7 @@ def bench_extraction(model, tokenizer, path: str, quick: bool, repeat: int, budg
     data = responses_256(model, tokenizer)[: 64 if quick else 256]
     seqs, spans = [], []
     for conv, reply in data:
-        ids, start, end = response_span(tokenizer, conv, reply)
+        ids, start, end = ChatTemplate(tokenizer).reply_span(conv, reply)
         seqs.append(ids)
         spans.append((start, end))
     # Longest first, in chunks of 32 responses: each chunk is timed best-of-N for every variant.
@@ -298,9 +299,10 @@ def bench_extraction(model, tokenizer, path: str, quick: bool, repeat: int, budg
 def bench_generation(model, tokenizer, quick: bool, repeat: int) -> None:
     n_prompts, max_tokens, batch = (32, 32, 32) if quick else (64, 64, 32)
     convs = conversations(n_prompts)
-    prompts = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
+    template = ChatTemplate(tokenizer)
+    prompts = [template.ids(c, add_generation_prompt=True) for c in convs]
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
-    backend = TransformersBackend(model, tokenizer, batch_size=batch, progress=False)
+    backend = TransformersBackend(model, template, batch_size=batch, progress=False)
     eos = tokenizer.eos_token_id
 
     def per_prompt(rows):
@@ -354,7 +356,8 @@ def bench_vllm_generation(convs, reference: list[str], greedy, base: float, ours
     start = time.perf_counter()
     llm = vllm_engine(vllm_engine_args(path, engine, "benchmark", "float32"), "benchmark")
     startup = time.perf_counter() - start
-    backend = VLLMBackend(path, {"vllm": engine}, "float32", llm=llm, progress=False)
+    backend = VLLMBackend(path, {"vllm": engine}, ChatTemplate(load_tokenizer(path)), "float32", llm=llm,
+                          progress=False)
     best, results = best_of({"vllm": lambda: backend.generate(convs, greedy)}, repeat)
     tokens = sum(g.n_tokens for g in results["vllm"])
     rate = tokens / best["vllm"]

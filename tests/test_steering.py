@@ -13,7 +13,7 @@ from assistant_axis.errors import InputError
 from assistant_axis.models import find_blocks
 from assistant_axis.project import conversation_projections, turn_activations
 from assistant_axis.steer import steer
-from assistant_axis.templates import build_messages, render_ids
+from assistant_axis.templates import ChatTemplate, build_messages
 
 MODEL = "smollm2-135m-instruct"
 CAPPED = [21, 22, 23, 24, 25]
@@ -53,7 +53,7 @@ def _hook_counts(model) -> list[int]:
 
 
 def _forward(model, tokenizer, messages=MESSAGES):
-    ids = torch.tensor([render_ids(tokenizer, messages, add_generation_prompt=True)])
+    ids = torch.tensor([ChatTemplate(tokenizer).ids(messages, add_generation_prompt=True)])
     with torch.inference_mode():
         return model(input_ids=ids).logits
 
@@ -160,7 +160,7 @@ def _reply_projection(model, tokenizer, backend, capped_layers):
 def test_steering_away_lowers_the_next_turn_and_capping_restores_the_floor(bundled, axis, capping):
     model, tokenizer = bundled
     tensor, layers = axis
-    backend = TransformersBackend(model, tokenizer, batch_size=1, progress=False)
+    backend = TransformersBackend(model, ChatTemplate(tokenizer), batch_size=1, progress=False)
     units = capping.vectors
     steer_layers = list(range(8, 26))
     directions = unit_rows(tensor, layers, steer_layers, 576)

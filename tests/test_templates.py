@@ -12,13 +12,14 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import model_with_template, tokenizer_with_template
 
 from assistant_axis import stages
 from assistant_axis.artifacts import read_tensors, write_json, write_parquet, write_tensors
 from assistant_axis.backends import OpenAIBackend, Sampling, TransformersBackend
 from assistant_axis.errors import InputError
 from assistant_axis.templates import ChatTemplate, options_key, split_reasoning
+
+from conftest import model_with_template, tokenizer_with_template
 
 # id: (template file, None for the bundled ChatML; options; whether it has a system role)
 FAMILIES = {

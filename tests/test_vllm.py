@@ -20,11 +20,12 @@ from safetensors import safe_open
 from assistant_axis.backends import Generation, Sampling, VLLMBackend, stable_seed, vllm_engine, vllm_engine_args
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, VLLMJudge, render_prompt
+from assistant_axis.models import load_tokenizer
 from assistant_axis.roles import load_bank, load_questions
 from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
-from assistant_axis.templates import build_messages, render_ids, supports_system_role
+from assistant_axis.templates import ChatTemplate, build_messages
 
-from conftest import need
+from conftest import need, tokenizer_with_template
 from workflow_helpers import make_workspace, planned_jobs, snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +81,9 @@ def _labelled(n: int) -> list[JudgeItem]:
 
 
 def test_a_reply_depends_only_on_its_conversation_and_seed(llm, model_dir):
-    backend = VLLMBackend(str(model_dir), {"vllm": ENGINE}, "float32", llm=llm, progress=False)
-    assert backend.system_role
+    backend = VLLMBackend(str(model_dir), {"vllm": ENGINE}, ChatTemplate(load_tokenizer(str(model_dir))), "float32",
+                          llm=llm, progress=False)
+    assert backend.template.system_role
     sampling = Sampling(temperature=0.7, top_p=0.9, max_tokens=24)
     convs = _conversations(12)
     seeds = [stable_seed("test", i) for i in range(12)]
@@ -101,6 +103,27 @@ def test_a_reply_depends_only_on_its_conversation_and_seed(llm, model_dir):
     assert sum(a.text != b.text for a, b in zip(first, reseeded, strict=True)) >= len(convs) // 2
 
 
+def test_thinking_off_renders_in_vllm_as_in_the_activations_stage(llm, model_dir):
+    """`model.chat_template_kwargs` reaches vLLM's rendering: the prompt it generated after carries the
+    empty think block, token for token the activations stage's rendering (the backend checks every prompt)."""
+    from vllm import SamplingParams
+
+    tokenizer = tokenizer_with_template(load_tokenizer(str(model_dir)), "thinking")
+    template = ChatTemplate(tokenizer, {"enable_thinking": False}, "thinking")
+    backend = VLLMBackend(str(model_dir), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
+    convs = [template.conversation("You are a pirate.", q) for q in ("What do you love?", "Where were you born?")]
+    replies = backend.generate(convs, Sampling(0.7, 0.9, 12), [1, 2])
+    assert all(r.text and "<think>" not in r.text for r in replies)
+    outputs = llm.chat(convs, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=tokenizer.chat_template,
+                       chat_template_kwargs=template.options)
+    for conv, output in zip(convs, outputs, strict=True):
+        assert tokenizer.decode(output.prompt_token_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert list(output.prompt_token_ids) == template.ids(conv, add_generation_prompt=True)
+        # Each reply is then located exactly, after that think block.
+        ids, start, end = template.reply_span(conv, replies[convs.index(conv)].text)
+        assert tokenizer.decode(ids[start:end]) == replies[convs.index(conv)].text
+
+
 def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_path, model_dir):
     _need_vllm()
     from transformers import AutoTokenizer
@@ -111,15 +134,14 @@ def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_pat
         if item.name != "chat_template.jinja":
             (folder / item.name).symlink_to(item)
     (folder / "chat_template.jinja").write_text(NO_SYSTEM_CHATML)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert not supports_system_role(tokenizer)
+    template = ChatTemplate(AutoTokenizer.from_pretrained(folder))
+    assert not template.system_role
 
     llm = _start(folder)
     try:
-        backend = VLLMBackend(str(folder), {"vllm": ENGINE}, "float32", llm=llm, progress=False)
-        assert not backend.system_role
+        backend = VLLMBackend(str(folder), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
         # Built as the generate stage builds them, for this backend's template.
-        convs = [build_messages("You are a pirate.", q, backend.system_role)
+        convs = [backend.template.conversation("You are a pirate.", q)
                  for q in ("What do you love?", "Where were you born?")]
         assert convs[0] == [{"role": "user", "content": "You are a pirate.\n\nWhat do you love?"}]
         replies = backend.generate(convs, Sampling(0.7, 0.9, 16), [1, 2])
@@ -129,7 +151,7 @@ def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_pat
 
         outputs = llm.chat(convs, SamplingParams(max_tokens=1), use_tqdm=False)
         for conv, output in zip(convs, outputs, strict=True):
-            assert list(output.prompt_token_ids) == render_ids(tokenizer, conv, add_generation_prompt=True)
+            assert list(output.prompt_token_ids) == template.ids(conv, add_generation_prompt=True)
         # A system message sent to this template is refused, not silently dropped.
         with pytest.raises(Exception, match="System role not supported"):
             llm.chat([build_messages("You are a pirate.", "Hi", system_role=True)], SamplingParams(max_tokens=1),

