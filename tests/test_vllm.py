@@ -22,7 +22,7 @@ from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, VLLMJudge, render_prompt
 from assistant_axis.models import load_tokenizer
 from assistant_axis.roles import load_bank, load_questions
-from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
+from assistant_axis.stages import OPTIONAL_RESPONSE_COLUMNS, RESPONSE_COLUMNS, SCORE_COLUMNS
 from assistant_axis.templates import ChatTemplate, build_messages
 
 from conftest import need, tokenizer_with_template
@@ -236,7 +236,7 @@ def test_tiny_run_with_vllm_generation(tmp_path, model_dir, tiny_run):
     results = work / "results/smollm2-135m-instruct"
     for role in ["default", *roles]:
         responses = _responses(work, role)
-        assert tuple(responses.columns) == RESPONSE_COLUMNS
+        assert tuple(responses.columns) == (*RESPONSE_COLUMNS, *OPTIONAL_RESPONSE_COLUMNS)
         assert len(responses) == 4 and responses["response"].str.len().gt(0).all()
         assert responses["n_response_tokens"].between(1, 16).all()
         assert set(responses["finish_reason"]) <= {"stop", "length"}

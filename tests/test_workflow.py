@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from assistant_axis.axis import load_axis
-from assistant_axis.stages import RESPONSE_COLUMNS, SCORE_COLUMNS
+from assistant_axis.stages import OPTIONAL_RESPONSE_COLUMNS, RESPONSE_COLUMNS, SCORE_COLUMNS
 
 from workflow_helpers import AXIS_AND_AFTER, TINY_ROLES, planned_jobs, snakemake
 
@@ -26,7 +26,7 @@ def test_every_artifact_has_its_shape_and_keys(run):
     results = run / "results" / MODEL
     for role in [*TINY_ROLES, "default"]:
         responses = pd.read_parquet(results / f"responses/{role}.parquet")
-        assert list(responses.columns) == list(RESPONSE_COLUMNS)
+        assert list(responses.columns) == [*RESPONSE_COLUMNS, *OPTIONAL_RESPONSE_COLUMNS]
         assert len(responses) == 4 and set(responses["role"]) == {role}
         pairs = sorted(zip(responses.prompt_index, responses.question_index, strict=True))
         assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -43,6 +43,13 @@ def test_every_artifact_has_its_shape_and_keys(run):
         assert str(scores["score"].dtype) == "Int64"
         assert scores["judge"].str.startswith("embedding-heuristic").all()
     assert not (results / "scores/default.parquet").exists()
+    # How the replies were rendered travels from the activations through the vectors to the axis.
+    from assistant_axis.artifacts import read_tensors
+
+    rendered = {read_tensors(results / f"{kind}/{role}.safetensors", [])[1]["chat_template_kwargs"]
+                for kind in ("activations", "vectors") for role in [*TINY_ROLES, "default"]}
+    axis_meta = read_tensors(results / "axis.safetensors", ["axis"])[1]
+    assert rendered == {"{}"} and axis_meta["chat_template_kwargs"] == "{}" and axis_meta["chat_template_sha"]
     summary = pd.read_parquet(results / "vectors/summary.parquet")
     assert set(summary["role"]) == {*TINY_ROLES, "default"}
     axis, layers, meta = load_axis(results / "axis.safetensors")

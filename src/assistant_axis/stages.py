@@ -22,7 +22,7 @@ from assistant_axis.errors import AxisError, InputError
 
 __all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
            "calibrate", "evaluate",
-           "RESPONSE_COLUMNS", "SCORE_COLUMNS"]
+           "RESPONSE_COLUMNS", "OPTIONAL_RESPONSE_COLUMNS", "SCORE_COLUMNS"]
 
 log = logging.getLogger("assistant_axis")
 RESPONSE_COLUMNS = ("role", "prompt_index", "question_index", "question_id", "system_prompt", "question",
@@ -114,9 +114,9 @@ def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[d
             "system_prompt": [prompts[p] for (_, p, _), _ in rows],
             "question": [questions[q]["question"] for (_, _, q), _ in rows],
             "response": [r.text for _, r in rows],
-            "reasoning": [r.reasoning for _, r in rows],
             "n_response_tokens": [r.n_tokens for _, r in rows],
             "finish_reason": [r.finish_reason for _, r in rows],
+            "reasoning": [r.reasoning for _, r in rows],
         })
         empty = int((frame["response"].str.strip() == "").sum())
         if empty:
