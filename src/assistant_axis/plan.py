@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from assistant_axis.api import APISettings
 from assistant_axis.backends import stable_seed
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE
@@ -29,7 +30,7 @@ from assistant_axis.roles import (
     load_questions,
 )
 
-__all__ = ["Plan", "DEFAULT_RESOURCES", "validate_config", "config_source"]
+__all__ = ["Plan", "DEFAULT_RESOURCES", "validate_config", "config_source", "canonical"]
 
 # Sane per-job defaults (minutes, MB); config `resources.<stage>` overrides them per stage.
 DEFAULT_RESOURCES = {
@@ -44,7 +45,8 @@ DEFAULT_RESOURCES = {
     "calibrate": {"runtime": 30, "mem_mb": 16000},
     "evaluate": {"runtime": 240, "mem_mb": 32000},
 }
-GPU_STAGES = ("generate", "activations", "evaluate")
+MODEL_STAGES = ("generate", "activations", "evaluate")  # the stages that run the model's weights
+DEFAULT_API_JOBS = 4
 
 
 def _load_roles(bank: Path, layout: str) -> dict[str, Role]:
@@ -88,11 +90,16 @@ def validate_config(config: dict, schema_file: str | Path, files: Sequence[str |
             for name, prop in properties.items():
                 if "default" in prop:
                     instance.setdefault(name, copy.deepcopy(prop["default"]))
+                # `1` and `1.0` are one value: numbers are floats, so params compare equal.
+                value = instance.get(name)
+                if prop.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+                    instance[name] = float(value)
         yield from base.VALIDATORS["properties"](validator, properties, instance, subschema)
 
     validator = jsonschema.validators.extend(base, {"properties": properties_with_defaults})(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
+        canonical(config)
         return
     path, problem = list(error.absolute_path), error.message
     if error.validator == "additionalProperties":  # name the unknown key itself
@@ -105,6 +112,18 @@ def validate_config(config: dict, schema_file: str | Path, files: Sequence[str |
         path, problem = [*path, missing], "missing"
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
     raise InputError(config_source(files, path), key, problem)
+
+
+def canonical(value):
+    """Sort every mapping's keys in place, recursively: Snakemake compares a dict param with its key order,
+    so a config rewritten with its keys in another order would otherwise rerun every job."""
+    if isinstance(value, dict):
+        items = sorted(((key, canonical(item)) for key, item in value.items()), key=lambda kv: str(kv[0]))
+        value.clear()
+        value.update(items)
+    elif isinstance(value, list):
+        value[:] = [canonical(item) for item in value]
+    return value
 
 
 @dataclass
@@ -156,16 +175,19 @@ class Plan:
         """Semantic checks of a schema-valid config: layers against the model (when its size is known),
         API settings, and judge prompts that show the judge the response."""
         from assistant_axis.activations import resolve_layers
-        from assistant_axis.api import APISettings
 
         dims = self.model_dims()
         if dims is not None:
             resolve_layers(self.config["activations"]["layers"], dims[0])
+        for section in ("generate", "judge"):
+            jobs = (self.config[section].get("openai") or {}).get("jobs", DEFAULT_API_JOBS)
+            if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+                raise InputError("config", f"{section}.openai.jobs", f"must be an integer >= 1, got {jobs!r}")
         if self.config["generate"]["backend"] == "openai":
-            APISettings.from_config(self.config["generate"].get("openai", {}), "generate.openai")
+            APISettings.from_config(self.api_settings("generate"), "generate.openai")
         judge = self.config["judge"]
         if judge["backend"] == "openai":
-            settings = dict(judge.get("openai", {}))
+            settings = self.api_settings("judge")
             scoring = settings.pop("scoring", "logprobs")
             if scoring not in ("logprobs", "parse"):
                 raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {scoring!r}")
@@ -220,30 +242,75 @@ class Plan:
             return self.config[stage].get("vllm") or {}
         return None
 
+    def loads_a_model(self, stage: str) -> bool:
+        """Whether a stage's jobs run model weights: the model stages, and a `local` or `vllm` judge."""
+        if stage == "generate":
+            return self.config["generate"]["backend"] != "openai"
+        if stage == "judge":
+            return self.config["judge"]["backend"] in ("local", "vllm")
+        return stage in MODEL_STAGES
+
+    def gpus(self, stage: str) -> int:
+        """GPUs each job of `stage` asks for, decided here only: 0 for stages that load no model; else
+        `resources.<stage>.gpu`, a vLLM stage's tensor parallel size, or `model.gpus`."""
+        if not self.loads_a_model(stage):
+            return 0
+        explicit = (self.config.get("resources") or {}).get(stage, {}).get("gpu")
+        if explicit is not None:
+            return explicit
+        vllm = self.vllm_settings(stage)
+        if vllm is not None:
+            return vllm.get("tensor_parallel_size", max(1, self.config["model"]["gpus"]))
+        return self.config["model"]["gpus"]
+
     def threads(self, stage: str, default: int) -> int:
         """CPU cores of a stage's jobs: vLLM runs processes of its own beside one per GPU (at least 2 + GPUs)."""
         vllm = self.vllm_settings(stage)
         return default if vllm is None else max(default, 2 + int(vllm.get("tensor_parallel_size", 1)))
 
-    def resources(self, stage: str) -> dict:
-        """Snakemake resources of a stage's jobs: runtime and memory, and GPUs for the model stages.
+    def api_sections(self, stage: str) -> list[str]:
+        """The OpenAI-compatible API sections a stage's jobs send requests through."""
+        sections = []
+        if stage == "generate" and self.config["generate"]["backend"] == "openai":
+            sections.append("generate")
+        if stage in ("judge", "evaluate") and self.config["judge"]["backend"] == "openai":
+            sections.append("judge")
+        return sections
 
-        GPU stages ask for `resources.<stage>.gpu` GPUs; a stage that runs vLLM (generate, or a `vllm`
-        judge) defaults to its tensor parallel size. CPU stages never ask for one; zero GPUs adds no GPU
-        request at all.
+    def api_jobs(self, section: str) -> int:
+        """How many jobs of an API section run at once (`<section>.openai.jobs`, default 4)."""
+        return int((self.config[section].get("openai") or {}).get("jobs", DEFAULT_API_JOBS))
+
+    def api_settings(self, section: str) -> dict:
+        """One job's share of an API section's budget: `requests_per_second` and `concurrency` are for the
+        whole workflow, and at most `jobs` jobs of the section run at once (a Snakemake global resource)."""
+        settings = dict(self.config[section].get("openai") or {})
+        jobs = settings.pop("jobs", DEFAULT_API_JOBS)
+        total_rate = settings.get("requests_per_second", APISettings.requests_per_second)
+        total_concurrency = settings.get("concurrency", APISettings.concurrency)
+        settings["requests_per_second"] = total_rate / jobs
+        settings["concurrency"] = max(1, total_concurrency // jobs)
+        return settings
+
+    def resources(self, stage: str) -> dict:
+        """Snakemake resources of a stage's jobs.
+
+        `runtime` and `mem_mb` grow with the attempt (a job retried after running out of time or memory
+        asks for twice as much, then three times); `gpu` (+ `gpu_model`) only for stages that load a model
+        and get GPUs (see `gpus`); `<section>_api_jobs: 1` for jobs that use an API budget.
         """
         settings = {**DEFAULT_RESOURCES[stage], **(self.config.get("resources") or {}).get(stage, {})}
-        vllm = self.vllm_settings(stage)
-        if stage in GPU_STAGES or vllm is not None:
-            if vllm is not None and "gpu" not in settings:
-                settings["gpu"] = vllm.get("tensor_parallel_size", 1)
-            if not settings.get("gpu"):
-                settings.pop("gpu", None)
-                settings.pop("gpu_model", None)
-        else:
-            settings.pop("gpu", None)
-            settings.pop("gpu_model", None)
-        return settings
+        runtime, mem_mb = settings["runtime"], settings["mem_mb"]
+        resources = {"runtime": lambda wildcards, attempt: runtime * attempt,
+                     "mem_mb": lambda wildcards, attempt: mem_mb * attempt}
+        gpus = self.gpus(stage)
+        if gpus:
+            resources["gpu"] = gpus
+            if settings.get("gpu_model"):
+                resources["gpu_model"] = settings["gpu_model"]
+        for section in self.api_sections(stage):
+            resources[f"{section}_api_jobs"] = 1
+        return resources
 
     @property
     def n_responses(self) -> int:
@@ -297,8 +364,19 @@ class Plan:
             "description": r.description,
             "template": r.judge_prompt or judge.get("template") or DEFAULT_TEMPLATE,
             "backend": judge["backend"],
-            "settings": judge.get(judge["backend"], {}),
+            "settings": self.judge_backend_settings(),
         }
+
+    def judge_backend_settings(self) -> dict:
+        judge = self.config["judge"]
+        return self.api_settings("judge") if judge["backend"] == "openai" else judge.get(judge["backend"], {})
+
+    def generate_settings(self) -> dict:
+        """What a generate job reads: sampling and its backend's settings (one job's API share)."""
+        settings = {k: v for k, v in self.config["generate"].items() if k != "backend"}
+        if self.config["generate"]["backend"] == "openai":
+            settings["openai"] = self.api_settings("generate")
+        return settings
 
     def capping_names(self) -> list[str]:
         """`<range>-p<percentile>` for every configured layer range and percentile."""
@@ -308,7 +386,7 @@ class Plan:
     def judge_settings(self) -> dict:
         """The judge as the evaluation stage uses it: the configured backend and template."""
         judge = self.config["judge"]
-        return {"backend": judge["backend"], "settings": judge.get(judge["backend"], {}),
+        return {"backend": judge["backend"], "settings": self.judge_backend_settings(),
                 "template": judge.get("template") or DEFAULT_TEMPLATE}
 
     def config_hash(self) -> str:

@@ -10,7 +10,7 @@ rule axis:
     resources:
         **PLAN.resources("axis"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/axis.log",
     script:

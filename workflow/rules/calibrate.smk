@@ -15,7 +15,7 @@ rule calibrate:
     resources:
         **PLAN.resources("calibrate"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/calibrate.log",
     script:

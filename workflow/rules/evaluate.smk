@@ -23,7 +23,7 @@ rule evaluate:
     resources:
         **PLAN.resources("evaluate"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/evaluate.log",
     script:

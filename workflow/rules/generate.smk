@@ -13,7 +13,7 @@ for name, roles in PLAN.job_groups("generate"):
             jobs=lambda wc, roles=roles: PLAN.generate_jobs(roles or [wc.role]),
             questions=PLAN.question_params(),
             backend=config["generate"]["backend"],
-            settings={k: v for k, v in config["generate"].items() if k != "backend"},
+            settings=PLAN.generate_settings(),
             dtype=config["model"]["dtype"],
             trust_remote_code=config["model"]["trust_remote_code"],
             template_options=config["model"]["chat_template_kwargs"],
@@ -21,7 +21,7 @@ for name, roles in PLAN.job_groups("generate"):
         resources:
             **PLAN.resources("generate"),
         conda:
-            "../../environment.yml"
+            CONDA_ENV
         log:
             f"logs/{{model}}/{name}.log" if roles else "logs/{model}/generate/{role}.log",
         script:

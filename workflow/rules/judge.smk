@@ -11,7 +11,7 @@ rule judge:
     resources:
         **PLAN.resources("judge"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/judge/{role}.log",
     script:

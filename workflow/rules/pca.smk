@@ -14,7 +14,7 @@ rule pca:
     resources:
         **PLAN.resources("pca"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/pca.log",
     script:

@@ -7,7 +7,7 @@ rule prepare_model:
     resources:
         **PLAN.resources("prepare_model"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/prepare_model.log",
     script:

@@ -16,7 +16,7 @@ rule stability:
     resources:
         **PLAN.resources("stability"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/stability.log",
     script:

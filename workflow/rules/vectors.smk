@@ -11,7 +11,7 @@ rule vectors:
     resources:
         **PLAN.resources("vectors"),
     conda:
-        "../../environment.yml"
+        CONDA_ENV
     log:
         "logs/{model}/vectors/{role}.log",
     script:
