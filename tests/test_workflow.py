@@ -84,6 +84,22 @@ def test_nothing_changed_nothing_to_do(run):
 AFTER_AXIS = {(stage, None) for stage in (*AXIS_AND_AFTER, "all")}
 
 
+def test_a_reformatted_config_reruns_nothing(run):
+    """Keys sorted, a default written out, `1` for `1.0`: the same config, so nothing reruns."""
+    path = run / "config/config.yaml"
+    original = path.read_text()
+    data = yaml.safe_load(original)
+    data["model"]["gpus"] = 0  # the schema's default, now spelled out
+    data["evaluate"]["top_p"] = 1  # the default 1.0, as an integer
+    path.write_text(yaml.safe_dump(data, sort_keys=True))
+    try:
+        assert list(yaml.safe_load(path.read_text())) != list(yaml.safe_load(original))  # really reordered
+        assert planned_jobs(run) == set()
+    finally:
+        path.write_text(original)
+
+
+
 def test_description_edit_reruns_only_that_roles_judge_chain(run):
     path = run / "data/roles/pirate.yaml"
     original = _edit_yaml(path, lambda d: d.update(description=d["description"] + " Speaks of the sea."))

@@ -4,8 +4,11 @@ llama.cpp's server, `transformers serve`), used by the `openai` generation backe
 - bounded concurrency and a requests-per-second limit;
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
   unreadable bodies, honouring `Retry-After`; a per-request timeout;
-- a request that still fails becomes an `Outcome` with its reason: one bad request never fails a stage;
-- a persistent cache keyed by the request (model, messages, parameters), so no paid call is made twice;
+- a job whose requests still fail after their retries fails with one line (how many, why); a request
+  the server refuses (400, 401, 404, ...) is not retried and stops the job at once;
+- a persistent cache keyed by the request (model, messages, parameters), written as each answer arrives
+  (one file per answer, renamed into place), so a killed or failed job loses nothing already paid for
+  and its rerun only asks for the rest;
 - the API key is read from the environment variable the config names and never written anywhere:
   error texts are scrubbed of it.
 
@@ -16,12 +19,13 @@ llama.cpp's server, `transformers serve`), used by the `openai` generation backe
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import json
 import logging
 import os
 import random
-import sqlite3
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from assistant_axis.errors import InputError
+from assistant_axis.errors import APIError, InputError
 
 __all__ = ["APISettings", "Outcome", "ResponseCache", "ChatAPI", "request_key"]
 
@@ -49,7 +53,7 @@ class APISettings:
     max_retries: int = 6
     backoff: float = 0.5  # first retry waits about this long; doubles each time
     max_backoff: float = 30.0
-    cache: str | None = "cache/api.sqlite"  # outside the job outputs; null disables it
+    cache: str | None = "cache/api"  # a folder outside the job outputs; null disables it
     extra_body: dict | None = None  # passed through to the server (e.g. transformers serve's generation_config)
 
     @classmethod
@@ -82,32 +86,47 @@ def request_key(payload: dict) -> str:
 
 
 class ResponseCache:
-    """Successful completions by request key, in SQLite (safe for several jobs at once)."""
+    """Successful completions by request key: one JSON file per answer, `<folder>/<key[:2]>/<key>.json`.
+
+    Each answer is written to a temporary file in its folder and renamed into place, so a reader sees a
+    whole answer or none, a job killed mid-write leaves only a stray temporary file, and any number of
+    jobs on any number of nodes can share the folder: rename within one directory is atomic on local and
+    network filesystems (NFS included), with no lock and no database journal (SQLite's WAL, which needs
+    shared memory, does not work across NFS clients).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT NOT NULL)")
+        if self.path.is_file():
+            raise InputError(self.path, "cache", "is a file (the SQLite cache of an older version?): the cache "
+                             "is now a folder; give a folder path or delete the file")
+        self.path.mkdir(parents=True, exist_ok=True)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+    def _file(self, key: str) -> Path:
+        return self.path / key[:2] / f"{key}.json"
 
     def get(self, keys: list[str]) -> dict[str, dict]:
         found: dict[str, dict] = {}
-        with self._connect() as db:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for key, value in db.execute(f"SELECT key, response FROM responses WHERE key IN ({marks})", chunk):
-                    found[key] = json.loads(value)
+        for key in keys:
+            try:
+                found[key] = json.loads(self._file(key).read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue  # not answered yet (or a file damaged by hand): asked again
         return found
 
     def put(self, key: str, response: dict) -> None:
-        with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(response)))
+        target = self._file(key)
+        target.parent.mkdir(exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump(response, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class _RateLimit:
@@ -136,6 +155,7 @@ class ChatAPI:
                                  f"environment variable {settings.api_key_env} is not set")
         self.cache = ResponseCache(settings.cache) if settings.cache else None
         self.stats: Counter[str] = Counter()
+        self._refused: str | None = None  # the first final refusal of this run: nothing more is sent
 
     def scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
@@ -147,40 +167,63 @@ class ChatAPI:
         return payload
 
     def run(self, requests: list[dict], desc: str = "requests") -> list[Outcome]:
-        """Send every request (cached ones are answered from the cache); outcomes in request order."""
+        """Send every request (cached ones are answered from the cache); outcomes in request order.
+
+        Raises `APIError` if any request still failed after its retries, or the server refused one: the
+        answers received up to then are in the cache, so a rerun asks only for the others.
+        """
         payloads = [self._payload(r) for r in requests]
         keys = [request_key(p) for p in payloads]
         cached = self.cache.get(keys) if self.cache else {}
         outcomes: list[Outcome | None] = [Outcome(cached[k], cached=True) if k in cached else None for k in keys]
         todo = [i for i, o in enumerate(outcomes) if o is None]
         self.stats.update(cached=len(keys) - len(todo))
+        self._refused = None
         if todo:
-            for i, outcome in zip(todo, asyncio.run(self._send_all([payloads[i] for i in todo], desc)), strict=True):
+            sent = asyncio.run(self._send_all([(payloads[i], keys[i]) for i in todo], desc))
+            for i, outcome in zip(todo, sent, strict=True):
                 outcomes[i] = outcome
-                if outcome.response is not None and self.cache:
-                    self.cache.put(keys[i], outcome.response)
-        log.info("%s: %d ok (%d from cache), %d retried, %d failed", desc,
-                 sum(o.response is not None for o in outcomes), self.stats["cached"], self.stats["retried"],
-                 self.stats["failed"])
+        failed = [o for o in outcomes if o.response is None]
+        log.info("%s: %d ok (%d from cache), %d retried, %d failed", desc, len(outcomes) - len(failed),
+                 self.stats["cached"], self.stats["retried"], len(failed))
+        if failed:
+            raise APIError(self._failure_line(failed, len(outcomes)))
         return outcomes  # type: ignore[return-value]
 
-    async def _send_all(self, payloads: list[dict], desc: str) -> list[Outcome]:
+    def _failure_line(self, failed: list[Outcome], total: int) -> str:
+        """One line: how many failed and why, and what a rerun will do."""
+        url = self.settings.base_url
+        kept = ("the answers received are cached in " + str(self.settings.cache) + ": a rerun asks only for the "
+                "others") if self.cache else "no cache is set: a rerun asks for every request again"
+        if self._refused is not None:
+            return f"{url}: the server refused a request, so none more were sent ({self._refused}); {kept}"
+        kinds = Counter(o.error.split(":", 1)[0] for o in failed if o.error)
+        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        return (f"{url}: {len(failed)} of {total} requests failed after {self.settings.max_retries} retries "
+                f"({counts}; first: {failed[0].error}); {kept}")
+
+    async def _send_all(self, work: list[tuple[dict, str]], desc: str) -> list[Outcome]:
         from openai import AsyncOpenAI
 
         client = AsyncOpenAI(api_key=self._key or "no-key", base_url=self.settings.base_url,
                              timeout=self.settings.timeout, max_retries=0)
         gate = asyncio.Semaphore(self.settings.concurrency)
         limit = _RateLimit(self.settings.requests_per_second)
-        bar = tqdm(total=len(payloads), desc=desc, unit="req")
+        bar = tqdm(total=len(work), desc=desc, unit="req")
 
-        async def one(payload: dict) -> Outcome:
+        async def one(payload: dict, key: str) -> Outcome:
             async with gate:
-                outcome = await self._send(client, limit, payload)
+                if self._refused is not None:  # the server refused one: a retry cannot fix the others
+                    outcome = Outcome(None, error="not sent: the server refused an earlier request")
+                else:
+                    outcome = await self._send(client, limit, payload)
+            if outcome.response is not None and self.cache:
+                self.cache.put(key, outcome.response)  # kept at once: a killed job loses nothing received
             bar.update()
             return outcome
 
         try:
-            return await asyncio.gather(*(one(p) for p in payloads))
+            return await asyncio.gather(*(one(p, k) for p, k in work))
         finally:
             bar.close()
             await client.close()
@@ -207,8 +250,9 @@ class ChatAPI:
             except openai.APIStatusError as exc:
                 error = f"HTTP {exc.status_code}: {self.scrub(str(exc))[:300]}"
                 if exc.status_code in _FINAL_STATUS:
+                    self._refused = self._refused or error
                     break
-                wait = _retry_after(exc.response.headers.get("retry-after"))
+                wait = _retry_after(exc.response.headers, time.time())
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 error = f"{type(exc).__name__}: {self.scrub(str(exc))[:300]}"
             except (openai.APIResponseValidationError, ValueError, json.JSONDecodeError) as exc:
@@ -221,8 +265,22 @@ class ChatAPI:
         return Outcome(None, error=error, attempts=attempt)
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(headers, now: float) -> float | None:
+    """Seconds to wait from a response's headers: `retry-after-ms` (OpenAI's), else `Retry-After` as
+    seconds or as an HTTP date; None when absent or unreadable."""
     try:
-        return max(0.0, float(value)) if value is not None else None
+        if headers.get("retry-after-ms") is not None:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
     except ValueError:
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError):
         return None

@@ -280,9 +280,6 @@ class OpenAIBackend:
         results = []
         for outcome in self.api.run(self.requests(conversations, sampling, seeds, self.template.options),
                                     desc="generate"):
-            if outcome.response is None:  # kept as an empty reply with its reason; a rerun asks again
-                results.append(Generation("", 0, f"error: {outcome.error}"))
-                continue
             choice = outcome.response["choices"][0]
             message = choice.get("message") or {}
             # Servers with a reasoning parser return the think block apart (vLLM: reasoning_content).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["AxisError", "InputError", "JudgeError"]
+__all__ = ["AxisError", "InputError", "JudgeError", "APIError"]
 
 
 class AxisError(Exception):
@@ -22,3 +22,7 @@ class InputError(AxisError):
 
 class JudgeError(AxisError):
     """The judge could not score (unreachable server, unusable model)."""
+
+
+class APIError(AxisError):
+    """Requests to an OpenAI-compatible server failed after their retries, or the server refused one."""

@@ -371,16 +371,8 @@ class OpenAIJudge:
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
         outcomes = self.api.run([self.request(p) for p in prompts], desc="judge")
-        verdicts = []
-        for outcome in outcomes:
-            if outcome.response is None:
-                reason = f"request failed after {outcome.attempts} attempts: {outcome.error}"
-                verdicts.append(Verdict(None, None, reason))
-            elif self.scoring == "logprobs":
-                verdicts.append(verdict_from_logprobs(outcome.response))
-            else:
-                verdicts.append(verdict_from_text(outcome.response))
-        return verdicts
+        read = verdict_from_logprobs if self.scoring == "logprobs" else verdict_from_text
+        return [read(outcome.response) for outcome in outcomes]  # run() raised if any request failed
 
 
 def digit_tokens(tokenizer, key: str) -> list[int]:

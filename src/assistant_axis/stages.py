@@ -179,8 +179,8 @@ def judge(responses: str, output: str, role: str, description: str, template: st
     items = [JudgeItem(role, description, q, r) for q, r in zip(frame["question"], frame["response"], strict=True)]
     verdicts, name, hashes = judge_items(items, template, backend, settings)
     # A judge that answers but never with a score is misconfigured (wrong model or scoring): a rerun would
-    # not help, unlike failed requests, which keep a null score and are asked again next time.
-    unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith(("empty response", "request failed"))]
+    # not help. (Failed requests never get here: the API client fails the job, their answers cached.)
+    unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith("empty response")]
     if unreadable and all(v.score is None for v in verdicts):
         raise InputError(responses, "judge", f"{name} answered {len(unreadable)} responses without a usable score "
                          f"({unreadable[0].raw})")
