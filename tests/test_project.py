@@ -1,4 +1,4 @@
-"""Project hygiene: environment.yml matches pyproject.toml; the configs validate against the schema."""
+"""Project hygiene: the rules' conda environment matches pyproject.toml; the configs validate against the schema."""
 
 from __future__ import annotations
 
@@ -18,13 +18,21 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=\[ ]", requirement.strip(), maxsplit=1)[0].lower()
 
 
-def test_environment_yml_matches_pyproject():
+def test_the_conda_environment_matches_pyproject_and_every_rule_uses_it():
+    """`--sdm conda` builds workflow/envs/assistant-axis.yaml, then its post-deploy script installs the
+    package: the env must pin what pyproject.toml pins, and every rule must name it."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    env = yaml.safe_load((ROOT / "workflow/envs/assistant-axis.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    listed = {_name(r) for r in pip if not r.startswith("-e")}
-    assert listed == wanted
+    assert {_name(r) for r in pip} == {_name(r) for r in wanted}
+    assert set(wanted) - set(pip) == {"torch>=2.4"} and "torch==2.13.0" in pip  # the rest, exactly as pinned
+    deploy = (ROOT / "workflow/envs/assistant-axis.post-deploy.sh").read_text()
+    assert "pip install --no-deps -e ." in deploy
+    for rules in (ROOT / "workflow/rules").glob("*.smk"):
+        text = rules.read_text()
+        n_rules = len(re.findall(r"^\s*rule\b", text, re.M))
+        assert text.count('conda:\n') == text.count('"../envs/assistant-axis.yaml"') == n_rules, rules.name
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])

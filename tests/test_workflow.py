@@ -166,3 +166,41 @@ def test_paper_config_plans_every_role_of_the_bank(tmp_path):
     assert counts == {"prepare_model": 1, "generate": n, "activations": n, "judge": n - 1, "vectors": n,
                       "axis": 1, "pca": 1, "stability": 1, "calibrate": 1, "evaluate": 1, "all": 1,
                       "total": 4 * n + 6}
+
+
+def test_api_judge_jobs_share_one_request_budget(run, tmp_path):
+    """`judge.openai.jobs: 1`: the judge jobs run one at a time even with cores to spare, each sending at
+    the whole budget's rate; together they never exceed it."""
+    import re
+    import shutil
+    import threading
+    import time
+
+    from fake_openai import FakeOpenAI, completion
+
+    seen: list[tuple[str, float, float]] = []  # (role, start, end) of every request
+    lock = threading.Lock()
+
+    def reply(body: dict, auth: str):
+        start = time.monotonic()
+        time.sleep(0.5)
+        role = re.search(r"^Role: (\w+)$", body["messages"][-1]["content"], re.M).group(1)
+        with lock:
+            seen.append((role, start, time.monotonic()))
+        return 200, completion("3", top_logprobs=[("3", -0.1), ("2", -2.5), ("1", -4.0), ("0", -5.0)])
+
+    work = tmp_path / "work"
+    shutil.copytree(run, work, symlinks=True)
+    with FakeOpenAI(reply) as api:
+        _edit_yaml(work / "config/config.yaml", lambda d: d["judge"].update(backend="openai", openai={
+            "base_url": api.url, "model": "fake", "api_key_env": None, "cache": None, "jobs": 1,
+            "concurrency": 1, "requests_per_second": 50}))
+        targets = [f"results/{MODEL}/scores/{role}.parquet" for role in TINY_ROLES]
+        snakemake(work, "--cores", "3", *targets)
+    windows = {role: (min(s for r, s, _ in seen if r == role), max(e for r, _, e in seen if r == role))
+               for role in TINY_ROLES}
+    assert len(seen) == 4 * len(TINY_ROLES)
+    ordered = sorted(windows.values())
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(ordered, ordered[1:], strict=False)), windows
+    for role in TINY_ROLES:
+        assert pd.read_parquet(work / f"results/{MODEL}/scores/{role}.parquet")["score"].eq(3).all()

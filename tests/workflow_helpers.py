@@ -40,7 +40,6 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None, bank
     """
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "Snakefile", path / "Snakefile")
-    shutil.copy(ROOT / "environment.yml", path / "environment.yml")  # the rules' conda env file
     shutil.copytree(ROOT / "workflow", path / "workflow", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     (path / "data/roles").mkdir(parents=True, exist_ok=True)

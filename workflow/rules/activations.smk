@@ -21,7 +21,7 @@ for name, roles in PLAN.job_groups("activations"):
         resources:
             **PLAN.resources("activations"),
         conda:
-            CONDA_ENV
+            "../envs/assistant-axis.yaml"
         log:
             f"logs/{{model}}/{name}.log" if roles else "logs/{model}/activations/{role}.log",
         script:

@@ -10,7 +10,7 @@ rule axis:
     resources:
         **PLAN.resources("axis"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/axis.log",
     script:

@@ -15,7 +15,7 @@ rule calibrate:
     resources:
         **PLAN.resources("calibrate"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/calibrate.log",
     script:

@@ -23,9 +23,6 @@ except AxisError as exc:
 
 MODEL = PLAN.model
 ROLES = PLAN.role_names
-# `--sdm conda` runs every job in this existing environment, made once from the checkout with
-# `conda env create -f environment.yml` (README, "On a cluster"); a name or a path to its prefix.
-CONDA_ENV = config["conda_env"]
 
 # One request budget per API section for the whole workflow: each API job holds one `<section>_api_jobs`
 # and runs at rate / jobs, so all of them together stay within the configured rate (on SLURM too:

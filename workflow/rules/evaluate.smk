@@ -23,7 +23,7 @@ rule evaluate:
     resources:
         **PLAN.resources("evaluate"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/evaluate.log",
     script:

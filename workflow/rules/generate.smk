@@ -21,7 +21,7 @@ for name, roles in PLAN.job_groups("generate"):
         resources:
             **PLAN.resources("generate"),
         conda:
-            CONDA_ENV
+            "../envs/assistant-axis.yaml"
         log:
             f"logs/{{model}}/{name}.log" if roles else "logs/{model}/generate/{role}.log",
         script:

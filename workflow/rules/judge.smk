@@ -11,7 +11,7 @@ rule judge:
     resources:
         **PLAN.resources("judge"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/judge/{role}.log",
     script:

@@ -14,7 +14,7 @@ rule pca:
     resources:
         **PLAN.resources("pca"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/pca.log",
     script:

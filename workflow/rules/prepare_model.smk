@@ -7,7 +7,7 @@ rule prepare_model:
     resources:
         **PLAN.resources("prepare_model"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/prepare_model.log",
     script:

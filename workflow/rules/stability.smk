@@ -16,7 +16,7 @@ rule stability:
     resources:
         **PLAN.resources("stability"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/stability.log",
     script:

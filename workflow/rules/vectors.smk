@@ -11,7 +11,7 @@ rule vectors:
     resources:
         **PLAN.resources("vectors"),
     conda:
-        CONDA_ENV
+        "../envs/assistant-axis.yaml"
     log:
         "logs/{model}/vectors/{role}.log",
     script:
