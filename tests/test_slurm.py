@@ -1,7 +1,10 @@
-"""Cluster scale: the tiny config submitted to a real one-node SLURM (tests/slurm/up.sh), and shards."""
+"""Cluster scale: the tiny config and a paper-shaped one submitted to a real one-node SLURM with a `cpu` and
+a `gpu` partition (tests/slurm/up.sh), through the product's profile (profiles/slurm); and shards."""
 
 from __future__ import annotations
 
+import copy
+import os
 import re
 import shutil
 import subprocess
@@ -10,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fake_openai import FakeOpenAI, completion
 
-from assistant_axis.plan import DEFAULT_RESOURCES
+from assistant_axis.plan import DEFAULT_RESOURCES, Plan, validate_config
 
 from conftest import need
 from workflow_helpers import AXIS_AND_AFTER, ROOT, TINY_ROLES, make_workspace, planned_jobs, snakemake, tiny_config
@@ -53,13 +57,23 @@ def _job_table(output: str) -> tuple[dict[str, tuple[str, str | None]], dict[str
     return table, slurm
 
 
-def _run_on_slurm(work: Path, env: dict) -> tuple[dict, dict]:
-    result = snakemake(work, "--workflow-profile", str(ROOT / "tests/slurm/profile"), env=env)
+# As a user submits: their site profile (here the test cluster's) and the workflow's own profile.
+PROFILES = ("--profile", str(ROOT / "tests/slurm/profile"), "--workflow-profile", str(ROOT / "profiles/slurm"))
+
+
+def _submit(work: Path, env: dict) -> tuple[dict, dict, str]:
+    """Run the workflow on SLURM: its job table (see _job_table) and Snakemake's output."""
+    result = snakemake(work, *PROFILES, env=env)
     output = result.stdout + result.stderr
     table, slurm = _job_table(output)
     log = (Path(env["SLURM_CONF"]).parent / "log/slurmctld.log").read_text()
     submitted_in_log = set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", log))
     assert set(slurm) <= submitted_in_log, "every job Snakemake reports went through sbatch"
+    return table, slurm, output
+
+
+def _run_on_slurm(work: Path, env: dict) -> tuple[dict, dict]:
+    table, slurm, _ = _submit(work, env)
     return table, slurm
 
 ANALYSIS = [(stage, None) for stage in AXIS_AND_AFTER]
@@ -115,3 +129,123 @@ def test_adding_a_role_changes_exactly_one_shard(tmp_path, model_dir):
     shard_jobs = sorted(r for r, _ in jobs if "_shard" in r)
     assert len(shard_jobs) == 2 and shard_jobs[0].split("_")[-1] == shard_jobs[1].split("_")[-1]
     assert ("judge", "bard") in jobs and ("axis", None) in jobs
+
+
+# ------------------------------------------------------------------ paper-shaped: partitions and resources
+
+# The `threads:` each rule gives Plan.threads as its default (1 where a rule sets none).
+RULE_THREADS = {"generate": 2, "activations": 2, "judge": 1, "evaluate": 2}
+# vLLM's CPU build on the bundled model, as tests/test_vllm.py runs it: a small KV cache, no graphs.
+VLLM_CPU = {"kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 2048, "enforce_eager": True}
+# The issue's statement, independent of the plan: the stages that run the model's weights ask for GPUs.
+MODEL_STAGES_ON_GPU = {"generate", "activations", "evaluate"}
+CPU_STAGES = {"prepare_model", "judge", "vectors", "axis", "pca", "stability", "calibrate"}
+
+
+def paper_shaped_config(judge_url: str) -> dict:
+    """config/paper.yaml with the bundled model at the tiny config's sizes: the same sections and backends
+    (vLLM generation with model.gpus: 2, an OpenAI judge, every analysis), and `shards: 1` for the shard rules."""
+    config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    tiny = tiny_config()
+    for key in ("n_layers", "hidden_size"):  # Qwen3-32B's, for the storage estimate
+        config["model"].pop(key)
+    config["model"].update(tiny["model"])  # the bundled model; gpus: 2 and the template options stay
+    assert config["model"]["gpus"] == 2
+    config["roles"].update(include=list(TINY_ROLES), n_prompts=2)
+    config["questions"]["n_questions"] = 2
+    config["generate"]["max_tokens"] = 16
+    # vLLM's CPU build: the GPUs SLURM gives the job are only scheduled, never used. One worker (tp 1).
+    config["generate"]["vllm"] = {"tensor_parallel_size": 1, **VLLM_CPU}
+    config["activations"].update(dtype="float32", batch_tokens=1024)
+    config["judge"]["openai"].update(base_url=judge_url, model="fake-judge", api_key_env=None)
+    config["vectors"] = tiny["vectors"]
+    config["analysis"] = {"layer": 15, **tiny["analysis"]}
+    config["evaluate"].update(tiny["evaluate"])
+    config["shards"] = 1
+    # Another memory and time limit for every stage, so that a job given another stage's shows.
+    config["resources"] = {stage: {"mem_mb": 1000 + 100 * i, "runtime": 20 + i}
+                           for i, stage in enumerate(DEFAULT_RESOURCES)}
+    return config
+
+
+def _judge_reply(body: dict, auth: str) -> tuple[int, dict]:
+    """A judge that is sure of a 3 (its first token's top logprobs over the digits)."""
+    return 200, completion("3", [("3", -0.05), ("2", -3.0), ("1", -5.0), ("0", -7.0)])
+
+
+def _slurm_record(job_id: str, env: dict) -> dict[str, str]:
+    """The controller's record of a job (`scontrol show job -o`, kept MinJobAge after it ends)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def _megabytes(value: str) -> int:
+    number, unit = re.fullmatch(r"([\d.]+)([KMGT]?)", value).groups()
+    return round(float(number) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2}[unit])
+
+
+def _minutes(value: str) -> int:
+    days, _, clock = value.rpartition("-")
+    hours, minutes, seconds = (int(x) for x in clock.split(":"))
+    return (int(days or 0) * 24 + hours) * 60 + minutes + round(seconds / 60)
+
+
+def _gpus(record: dict[str, str]) -> int:
+    """GPUs the job asked for: `--gpus N` is TresPerJob=gres:gpu:N (TresPerNode for `--gres gpu:N`)."""
+    found = [int(m.group(1)) for key in ("TresPerJob", "TresPerNode", "TresPerTask")
+             if (m := re.search(r"gpu[:=](\d+)", record.get(key, "")))]
+    return sum(found)
+
+
+def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(tmp_path, model_dir, slurm_env, capsys):
+    """Every stage of config/paper.yaml, submitted through profiles/slurm: per SLURM job, the controller's
+    partition, GPUs, CPUs, memory and time limit are the plan's. Model stages on `gpu` with GPUs; the API
+    judge, vectors, axis and analyses on `cpu` without."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # an ImportError, or a broken install
+        need(False, f"vllm cannot be imported ({type(exc).__name__}: {exc})")
+    with FakeOpenAI(_judge_reply) as judge:
+        config = paper_shaped_config(judge.url)
+        work = make_workspace(tmp_path / "paper", model_dir, config)
+        table, slurm, output = _submit(work, slurm_env)
+        assert judge.requests, "the judge stage asked the API"
+
+    validated = copy.deepcopy(config)
+    validate_config(validated, ROOT / "workflow/schemas/config.schema.yaml")
+    plan = Plan.from_config(validated, root=work)
+    rows, problems = [], []
+    for slurm_id, job in sorted(slurm.items(), key=lambda kv: int(kv[0])):
+        record = _slurm_record(slurm_id, slurm_env)
+        rule = re.fullmatch(r"rule_(\w+?)(?:_wildcards_.*)?", record["Comment"]).group(1)
+        assert rule == table[job][0], f"SLURM job {slurm_id}: the controller's rule {rule}, Snakemake's {table[job][0]}"
+        stage = re.sub(r"_shard\d+$", "", rule)
+        resources = plan.resources(stage)
+        gpus = plan.gpus(stage)
+        got = {"partition": record["Partition"], "gpus": _gpus(record), "cpus": int(record["NumCPUs"]),
+               "mem_mb": _megabytes(record["MinMemoryNode"]), "runtime": _minutes(record["TimeLimit"])}
+        want = {"partition": "gpu" if gpus else "cpu", "gpus": gpus,
+                "cpus": plan.threads(stage, RULE_THREADS.get(stage, 1)),
+                "mem_mb": resources["mem_mb"](None, 1), "runtime": resources["runtime"](None, 1)}
+        role = table[job][1]
+        rows.append((f"{rule}{f'[{role}]' if role else ''}", slurm_id, record["JobState"], got))
+        if record["JobState"] != "COMPLETED" or got != want:
+            problems.append(f"{rule} (SLURM job {slurm_id}, {record['JobState']}): got {got}, the plan says {want}")
+    with capsys.disabled():
+        print("\nrule                       slurm id  state      partition  gpus  cpus  mem_mb  runtime")
+        for name, slurm_id, state, got in rows:
+            print(f"{name:26} {slurm_id:>8}  {state:10} {got['partition']:9} {got['gpus']:>5} {got['cpus']:>5} "
+                  f"{got['mem_mb']:>7} {got['runtime']:>8}")
+    assert not problems, "\n".join(problems)
+
+    stages = sorted(re.sub(r"_shard\d+$", "", rule) for rule, _ in (table[j] for j in slurm.values()))
+    assert stages == sorted(["prepare_model", "generate", "activations", *["judge"] * len(TINY_ROLES),
+                             *["vectors"] * (len(TINY_ROLES) + 1), "axis", "pca", "stability", "calibrate",
+                             "evaluate"])
+    assert {rule for rule, _ in table.values()} >= {"generate_shard0", "activations_shard0"}
+    on_gpu = {re.sub(r"_shard\d+$|\[.*\]$", "", name) for name, _, _, got in rows if got["partition"] == "gpu"}
+    on_cpu = {re.sub(r"_shard\d+$|\[.*\]$", "", name) for name, _, _, got in rows if got["partition"] == "cpu"}
+    assert on_gpu == MODEL_STAGES_ON_GPU and on_cpu == CPU_STAGES
+    assert all(got["gpus"] > 0 for name, _, _, got in rows if got["partition"] == "gpu")
+    assert all(got["gpus"] == 0 for name, _, _, got in rows if got["partition"] == "cpu")

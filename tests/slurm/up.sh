@@ -3,8 +3,8 @@
 # $AXIS_SLURM_DIR (default /tmp/axis-slurm), shaped like a site with CPU and GPU nodes:
 # - two partitions over the one node: `cpu` (the default) and `gpu`, the names profiles/slurm's
 #   partitions.yaml routes jobs to;
-# - 4 GPUs as GRES on the node (no device files, nothing detected: SLURM schedules and accounts GRES it
-#   is told about, so GPU jobs are placed as on a real cluster while their programs run on the CPU);
+# - 4 GPUs as GRES on the node (fake device files, nothing detected: SLURM schedules and accounts GRES
+#   it is told about, so GPU jobs are placed as on a real cluster while their programs run on the CPU);
 # - more CPUs declared than the machine has (SlurmdParameters=config_overrides), so that a paper-shaped
 #   job (vLLM with tensor parallel 2: 4 threads per task, 2 GPUs) can be scheduled on a 2-core machine.
 # No accounting: the workflow's profile polls with squeue, and MinJobAge keeps finished jobs visible (and
@@ -72,7 +72,6 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-AccountingStorageTRES=gres/gpu
 MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
@@ -82,20 +81,37 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory Gres=gpu:$gp
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost Default=NO MaxTime=INFINITE State=UP
 EOF
-# gres.conf is read from slurm.conf's folder. No File= (there are no devices) and no detection.
+# gres.conf is read from slurm.conf's folder; nothing is detected. SLURM 22.05 drops a GPU without a
+# device file and wants a character device there: each fake GPU is a twin of /dev/null (a plain file
+# where mknod is not allowed: slurmd then logs an error per GPU but counts it all the same).
+mkdir -p "$dir/dev"
+for i in $(seq 0 $(( gpus - 1 ))); do
+  if [ ! -c "$dir/dev/gpu$i" ]; then
+    rm -f "$dir/dev/gpu$i"
+    mknod "$dir/dev/gpu$i" c 1 3 2>/dev/null || touch "$dir/dev/gpu$i"
+  fi
+done
 cat > "$dir/gres.conf.new" <<EOF
 AutoDetect=off
-NodeName=localhost Name=gpu Count=$gpus
+NodeName=localhost Name=gpu Count=$gpus File=$dir/dev/gpu[0-$(( gpus - 1 ))]
 EOF
 export SLURM_CONF="$dir/slurm.conf"
 fingerprint=$(cat "$new" "$dir/gres.conf.new" | sha256sum | cut -d' ' -f1)
-# The daemons record the configuration they were started with; any other one means a restart.
-if [ "$(cat "$dir/started-with" 2>/dev/null)" != "$fingerprint" ]; then
-  stop "$dir/slurmd.pid"
-  stop "$dir/slurmctld.pid"
+# What runs now: "<configuration fingerprint> <slurmctld pid> <slurmd pid>", recorded once the cluster
+# is up. Daemons running under any other record (another configuration, or started by something else,
+# e.g. an older version of this script) are restarted, and their saved state (jobs, nodes, partitions of
+# that configuration, e.g. the old `debug` partition) cleared.
+daemons() { echo "$(cat "$dir/slurmctld.pid" 2>/dev/null) $(cat "$dir/slurmd.pid" 2>/dev/null)"; }
+recorded=$(cat "$dir/running" 2>/dev/null || true)
+clear_state=0
+if running "$dir/slurmctld.pid" || running "$dir/slurmd.pid"; then
+  if [ "$recorded" != "$fingerprint $(daemons)" ]; then
+    stop "$dir/slurmd.pid"
+    stop "$dir/slurmctld.pid"
+    clear_state=1
+  fi
+elif [ "${recorded%% *}" != "$fingerprint" ]; then
   clear_state=1
-else
-  clear_state=0
 fi
 mv "$new" "$SLURM_CONF"
 mv "$dir/gres.conf.new" "$dir/gres.conf"
@@ -108,7 +124,6 @@ if [ ! -e "$default_conf" ] || grep -q "^ClusterName=axis$" "$default_conf" 2>/d
 fi
 if ! running "$dir/slurmctld.pid"; then
   if [ "$clear_state" = 1 ]; then
-    # Saved jobs, nodes and partitions of another configuration (e.g. the old `debug` partition) go.
     slurmctld -f "$SLURM_CONF" -c
   else
     slurmctld -f "$SLURM_CONF"
@@ -117,11 +132,15 @@ fi
 if ! running "$dir/slurmd.pid"; then
   slurmd -f "$SLURM_CONF" -N localhost
 fi
-echo "$fingerprint" > "$dir/started-with"
-for _ in $(seq 60); do
+for i in $(seq 60); do
+  # A daemon that died (e.g. on a bad configuration) will not come back: say so now, not in minutes.
+  if [ "$i" -gt 5 ] && ! { running "$dir/slurmctld.pid" && running "$dir/slurmd.pid"; }; then
+    break
+  fi
   # Up, and with this configuration: both partitions, the node idle (or busy) with its GPUs.
-  if sinfo -h -p cpu,gpu -o "%P %T %G" 2>/dev/null | grep -qE "^gpu (idle|mixed|alloc)[^ ]* gpu:$gpus" \
-      && sinfo -h -p cpu -o "%T" 2>/dev/null | grep -qE "idle|mixed|alloc"; then
+  state=$(timeout 5 sinfo -h -p cpu,gpu -o "%P %T %G" 2>/dev/null || true)
+  if grep -qE "^gpu (idle|mixed|alloc)[^ ]* gpu:$gpus" <<<"$state" && grep -qE "^cpu\*? (idle|mixed|alloc)" <<<"$state"; then
+    echo "$fingerprint $(daemons)" > "$dir/running"
     echo "export SLURM_CONF=$SLURM_CONF"
     exit 0
   fi
