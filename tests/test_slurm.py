@@ -18,7 +18,16 @@ from fake_openai import FakeOpenAI, completion
 from assistant_axis.plan import DEFAULT_RESOURCES, Plan, validate_config
 
 from conftest import need
-from workflow_helpers import AXIS_AND_AFTER, ROOT, TINY_ROLES, make_workspace, planned_jobs, snakemake, tiny_config
+from workflow_helpers import (
+    AXIS_AND_AFTER,
+    ROOT,
+    SNAKEMAKE,
+    TINY_ROLES,
+    make_workspace,
+    planned_jobs,
+    snakemake,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 # Every stage asks the one-node test cluster for little, so that a new stage cannot outgrow it.
@@ -62,9 +71,14 @@ PROFILES = ("--profile", str(ROOT / "tests/slurm/profile"), "--workflow-profile"
 
 
 def _submit(work: Path, env: dict) -> tuple[dict, dict, str]:
-    """Run the workflow on SLURM: its job table (see _job_table) and Snakemake's output."""
-    result = snakemake(work, *PROFILES, env=env)
+    """Run the workflow on SLURM as the README does: its job table (see _job_table) and Snakemake's output.
+
+    No `--cores` (the `snakemake` helper passes 2): Snakemake caps every job's threads at `--cores`, remote
+    jobs too, so it would shrink what a job asks SLURM for below what the workflow gives it."""
+    result = subprocess.run([*SNAKEMAKE, *PROFILES], cwd=work, capture_output=True, text=True,
+                            env={**os.environ, **env})
     output = result.stdout + result.stderr
+    assert result.returncode == 0, f"snakemake on SLURM failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     table, slurm = _job_table(output)
     log = (Path(env["SLURM_CONF"]).parent / "log/slurmctld.log").read_text()
     submitted_in_log = set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", log))
@@ -201,7 +215,7 @@ def _gpus(record: dict[str, str]) -> int:
 def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(tmp_path, model_dir, slurm_env, capsys):
     """Every stage of config/paper.yaml, submitted through profiles/slurm: per SLURM job, the controller's
     partition, GPUs, CPUs, memory and time limit are the plan's. Model stages on `gpu` with GPUs; the API
-    judge, vectors, axis and analyses on `cpu` without."""
+    judge, vectors, axis and analyses on `cpu` without; each partition chosen by partitions.yaml."""
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # an ImportError, or a broken install
@@ -215,37 +229,42 @@ def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(tmp_path,
     validated = copy.deepcopy(config)
     validate_config(validated, ROOT / "workflow/schemas/config.schema.yaml")
     plan = Plan.from_config(validated, root=work)
+    # How the plugin chose each rule's partition: from profiles/slurm/partitions.yaml, or (no partition there
+    # fitting) the cluster's default one, here `cpu` too, which would hide a CPU job the routing failed to place.
+    routed = {rule: "partitions.yaml" for rule in re.findall(r"Auto-selected partition '\w+' for job (\w+)", output)}
+    routed.update({rule: "default" for rule in re.findall(r"No suitable partition found for job (\w+)", output)})
     rows, problems = [], []
     for slurm_id, job in sorted(slurm.items(), key=lambda kv: int(kv[0])):
         record = _slurm_record(slurm_id, slurm_env)
-        rule = re.fullmatch(r"rule_(\w+?)(?:_wildcards_.*)?", record["Comment"]).group(1)
-        assert rule == table[job][0], f"SLURM job {slurm_id}: the controller's rule {rule}, Snakemake's {table[job][0]}"
+        rule, role = table[job]
+        # The plugin's comment names the rule (and wildcards): the controller's record is this job's.
+        assert re.fullmatch(rf"rule_{rule}(_wildcards_.*)?", record["Comment"]), (slurm_id, record["Comment"], rule)
         stage = re.sub(r"_shard\d+$", "", rule)
-        resources = plan.resources(stage)
-        gpus = plan.gpus(stage)
+        resources, gpus = plan.resources(stage), plan.gpus(stage)
         got = {"partition": record["Partition"], "gpus": _gpus(record), "cpus": int(record["NumCPUs"]),
                "mem_mb": _megabytes(record["MinMemoryNode"]), "runtime": _minutes(record["TimeLimit"])}
         want = {"partition": "gpu" if gpus else "cpu", "gpus": gpus,
                 "cpus": plan.threads(stage, RULE_THREADS.get(stage, 1)),
                 "mem_mb": resources["mem_mb"](None, 1), "runtime": resources["runtime"](None, 1)}
-        role = table[job][1]
-        rows.append((f"{rule}{f'[{role}]' if role else ''}", slurm_id, record["JobState"], got))
+        rows.append({"job": f"{rule}[{role}]" if role else rule, "rule": rule, "stage": stage, "slurm": slurm_id,
+                     "state": record["JobState"], **got, "chosen by": routed.get(rule, "?")})
         if record["JobState"] != "COMPLETED" or got != want:
             problems.append(f"{rule} (SLURM job {slurm_id}, {record['JobState']}): got {got}, the plan says {want}")
     with capsys.disabled():
-        print("\nrule                       slurm id  state      partition  gpus  cpus  mem_mb  runtime")
-        for name, slurm_id, state, got in rows:
-            print(f"{name:26} {slurm_id:>8}  {state:10} {got['partition']:9} {got['gpus']:>5} {got['cpus']:>5} "
-                  f"{got['mem_mb']:>7} {got['runtime']:>8}")
+        print("\njob                         slurm id  state      partition  gpus  cpus  mem_mb  runtime  chosen by")
+        for r in rows:
+            print(f"{r['job']:27} {r['slurm']:>8}  {r['state']:10} {r['partition']:9} {r['gpus']:>5} {r['cpus']:>5} "
+                  f"{r['mem_mb']:>7} {r['runtime']:>8}  {r['chosen by']}")
     assert not problems, "\n".join(problems)
 
-    stages = sorted(re.sub(r"_shard\d+$", "", rule) for rule, _ in (table[j] for j in slurm.values()))
-    assert stages == sorted(["prepare_model", "generate", "activations", *["judge"] * len(TINY_ROLES),
-                             *["vectors"] * (len(TINY_ROLES) + 1), "axis", "pca", "stability", "calibrate",
-                             "evaluate"])
-    assert {rule for rule, _ in table.values()} >= {"generate_shard0", "activations_shard0"}
-    on_gpu = {re.sub(r"_shard\d+$|\[.*\]$", "", name) for name, _, _, got in rows if got["partition"] == "gpu"}
-    on_cpu = {re.sub(r"_shard\d+$|\[.*\]$", "", name) for name, _, _, got in rows if got["partition"] == "cpu"}
-    assert on_gpu == MODEL_STAGES_ON_GPU and on_cpu == CPU_STAGES
-    assert all(got["gpus"] > 0 for name, _, _, got in rows if got["partition"] == "gpu")
-    assert all(got["gpus"] == 0 for name, _, _, got in rows if got["partition"] == "cpu")
+    assert sorted(r["stage"] for r in rows) == sorted(
+        ["prepare_model", "generate", "activations", *["judge"] * len(TINY_ROLES), *["vectors"] * (len(TINY_ROLES) + 1),
+         "axis", "pca", "stability", "calibrate", "evaluate"])
+    assert {r["job"] for r in rows} >= {"generate_shard0", "activations_shard0"}
+    assert {r["stage"] for r in rows if r["partition"] == "gpu"} == MODEL_STAGES_ON_GPU
+    assert {r["stage"] for r in rows if r["partition"] == "cpu"} == CPU_STAGES
+    assert all(r["gpus"] > 0 for r in rows if r["partition"] == "gpu")
+    assert all(r["gpus"] == 0 for r in rows if r["partition"] == "cpu")
+    unrouted = sorted({r["rule"] for r in rows if r["chosen by"] != "partitions.yaml"})
+    assert not unrouted, (f"profiles/slurm/partitions.yaml chose no partition for {unrouted}: the plugin fell back "
+                          "to the cluster's default partition")
