@@ -185,10 +185,11 @@ CLIENT_KINDS = {"500": "HTTP 500", "429": "HTTP 429", "hang": "APITimeoutError",
 def test_failed_requests_fail_the_job_and_a_rerun_only_asks_for_the_missing(tmp_path, llama_url, responses_file,
                                                                             key):
     cache = tmp_path / "cache"
-    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", timeout=3.0, max_retries=0,
+    # A timeout far above a real answer's time (well under a second), so that only the injected hang meets it.
+    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", timeout=10.0, max_retries=0,
                     concurrency=2)
     # share 0.6 and seed 4: the first 12 draws hold every retryable fault kind at least once.
-    with FaultProxy(llama_url, share=0.6, seed=4, hang_seconds=6.0) as proxy:
+    with FaultProxy(llama_url, share=0.6, seed=4, hang_seconds=12.0) as proxy:
         settings["base_url"] = proxy.url
         with pytest.raises(APIError) as failure:
             _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
