@@ -260,7 +260,7 @@ class Plan:
             return explicit
         vllm = self.vllm_settings(stage)
         if vllm is not None:
-            return vllm.get("tensor_parallel_size", max(1, self.config["model"]["gpus"]))
+            return vllm.get("tensor_parallel_size", 1)  # what the engine will use (its default: 1)
         return self.config["model"]["gpus"]
 
     def threads(self, stage: str, default: int) -> int:
