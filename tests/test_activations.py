@@ -42,7 +42,9 @@ def test_batched_means_equal_one_at_a_time_reference(bundled, batch):
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
         for j, layer in enumerate(layers):
             ref = hidden[layer + 1][0, start:end].mean(0)  # hidden_states[0] is the embedding output
-            torch.testing.assert_close(got[i, j], ref, rtol=1e-5, atol=1e-5)
+            # Padding changes how the matmuls block their float32 sums: the last bits differ (up to 3e-5
+            # measured on an AVX-512 machine, where 1e-5 failed), whatever the code does.
+            torch.testing.assert_close(got[i, j], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_last_layer_is_the_raw_residual_not_the_final_norm(bundled, batch):

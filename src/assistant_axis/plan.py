@@ -84,21 +84,23 @@ def validate_config(config: dict, schema_file: str | Path, files: Sequence[str |
 
     schema = yaml.safe_load(Path(schema_file).read_text())
     base = jsonschema.Draft202012Validator
+    integers: list[tuple[dict, str]] = []  # integers where the schema says `number`: floats once valid
 
     def properties_with_defaults(validator, properties, instance, subschema):
         if isinstance(instance, dict):
             for name, prop in properties.items():
                 if "default" in prop:
                     instance.setdefault(name, copy.deepcopy(prop["default"]))
-                # `1` and `1.0` are one value: numbers are floats, so params compare equal.
                 value = instance.get(name)
                 if prop.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
-                    instance[name] = float(value)
+                    integers.append((instance, name))
         yield from base.VALIDATORS["properties"](validator, properties, instance, subschema)
 
     validator = jsonschema.validators.extend(base, {"properties": properties_with_defaults})(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
+        for instance, name in integers:  # `1` and `1.0` are one value: as floats, params compare equal
+            instance[name] = float(instance[name])
         canonical(config)
         return
     path, problem = list(error.absolute_path), error.message
