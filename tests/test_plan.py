@@ -14,8 +14,9 @@ from assistant_axis.plan import DEFAULT_RESOURCES, Plan, validate_config
 from workflow_helpers import ROOT
 
 SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
-MODEL_STAGES = ("generate", "activations", "evaluate")
-CPU_STAGES = ("prepare_model", "vectors", "axis", "pca", "stability", "calibrate")
+# calibrate runs the model to calibrate on tokens (`capping.calibration: token`, the default and the paper's).
+MODEL_STAGES = ("generate", "activations", "evaluate", "calibrate")
+CPU_STAGES = ("prepare_model", "vectors", "axis", "pca", "stability")
 
 
 def plan_of(name: str, **sections) -> Plan:
@@ -34,6 +35,27 @@ def test_the_paper_config_gives_gpus_to_every_stage_that_loads_the_model():
         assert "gpu" not in plan.resources(stage), stage
     assert plan.resources("judge")["judge_api_jobs"] == 1 and plan.resources("evaluate")["judge_api_jobs"] == 1
     assert not any("api_jobs" in k for stage in (*CPU_STAGES, "activations") for k in plan.resources(stage))
+
+
+def test_calibrate_gets_the_model_gpus_only_when_it_calibrates_on_tokens():
+    plan = plan_of("paper.yaml")
+    assert plan.config["capping"]["calibration"] == "token"
+    assert plan.loads_a_model("calibrate") and plan.gpus("calibrate") == 2 and plan.resources("calibrate")["gpu"] == 2
+    settings = plan.calibration_model_params()
+    assert settings["compute_dtype"] == plan.config["model"]["dtype"]
+    assert settings["batch_tokens"] == plan.config["activations"]["batch_tokens"]
+    assert settings["template_options"] == plan.config["model"]["chat_template_kwargs"]
+    plan = plan_of("paper.yaml", capping={"calibration": "reply"})
+    assert not plan.loads_a_model("calibrate") and plan.gpus("calibrate") == 0
+    assert "gpu" not in plan.resources("calibrate") and plan.calibration_model_params() == {}
+    plan = plan_of("paper.yaml", capping={"calibration": "reply"}, resources={"calibrate": {"gpu": 1}})
+    assert "gpu" not in plan.resources("calibrate")  # an explicit GPU count gives none to a stage with no model
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    config.pop("capping", None)
+    validate_config(config, SCHEMA)
+    assert config["capping"]["calibration"] == "token"  # the schema's default
+    with pytest.raises(InputError, match=r"capping\.calibration"):
+        validate_config({**config, "capping": {"calibration": "layer"}}, SCHEMA)
 
 
 def test_a_local_judge_gets_the_model_gpus_unless_its_stage_says_otherwise():

@@ -228,9 +228,11 @@ def test_the_axis_refuses_vectors_rendered_with_other_options(tmp_path):
                        "chat_template_kwargs": options_key(options), "chat_template_sha": "abc"})
         paths.append(str(path))
     outputs = [str(tmp_path / n) for n in ("axis.safetensors", "axis.pt", "summary.parquet")]
+    manifest = tmp_path / "model.json"
+    write_json({"name": "m", "source": "s", "path": "p", "n_layers": 2, "hidden_size": 8}, manifest)
     with pytest.raises(InputError, match=r"ghost.safetensors: chat_template_kwargs: rendered with '\{\}'"):
-        stages.axis(paths, *outputs, model="m", config_hash="h")
+        stages.axis(paths, *outputs, model=str(manifest), config_hash="h")
     assert not (tmp_path / "axis.safetensors").exists()
-    stages.axis(paths[:2], *outputs, model="m", config_hash="h")
+    stages.axis(paths[:2], *outputs, model=str(manifest), config_hash="h")
     _, meta = read_tensors(outputs[0], ["axis"])
     assert json.loads(meta["chat_template_kwargs"]) == {"enable_thinking": False}

@@ -5,7 +5,7 @@ the `default` role uses all of its replies. The axis is, per layer,
 `mean(default vectors) - mean(role vectors)`: it points from the roles towards the Assistant.
 
 >>> axis, layers, meta = load_axis("results/smollm2-135m-instruct/axis.safetensors")
->>> projection = project(activation, axis[layers.index(20)])   # larger = more Assistant-like
+>>> projection = project(activation, axis[20])   # block 20's; larger = more Assistant-like
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from assistant_axis.artifacts import read_tensors
 from assistant_axis.errors import InputError
 
-__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "project", "unit_rows"]
+__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "by_block", "project", "unit_rows"]
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,39 @@ def compute_axis(default: torch.Tensor, roles: list[torch.Tensor]) -> torch.Tens
     return default_mean - torch.stack(roles).mean(dim=0)
 
 
-def load_axis(path: str | Path) -> tuple[torch.Tensor, list[int], dict]:
-    """The axis [n_layers, hidden], the model layer index of each row, and the metadata."""
-    tensors, meta = read_tensors(path, ["axis", "layers"])
+def load_axis(path: str | Path, model: str | None = None, n_layers: int | None = None,
+              hidden_size: int | None = None, config_sha: str | None = None) -> tuple[torch.Tensor, list[int], dict]:
+    """The axis [n_layers, hidden] indexed by block (`axis[i]` is block i's; NaN where not extracted), the
+    blocks it has, and the metadata. The provenance is checked against what is given (None: unchecked)."""
+    from assistant_axis.provenance import check_provenance
+
+    tensors, meta = read_tensors(path)
+    check_provenance(meta, path, "axis", model=model, n_layers=n_layers, hidden_size=hidden_size,
+                     model_config_sha=config_sha)
+    for name in ("axis", "layers"):
+        if name not in tensors:
+            raise InputError(path, name, "tensor missing")
     decoded = {}
     for key, value in meta.items():
         try:
             decoded[key] = json.loads(value)
         except json.JSONDecodeError:
             decoded[key] = value
-    return tensors["axis"], tensors["layers"].tolist(), decoded
+    axis, layers = tensors["axis"], tensors["layers"].tolist()
+    if axis.dim() != 2 or not layers or min(layers) < 0:
+        raise InputError(path, "axis", f"shape {tuple(axis.shape)} with layers {layers}")
+    if len(axis) == len(layers) and layers != list(range(len(layers))):  # a compact file (rows = its layers)
+        axis = by_block(axis, layers, int(decoded.get("n_layers", max(layers) + 1)))
+    if len(axis) <= max(layers):
+        raise InputError(path, "layers", f"layer {max(layers)} but the axis has {len(axis)} rows")
+    return axis, layers, decoded
+
+
+def by_block(rows: torch.Tensor, layers: list[int], n_layers: int) -> torch.Tensor:
+    """Rows [len(layers), hidden] placed at their block indices of a [n_layers, hidden] tensor, NaN elsewhere."""
+    full = torch.full((n_layers, rows.shape[-1]), float("nan"), dtype=rows.dtype)
+    full[layers] = rows
+    return full
 
 
 def project(activation: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
@@ -85,12 +108,13 @@ def project(activation: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
 
 def unit_rows(axis: torch.Tensor, axis_layers: list[int], layers: list[int], hidden: int,
               source: str = "axis") -> torch.Tensor:
-    """Unit axis vectors [len(layers), hidden] for model layers `layers`, checked against the model's `hidden`."""
+    """Unit axis vectors [len(layers), hidden] for model layers `layers` of a block-indexed axis, checked
+    against the model's `hidden` and against the blocks the axis has (`axis_layers`)."""
     if axis.shape[-1] != hidden:
         raise InputError(source, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model has {hidden}")
     missing = [layer for layer in layers if layer not in axis_layers]
     if missing:
         raise InputError(source, "layers", f"layer {missing[0]} is not in the axis (it has layers "
                          f"{axis_layers[0]}..{axis_layers[-1]})")
-    rows = axis[[axis_layers.index(layer) for layer in layers]].float()
+    rows = axis[list(layers)].float()
     return rows / rows.norm(dim=-1, keepdim=True)

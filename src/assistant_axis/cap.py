@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ from assistant_axis.artifacts import read_tensors, write_tensors
 from assistant_axis.errors import InputError
 from assistant_axis.models import block_hidden, find_blocks, hidden_size, with_block_hidden
 
-__all__ = ["CALIBRATION_PERCENTILES", "CappingConfig", "load_capping", "layer_range", "percentile_thresholds", "cap"]
+__all__ = ["CALIBRATION_PERCENTILES", "CappingConfig", "read_capping", "load_capping", "layer_range",
+           "percentile_thresholds", "cap"]
 
 # The percentiles of the default replies' projections that calibration always records.
 CALIBRATION_PERCENTILES = (1, 5, 10, 25, 50, 75)
@@ -39,34 +40,65 @@ class CappingConfig:
     model: str  # the model whose axis this is
     upper: torch.Tensor | None = None  # [k] ceiling per layer (two-sided band), or None
     source: str = "capping"  # where it came from, for error messages
+    metadata: dict = field(default_factory=dict)  # the file's metadata (provenance, experiment id, ...)
 
     def save(self, path: str | Path, **metadata) -> None:
+        """Vectors as float32; thresholds keep float64 where they are (an imported config's exact values)."""
+        def exact(t: torch.Tensor) -> torch.Tensor:
+            return t if t.dtype == torch.float64 else t.float()
+
         tensors = {"layers": torch.tensor(self.layers, dtype=torch.int64), "vectors": self.vectors.float().contiguous(),
-                   "thresholds": self.thresholds.float()}
+                   "thresholds": exact(self.thresholds)}
         if self.upper is not None:
-            tensors["upper"] = self.upper.float()
+            tensors["upper"] = exact(self.upper)
         write_tensors(tensors, path, {"model": self.model, "hidden_size": int(self.vectors.shape[-1]), **metadata})
 
     def with_upper(self, upper: torch.Tensor) -> CappingConfig:
-        return CappingConfig(self.layers, self.vectors, self.thresholds, self.model, upper, self.source)
+        return CappingConfig(self.layers, self.vectors, self.thresholds, self.model, upper, self.source, self.metadata)
+
+    def normalized(self) -> CappingConfig:
+        """The same config with unit vectors (how `cap` uses them)."""
+        units = self.vectors.float() / self.vectors.float().norm(dim=-1, keepdim=True)
+        return CappingConfig(self.layers, units, self.thresholds, self.model, self.upper, self.source, self.metadata)
 
 
-def load_capping(path: str | Path, model_name: str | None = None, hidden_size: int | None = None) -> CappingConfig:
-    """Read a capping config; refuse one made for another model or another hidden size."""
+def read_capping(path: str | Path) -> CappingConfig:
+    """A capping config's values exactly as stored (vectors not normalised), with its metadata."""
     tensors, meta = read_tensors(path, ["layers", "vectors", "thresholds"])
-    layers, vectors, thresholds = tensors["layers"].tolist(), tensors["vectors"].float(), tensors["thresholds"].float()
+    layers, vectors, thresholds = tensors["layers"].tolist(), tensors["vectors"], tensors["thresholds"]
     if vectors.dim() != 2 or len(vectors) != len(layers) or thresholds.shape != (len(layers),):
         raise InputError(path, "vectors", f"{len(layers)} layers but vectors {tuple(vectors.shape)} and "
                          f"thresholds {tuple(thresholds.shape)}")
-    model = meta.get("model", "")
-    if model_name is not None and model != model_name:
-        raise InputError(path, "model", f"capping config for model {model!r}, not {model_name!r}")
-    if hidden_size is not None and vectors.shape[1] != hidden_size:
-        raise InputError(path, "hidden_size", f"vectors have size {vectors.shape[1]}, the model's hidden size is "
-                         f"{hidden_size}")
-    upper = tensors.get("upper")
-    return CappingConfig(layers, vectors / vectors.norm(dim=-1, keepdim=True), thresholds, model,
-                         None if upper is None else upper.float(), str(path))
+    return CappingConfig(layers, vectors, thresholds, meta.get("model", ""), tensors.get("upper"), str(path), meta)
+
+
+def load_capping(path: str | Path, model_name: str | None = None, hidden_size: int | None = None,
+                 n_layers: int | None = None, experiment: str | None = None) -> CappingConfig:
+    """Read a capping config, ready for `cap`; refuse one made for another model, depth or hidden size.
+
+    A `.pt` file is the paper code's `capping_config.pt`: `experiment` picks one of its experiments by id
+    (converted from their ceiling to our floor, the same intervention)."""
+    from assistant_axis.provenance import check_provenance
+
+    if str(path).endswith(".pt"):
+        from assistant_axis.interop import import_capping
+
+        config = import_capping(path, experiment)
+    else:
+        if experiment is not None:
+            raise InputError(path, "experiment", "only a paper capping_config.pt holds experiments")
+        config = read_capping(path)
+        check_provenance(config.metadata, path, "capping", model=model_name, n_layers=n_layers,
+                         hidden_size=hidden_size)
+        if model_name is not None and config.model not in ("", model_name):
+            raise InputError(path, "model", f"capping config for model {config.model!r}, not {model_name!r}")
+    if hidden_size is not None and config.vectors.shape[1] != hidden_size:
+        raise InputError(path, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's hidden size "
+                         f"is {hidden_size}")
+    outside = [layer for layer in config.layers if n_layers is not None and not 0 <= layer < n_layers]
+    if outside:
+        raise InputError(path, "layers", f"layer {outside[0]} is outside the model's {n_layers} layers")
+    return config.normalized()
 
 
 def layer_range(fractions: Sequence[float], n_layers: int) -> list[int]:

@@ -44,10 +44,11 @@ PREPARED_DEFAULT = "results/models/smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class Steering:
-    directions: torch.Tensor  # [len(layers), hidden]; steer() normalises each row
+    directions: torch.Tensor  # [len(layers), hidden], the axis rows
     layers: list[int]
     coefficient: float
     positions: str = "all"
+    unit: str = "unit"  # "unit": coefficient x unit axis; "raw": coefficient x the axis row (the paper code's)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ChatSession:
             if self.steering is not None:
                 s = self.steering
                 stack.enter_context(steer(self.model, s.directions, s.layers, s.coefficient, s.positions,
-                                          source="--steer-layers"))
+                                          source="--steer-layers", unit=s.unit))
             if self.capping is not None:
                 stack.enter_context(cap(self.model, self.capping))
             yield
@@ -200,15 +201,17 @@ class ChatSession:
 # ---------------------------------------------------------------------------------- building a session
 
 
-def _model_shape(model_path: str) -> tuple[int, int] | None:
-    """(n_layers, hidden_size) from the model's config, without loading weights; None when unknown."""
+def _model_shape(model_path: str) -> tuple[int, int, str] | None:
+    """(n_layers, hidden_size, config hash) from the model's config, without loading weights; None when unknown."""
     if not Path(model_path, "config.json").is_file():
         return None  # a bundled GGUF or a hub id: checked once the model is loaded
     from transformers import AutoConfig
 
+    from assistant_axis.provenance import config_sha
+
     config = AutoConfig.from_pretrained(model_path)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers), int(text.hidden_size)
+    return int(text.num_hidden_layers), int(text.hidden_size), config_sha(config)
 
 
 def _check_layers(layers: Sequence[int], axis_layers: list[int], n_layers: int | None, source: str) -> None:
@@ -225,29 +228,30 @@ def load_session(model_path: str, axis_path: str, cap_path: str | None = None, s
                  steer_layers: Sequence[int] | None = None, steer_positions: str = "all",
                  layers: Sequence[int] | None = None, dtype: str = "float32", sampling: Sampling | None = None,
                  system: str | None = None, device: str | None = None,
-                 template_options: dict | None = None) -> ChatSession:
+                 template_options: dict | None = None, cap_experiment: str | None = None,
+                 steer_unit: str = "unit") -> ChatSession:
     """Check every input against the axis and the model's config first (cheap), then load the model.
 
     Projection layers default to the capped layers when capping, else the axis's middle layer; steering
     layers default to the axis's middle layer. The chat template renders with `template_options`, by
-    default those the axis's activations were rendered with.
+    default those the axis's activations were rendered with. `cap_path` may be the paper code's
+    `capping_config.pt`, with `cap_experiment` naming one of its experiments.
     """
     from assistant_axis.models import load_model
 
-    axis, axis_layers, meta = load_axis(axis_path)
     shape = _model_shape(model_path)
+    n_layers = shape[0] if shape else None
+    axis, axis_layers, meta = load_axis(axis_path, n_layers=n_layers, config_sha=shape[2] if shape else None)
     if shape is not None and axis.shape[-1] != shape[1]:
         raise InputError(axis_path, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model "
                          f"{model_path} has {shape[1]}")
-    n_layers = shape[0] if shape else None
-    axis_model = meta.get("model") if isinstance(meta.get("model"), str) else None
+    axis_model = meta.get("model") if isinstance(meta.get("model"), str) and meta.get("model") else None
     capping = None
     if cap_path:
-        capping = load_capping(cap_path, model_name=axis_model, hidden_size=int(axis.shape[-1]))
-        if n_layers is not None:
-            outside = [layer for layer in capping.layers if not 0 <= layer < n_layers]
-            if outside:
-                raise InputError(cap_path, "layers", f"layer {outside[0]} is outside the model's {n_layers} layers")
+        capping = load_capping(cap_path, model_name=axis_model, hidden_size=int(axis.shape[-1]), n_layers=n_layers,
+                               experiment=cap_experiment)
+    elif cap_experiment is not None:
+        raise InputError("--experiment", "cap", "given without --cap capping_config.pt")
     middle = [axis_layers[len(axis_layers) // 2]]
     if steer_layers is not None and steer_coefficient is None:
         raise InputError("--steer-layers", "steer", "given without --steer COEFFICIENT")
@@ -257,8 +261,7 @@ def load_session(model_path: str, axis_path: str, cap_path: str | None = None, s
     if steer_coefficient is not None:
         chosen = list(steer_layers) if steer_layers else middle
         _check_layers(chosen, axis_layers, n_layers, "--steer-layers")
-        rows = axis[[axis_layers.index(layer) for layer in chosen]].float()
-        steering = Steering(rows, chosen, float(steer_coefficient), steer_positions)
+        steering = Steering(axis[chosen].float(), chosen, float(steer_coefficient), steer_positions, steer_unit)
     if template_options is None:
         recorded = meta.get("chat_template_kwargs")  # load_axis decodes it
         template_options = recorded if isinstance(recorded, dict) else {}

@@ -1,6 +1,7 @@
 """Command line: `assistant-axis lint` checks the role and question bank; `calibrate-judge` fits the
-embedding judge's thresholds on hand-labelled replies and reports its agreement with them; `project`,
-`chat` and `serve` monitor, steer and cap a model with its Assistant Axis."""
+embedding judge's thresholds on hand-labelled replies and reports its agreement with them; `convert`
+reads and writes the paper code's .pt files; `project`, `chat` and `serve` monitor, steer and cap a
+model with its Assistant Axis."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _session(args: argparse.Namespace):
             raise InputError("command line", "--chat-template-kwargs", "must be a JSON object")
     return load_session(args.model, args.axis, args.cap, args.steer, args.steer_layers, args.steer_positions,
                         args.layers, args.dtype, sampling, getattr(args, "system", None),
-                        template_options=options)
+                        template_options=options, cap_experiment=args.experiment, steer_unit=args.steer_unit)
 
 
 def _project(args: argparse.Namespace) -> None:
@@ -111,14 +112,42 @@ def _serve(args: argparse.Namespace) -> None:
     run_server(session, str(name), args.host, args.port)
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from assistant_axis.interop import export_file, import_file
+
+    *sources, target = args.paths
+    if not sources:
+        raise InputError("command line", "paths", "give SOURCE... TARGET")
+    if all(s.endswith(".pt") for s in sources):
+        if len(sources) > 1:
+            raise InputError("command line", "paths", "import one .pt file at a time")
+        written = import_file(sources[0], target, args.experiment, args.model_name)
+    elif target.endswith(".pt") and all(s.endswith(".safetensors") for s in sources):
+        if args.experiment or args.model_name:
+            raise InputError("command line", "--experiment", "only for importing a .pt file")
+        export_file(sources, target)
+        written = [target]
+    else:
+        raise InputError("command line", "paths", "import: one .pt -> .safetensors (or a folder for every "
+                         "experiment); export: .safetensors... -> one .pt")
+    for path in written:
+        print(path)
+
+
 def _model_options() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--model", help="model directory, hub id or bundled:NAME (default: "
                         "results/models/smollm2-135m-instruct if prepared, else bundled:smollm2-135m-instruct)")
     shared.add_argument("--axis", default="results/smollm2-135m-instruct/axis.safetensors")
-    shared.add_argument("--cap", metavar="CAPPING.safetensors", help="capping config (results/<model>/capping/)")
+    shared.add_argument("--cap", metavar="CAPPING", help="capping config: ours (results/<model>/capping/*.safetensors) "
+                        "or the paper code's capping_config.pt with --experiment")
+    shared.add_argument("--experiment", metavar="ID", help="the experiment of a capping_config.pt, e.g. "
+                        "layers_46:54-p0.25")
     shared.add_argument("--steer", type=float, metavar="COEFFICIENT",
-                        help="add COEFFICIENT x unit axis at --steer-layers (negative: away from the Assistant)")
+                        help="add COEFFICIENT x axis at --steer-layers (negative: away from the Assistant)")
+    shared.add_argument("--steer-unit", choices=("unit", "raw"), default="unit",
+                        help="what COEFFICIENT multiplies: the unit axis (default, residual-stream units) or the raw "
+                        "axis row, as the paper code's ActivationSteering does (their coefficients carry over)")
     shared.add_argument("--steer-layers", type=int, nargs="+", help="default: the axis's middle layer")
     shared.add_argument("--steer-positions", choices=("all", "last"), default="all")
     shared.add_argument("--layers", type=int, nargs="+",
@@ -145,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--splits", type=int, default=5)
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=_calibrate)
+    conv = sub.add_parser("convert", help="the paper code's .pt files to ours (.safetensors) and back")
+    conv.add_argument("paths", nargs="+", metavar="SOURCE... TARGET",
+                      help="import: FILE.pt OUT.safetensors (a capping_config.pt without --experiment: OUT is a "
+                      "folder, one file per experiment); export: FILE.safetensors... OUT.pt (several capping "
+                      "configs make one capping_config.pt)")
+    conv.add_argument("--experiment", metavar="ID", help="import only this experiment of a capping_config.pt")
+    conv.add_argument("--model-name", help="record the model the imported file belongs to (checked on load)")
+    conv.set_defaults(func=_convert)
     shared = _model_options()
     proj = sub.add_parser("project", parents=[shared], help="per-turn projections of a conversation (JSON list)")
     proj.add_argument("conversation", metavar="CONVERSATION.json")

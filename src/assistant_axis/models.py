@@ -43,6 +43,8 @@ class ModelInfo:
     path: str
     n_layers: int
     hidden_size: int
+    revision: str = ""  # the hub commit, where the weights came from the hub
+    config_sha: str = ""  # provenance.config_sha of the weights' config
 
 
 def bundled_gguf(source: str) -> Path:
@@ -97,7 +99,10 @@ def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_c
         path = source
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return ModelInfo(name, source, path, int(text_config.num_hidden_layers), int(text_config.hidden_size))
+    from assistant_axis.provenance import config_sha
+
+    return ModelInfo(name, source, path, int(text_config.num_hidden_layers), int(text_config.hidden_size),
+                     getattr(config, "_commit_hash", None) or "", config_sha(config))
 
 
 def device_map(device: str | None = None) -> str | None:

@@ -45,7 +45,8 @@ DEFAULT_RESOURCES = {
     "calibrate": {"runtime": 30, "mem_mb": 16000},
     "evaluate": {"runtime": 240, "mem_mb": 32000},
 }
-MODEL_STAGES = ("generate", "activations", "evaluate")  # the stages that run the model's weights
+# The stages that run the model's weights; calibrate too when it calibrates on tokens (Plan.loads_a_model).
+MODEL_STAGES = ("generate", "activations", "evaluate")
 DEFAULT_API_JOBS = 4
 
 
@@ -245,12 +246,30 @@ class Plan:
         return None
 
     def loads_a_model(self, stage: str) -> bool:
-        """Whether a stage's jobs run model weights: the model stages, and a `local` or `vllm` judge."""
+        """Whether a stage's jobs run model weights: the model stages, a `local` or `vllm` judge, and a
+        calibration on every token (`capping.calibration: token`)."""
         if stage == "generate":
             return self.config["generate"]["backend"] != "openai"
         if stage == "judge":
             return self.config["judge"]["backend"] in ("local", "vllm")
+        if stage == "calibrate":
+            return self.calibration == "token"
         return stage in MODEL_STAGES
+
+    @property
+    def calibration(self) -> str:
+        """What the capping thresholds are percentiles of: `token` (every default reply token) or `reply`."""
+        return (self.config.get("capping") or {}).get("calibration", "token")
+
+    def calibration_model_params(self) -> dict:
+        """The calibrate stage's model settings, as the activations stage loads and renders the model with them:
+        for a `token` calibration only (a `reply` one loads no model, so editing them reruns none)."""
+        if self.calibration != "token":
+            return {}
+        model = self.config["model"]
+        return {"compute_dtype": model["dtype"], "batch_tokens": self.config["activations"]["batch_tokens"],
+                "blocks": model["blocks"], "trust_remote_code": model["trust_remote_code"],
+                "template_options": model["chat_template_kwargs"]}
 
     def gpus(self, stage: str) -> int:
         """GPUs each job of `stage` asks for, decided here only: 0 for stages that load no model; else

@@ -19,6 +19,7 @@ import torch
 
 from assistant_axis.artifacts import atomic_path, read_parquet, read_tensors, write_json, write_parquet, write_tensors
 from assistant_axis.errors import AxisError, InputError
+from assistant_axis.provenance import describe_model, provenance
 
 __all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
            "calibrate", "evaluate",
@@ -124,6 +125,25 @@ def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[d
         write_parquet(frame, output)
 
 
+def _rendered_replies(template, paths: list[str],
+                      frames: list[pd.DataFrame]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Every response of `frames` (read from `paths`) rendered as the activations stage renders it: the token
+    ids of its conversation and the [start, end) span of the reply, in table order. A reply that cannot be
+    located is an error naming its file and row."""
+    sequences, spans = [], []
+    for path, frame in zip(paths, frames, strict=True):
+        reasoning = frame["reasoning"].fillna("") if "reasoning" in frame else [""] * len(frame)
+        for i, (row, thought) in enumerate(zip(frame.itertuples(index=False), reasoning, strict=True)):
+            messages = template.conversation(row.system_prompt, row.question)
+            try:
+                ids, start, end = template.reply_span(messages, row.response.strip(), thought)
+            except InputError as exc:
+                raise InputError(path, "response", f"row {i}: {exc}") from exc
+            sequences.append(ids)
+            spans.append((start, end))
+    return sequences, spans
+
+
 def activations(model: str, responses: list[str], outputs: list[str], layers, dtype: str = "float32",
                 compute_dtype: str = "float32", batch_tokens: int = 8192, blocks: str | None = None,
                 trust_remote_code: bool = False, template_options: dict | None = None) -> None:
@@ -145,17 +165,7 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
     net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
     layer_ids = resolve_layers(layers, len(find_blocks(net, blocks)))
     template = ChatTemplate(tokenizer, template_options, info["name"])
-    sequences, spans = [], []
-    for path, frame in zip(responses, frames, strict=True):
-        reasoning = frame["reasoning"].fillna("") if "reasoning" in frame else [""] * len(frame)
-        for i, (row, thought) in enumerate(zip(frame.itertuples(index=False), reasoning, strict=True)):
-            messages = template.conversation(row.system_prompt, row.question)
-            try:
-                ids, start, end = template.reply_span(messages, row.response.strip(), thought)
-            except InputError as exc:
-                raise InputError(path, "response", f"row {i}: {exc}") from exc
-            sequences.append(ids)
-            spans.append((start, end))
+    sequences, spans = _rendered_replies(template, responses, frames)
     acts = mean_activations(net, sequences, spans, layer_ids, batch_tokens=batch_tokens, blocks_path=blocks)
     offset = 0
     for path, frame, output in zip(responses, frames, outputs, strict=True):
@@ -232,16 +242,21 @@ def vectors(activations: str, output: str, role: str, scores: str | None, min_sc
     if not vec.included:
         log.warning("role %s left out of the axis: %d of %d responses have score >= %d (min_count %d)",
                     role, vec.n_used, vec.n_responses, min_score, min_count)
+    described = describe_model(info) if model is not None else {"model": meta.get("model", "")}
     write_tensors({"vector": vec.vector, "layers": tensors["layers"]}, output,
-                  {"role": role, "model": meta.get("model", ""), "n_responses": vec.n_responses,
-                   "n_used": vec.n_used, "included": vec.included,
-                   **{k: meta[k] for k in RENDERING_KEYS if k in meta}})
+                  provenance("role_vector", described, {k: meta[k] for k in RENDERING_KEYS if k in meta},
+                             role=role, n_responses=vec.n_responses, n_used=vec.n_used, included=vec.included))
 
 
 def axis(vector_files: list[str], output: str, output_pt: str, summary: str, model: str, config_hash: str) -> None:
-    """`mean(default) - mean(included roles)` per layer, with the summary of which roles were used."""
-    from assistant_axis.axis import compute_axis
+    """`mean(default) - mean(included roles)` per layer, with the summary of which roles were used.
 
+    `model` is the prepared model's manifest. Both files are indexed by block (`axis[i]` is block i's),
+    NaN rows for blocks whose activations were not extracted; `axis.pt` is that tensor alone."""
+    from assistant_axis.axis import by_block, compute_axis
+
+    info = _model_info(model)
+    model = info["name"]
     rows, role_vecs, default, layers, rendering = [], [], None, None, None
     for path in vector_files:
         tensors, meta = read_tensors(path, ["vector", "layers"])
@@ -273,11 +288,15 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
     used = [r["role"] for r in rows if r["included"] and r["role"] != "default"]
     log.info("axis over %d layers from %d roles (%d left out)", len(layers), len(used), len(rows) - 1 - len(used))
     write_parquet(pd.DataFrame(rows), summary)
-    write_tensors({"axis": result, "layers": layers}, output,
-                  {"model": model, "layers": layers.tolist(), "roles": used, "config_hash": config_hash,
-                   **{k: v for k, v in (rendering or {}).items() if v is not None}})
+    if result.shape[-1] != info["hidden_size"] or int(layers.max()) >= info["n_layers"]:
+        raise InputError(vector_files[0], "vector", f"hidden size {result.shape[-1]} and layers up to "
+                         f"{int(layers.max())}, but {model} has {info['hidden_size']} and {info['n_layers']} layers")
+    full = by_block(result, layers.tolist(), info["n_layers"])
+    write_tensors({"axis": full, "layers": layers}, output,
+                  provenance("axis", describe_model(info), rendering, layers=layers.tolist(), roles=used,
+                             config_hash=config_hash))
     with atomic_path(output_pt, ".pt") as tmp:
-        torch.save(result.clone(), tmp)
+        torch.save(full, tmp)
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -320,20 +339,20 @@ def pca(vector_files: list[str], axis_file: str, layer: int | None, summary: str
     axis_tensor, layers, layer, _ = _axis_and_layer(axis_file, layer)
     names, vecs, _ = _included_vectors(vector_files)
     rows = []
-    for i, model_layer in enumerate(layers):
-        result = role_pca(vecs[:, i], axis_tensor[i])
+    for i, model_layer in enumerate(layers):  # the vectors' rows are the axis's layers, in order
+        result = role_pca(vecs[:, i], axis_tensor[model_layer])
         cumulative = result.variance_ratio.cumsum(0)
-        rows.append({"layer": model_layer, "axis_norm": float(axis_tensor[i].norm()),
-                     "pc1_cosine": cosine(result.components[0], axis_tensor[i]),
+        rows.append({"layer": model_layer, "axis_norm": float(axis_tensor[model_layer].norm()),
+                     "pc1_cosine": cosine(result.components[0], axis_tensor[model_layer]),
                      "pc1_variance": float(result.variance_ratio[0]),
                      "components_for_70pct": int((cumulative < 0.7).sum()) + 1})
     table = pd.DataFrame(rows)
     i = layers.index(layer)
-    result = role_pca(vecs[:, i], axis_tensor[i])
+    result = role_pca(vecs[:, i], axis_tensor[layer])
     comp = pd.DataFrame({"component": range(1, len(result.variance_ratio) + 1),
                          "variance_ratio": result.variance_ratio.numpy(),
                          "cumulative": result.variance_ratio.cumsum(0).numpy()})
-    unit = axis_tensor[i] / axis_tensor[i].norm()
+    unit = axis_tensor[layer] / axis_tensor[layer].norm()
     loadings = pd.DataFrame({"role": names, "pc1": result.scores[:, 0].numpy(),
                              "pc2": result.scores[:, 1].numpy() if result.scores.shape[1] > 1 else 0.0,
                              "axis_projection": (vecs[:, i] @ unit).numpy()})
@@ -387,14 +406,23 @@ def stability(activation_files: list[str], score_files: list[str | None], vector
 
 
 def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict[str, list[float]],
-              percentiles: list[float], table: str, configs: dict[str, str], plot: str) -> None:
+              percentiles: list[float], table: str, configs: dict[str, str], plot: str, calibration: str = "token",
+              responses: str | None = None, compute_dtype: str = "float32", batch_tokens: int = 8192,
+              blocks: str | None = None, trust_remote_code: bool = False,
+              template_options: dict | None = None) -> None:
     """Percentiles of the default replies' projections per layer, and one capping config per range x percentile.
 
     `model` is the prepared model's manifest (`model.json`): layer ranges are fractions of its depth.
+    `calibration` is what a projection is: `token`, every token of every default reply (capping acts on every
+    token), which loads the model and renders the replies of `responses` (the default role's table) as the
+    activations stage does (`template_options`, `compute_dtype`, `batch_tokens`, `blocks`); or `reply`, each
+    reply's mean activation from `default_activations`, one per reply, without the model.
     """
     from assistant_axis import plots as figures
     from assistant_axis.cap import CALIBRATION_PERCENTILES, CappingConfig, layer_range, percentile_thresholds
 
+    if calibration not in ("token", "reply"):
+        raise InputError("config", "capping.calibration", f"expected 'token' or 'reply', got {calibration!r}")
     info = _model_info(model)
     model, n_layers = info["name"], info["n_layers"]
     axis_tensor, layers, _, meta = _axis_and_layer(axis_file, None)
@@ -403,23 +431,61 @@ def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict
         raise InputError(default_activations, "layers", "activation layers differ from the axis's: rerun the axis")
     if act_meta.get("model", model) != model or meta.get("model", model) != model:
         raise InputError(axis_file, "model", f"axis of model {meta.get('model')!r}, expected {model!r}")
-    units = axis_tensor.float() / axis_tensor.float().norm(dim=-1, keepdim=True)
-    projections = torch.einsum("nlh,lh->nl", tensors["activations"].float(), units)
-    wanted = sorted({*CALIBRATION_PERCENTILES, *percentiles})
-    values = percentile_thresholds(projections, wanted)
-    frame = pd.DataFrame({"layer": layers, "mean": projections.nanmean(dim=0).numpy(),
-                          **{f"p{q:g}": values[k].numpy() for k, q in enumerate(wanted)}})
-    capped = {}
-    for name, path in configs.items():
+    rendering = {k: v for k, v in read_tensors(axis_file)[1].items() if k in RENDERING_KEYS}  # as written
+    chosen_layers = {}  # checked before any model runs
+    for name in configs:
         range_name, q = name.rsplit("-p", 1)
         chosen = layer_range(ranges[range_name], n_layers)
         missing = [layer for layer in chosen if layer not in layers]
         if missing:
             raise InputError("config", f"capping.ranges.{range_name}", f"layer {missing[0]} has no activations")
+        chosen_layers[name] = chosen
+    units = axis_tensor[layers].float() / axis_tensor[layers].float().norm(dim=-1, keepdim=True)
+    if calibration == "reply":
+        projections = torch.einsum("nlh,lh->nl", tensors["activations"].float(), units)
+    else:
+        from assistant_axis.activations import token_projections
+        from assistant_axis.models import load_model
+        from assistant_axis.templates import ChatTemplate
+
+        if responses is None:
+            raise InputError("workflow", "calibrate", "token calibration needs the default role's responses")
+        frame = read_parquet(responses, RESPONSE_COLUMNS)
+        if len(frame) != len(tensors["activations"]):
+            raise InputError(responses, "response", f"{len(frame)} responses but {default_activations} has "
+                             f"{len(tensors['activations'])} rows: rerun the activations")
+        net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
+        template = ChatTemplate(tokenizer, template_options, info["name"])
+        for key, value in template.metadata().items():
+            if key in rendering and rendering[key] != value:
+                raise InputError(axis_file, key, f"the axis was rendered with {rendering[key]!r}, calibration "
+                                 f"would render with {value!r}: rerun the activations with the same template")
+        sequences, spans = _rendered_replies(template, [responses], [frame])
+        n_tokens = sum(max(end - start, 0) for start, end in spans)
+        if not n_tokens:
+            raise InputError(responses, "response", "no reply tokens to calibrate on (every reply is empty)")
+        if n_tokens > 2**24:  # torch.quantile's limit
+            raise InputError(responses, "response", f"{n_tokens} reply tokens, more than the 2^24 percentiles can be "
+                             "taken over: calibrate on fewer default replies, or with capping.calibration: reply")
+        projections = token_projections(net, sequences, spans, layers, units, batch_tokens=batch_tokens,
+                                        blocks_path=blocks)
+        del net
+    n_used = int(torch.isfinite(projections).all(dim=1).sum())
+    log.info("calibrating on %d %s projections per layer", n_used, calibration)
+    wanted = sorted({*CALIBRATION_PERCENTILES, *percentiles})
+    values = percentile_thresholds(projections, wanted)
+    frame = pd.DataFrame({"layer": layers, "calibration": calibration, "n": n_used,
+                          "mean": projections.nanmean(dim=0).numpy(),
+                          **{f"p{q:g}": values[k].numpy() for k, q in enumerate(wanted)}})
+    capped = {}
+    for name, path in configs.items():
+        range_name, q = name.rsplit("-p", 1)
+        chosen = chosen_layers[name]
         rows = [layers.index(layer) for layer in chosen]
         taus = values[wanted.index(float(q))][rows]
-        CappingConfig(chosen, units[rows], taus, model).save(path, percentile=float(q), range=range_name,
-                                                             fractions=list(ranges[range_name]))
+        CappingConfig(chosen, units[rows], taus, model).save(
+            path, **provenance("capping", describe_model(info), rendering, percentile=float(q), range=range_name,
+                               fractions=list(ranges[range_name]), calibration=calibration))
         capped[name] = (chosen, taus.tolist())
         log.info("capping %s: layers %s, thresholds %s", name, chosen, [round(t, 2) for t in taus.tolist()])
     write_parquet(frame, table)
@@ -450,11 +516,12 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     info = _model_info(model)
     prompts = first_of_each_kind(load_eval_prompts(prompts_file), n_prompts)
     configs = {Path(p).name.removesuffix(".safetensors"): load_capping(p, model_name=info["name"],
-                                                                        hidden_size=info["hidden_size"])
+                                                                        hidden_size=info["hidden_size"],
+                                                                        n_layers=info["n_layers"])
                for p in capping_files}
     cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
     watched = sorted({layer, *cap_layers})
-    units = axis_tensor[[layers.index(w) for w in watched]].float()
+    units = axis_tensor[watched].float()
     units = units / units.norm(dim=-1, keepdim=True)
     net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
     template = ChatTemplate(tokenizer, template_options, info["name"])

@@ -2,7 +2,8 @@
 
 A positive coefficient pushes towards the Assistant, a negative one away from it (towards the
 roles). The coefficient is in the residual stream's own units: compare it with the projections the
-activations stage records at those layers.
+activations stage records at those layers. `unit="raw"` adds `coefficient * axis` instead, the raw
+vector, as the paper's code does: its coefficients are ours divided by the axis norm at that layer.
 
 >>> with steer(model, axis_rows, layers=[12, 15], coefficient=-8.0):
 ...     model.generate(...)
@@ -18,15 +19,18 @@ import torch
 from assistant_axis.errors import InputError
 from assistant_axis.models import block_hidden, find_blocks, hidden_size, with_block_hidden
 
-__all__ = ["steer", "POSITIONS"]
+__all__ = ["steer", "POSITIONS", "UNITS"]
 
 POSITIONS = ("all", "last")
+# What one unit of the coefficient adds: the unit axis (ours), or the axis vector itself (the paper code's).
+UNITS = ("unit", "raw")
 
 
 @contextmanager
 def steer(model, directions: torch.Tensor, layers: Sequence[int], coefficient: float, positions: str = "all",
-          blocks_path: str | None = None, source: str = "steering") -> Iterator[None]:
-    """Add `coefficient * directions[i] / |directions[i]|` to block `layers[i]`'s output.
+          blocks_path: str | None = None, source: str = "steering", unit: str = "unit") -> Iterator[None]:
+    """Add `coefficient * directions[i] / |directions[i]|` (`unit="raw"`: `coefficient * directions[i]`) to
+    block `layers[i]`'s output.
 
     `directions` is [hidden] (the same at every layer) or [len(layers), hidden]. `positions="last"`
     steers only the last token of each forward pass: the prompt's last token, then every generated
@@ -34,6 +38,8 @@ def steer(model, directions: torch.Tensor, layers: Sequence[int], coefficient: f
     """
     if positions not in POSITIONS:
         raise InputError(source, "positions", f"{positions!r} is not one of {', '.join(POSITIONS)}")
+    if unit not in UNITS:
+        raise InputError(source, "unit", f"{unit!r} is not one of {', '.join(UNITS)}")
     blocks = find_blocks(model, blocks_path)
     layers = list(layers)
     rows = directions.float()
@@ -46,7 +52,7 @@ def steer(model, directions: torch.Tensor, layers: Sequence[int], coefficient: f
     outside = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if outside:
         raise InputError(source, "layers", f"layer {outside[0]} is outside the model's {len(blocks)} blocks")
-    shifts = coefficient * rows / rows.norm(dim=-1, keepdim=True)
+    shifts = coefficient * (rows / rows.norm(dim=-1, keepdim=True) if unit == "unit" else rows)
 
     def hook_for(shift: torch.Tensor):
         def hook(_module, _args, output):

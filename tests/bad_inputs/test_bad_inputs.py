@@ -145,7 +145,7 @@ def vectors_stage(url: str) -> tuple[str, dict]:
 def axis_stage(url: str) -> tuple[str, dict]:
     return "axis", {"vector_files": [f"{R}/vectors/{r}.safetensors" for r in ["default", *TINY_ROLES]],
                     "output": f"{R}/axis.safetensors", "output_pt": f"{R}/axis.pt",
-                    "summary": f"{R}/vectors/summary.parquet", "model": M, "config_hash": "0"}
+                    "summary": f"{R}/vectors/summary.parquet", "model": f"{R}/model.json", "config_hash": "0"}
 
 
 def judge_stage(backend: str, **settings) -> Callable[[str], tuple[str, dict]]:

@@ -1,5 +1,6 @@
 rule axis:
     input:
+        model="results/{model}/model.json",  # its depth: the axis is indexed by block
         vectors=expand("results/{{model}}/vectors/{role}.safetensors", role=ROLES),
     output:
         axis="results/{model}/axis.safetensors",

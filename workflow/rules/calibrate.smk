@@ -1,7 +1,10 @@
+# `capping.calibration: token` (the default) loads the model to project every default reply token, rendered
+# as the activations stage renders it; `reply` uses the default activations (reply means) only.
 rule calibrate:
     input:
         model="results/{model}/model.json",
         default="results/{model}/activations/default.safetensors",
+        responses="results/{model}/responses/default.parquet",
         axis="results/{model}/axis.safetensors",
     output:
         percentiles="results/{model}/capping/percentiles.parquet",
@@ -12,6 +15,9 @@ rule calibrate:
         ranges=config["capping"]["ranges"],
         percentiles=config["capping"]["percentiles"],
         names=PLAN.capping_names(),
+        calibration=config["capping"]["calibration"],
+        model_settings=PLAN.calibration_model_params(),
+    threads: 2
     resources:
         **PLAN.resources("calibrate"),
     conda:
