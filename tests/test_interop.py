@@ -266,8 +266,8 @@ def test_every_artifact_says_what_it_means_and_loading_checks_it(tmp_path, resul
     with pytest.raises(InputError, match=r"axis.safetensors: n_layers: made for n_layers 30, but the model in use "
                        r"has 32"):
         load_axis(results / "axis.safetensors", n_layers=32)
-    with pytest.raises(InputError, match=r"late-p25.safetensors: model: made for model 'smollm2-135m-instruct', "
-                       r"but the model in use has 'other'"):
+    with pytest.raises(InputError, match=r"late-p25.safetensors: model: capping config for model "
+                       r"'smollm2-135m-instruct', not 'other'"):
         load_capping(results / "capping/late-p25.safetensors", model_name="other")
     with pytest.raises(InputError, match=r"late-p25.safetensors: artifact: holds a capping config, not an axis"):
         load_axis(results / "capping/late-p25.safetensors")

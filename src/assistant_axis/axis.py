@@ -70,11 +70,11 @@ def load_axis(path: str | Path, model: str | None = None, n_layers: int | None =
               hidden_size: int | None = None, config_sha: str | None = None) -> tuple[torch.Tensor, list[int], dict]:
     """The axis [n_layers, hidden] indexed by block (`axis[i]` is block i's; NaN where not extracted), the
     blocks it has, and the metadata. The provenance is checked against what is given (None: unchecked)."""
-    from assistant_axis.provenance import check_provenance
+    from assistant_axis.provenance import check_provenance, warn_unchecked
 
     tensors, meta = read_tensors(path)
-    check_provenance(meta, path, "axis", model=model, n_layers=n_layers, hidden_size=hidden_size,
-                     model_config_sha=config_sha)
+    checked = check_provenance(meta, path, "axis", model=model, n_layers=n_layers, hidden_size=hidden_size,
+                               model_config_sha=config_sha)
     for name in ("axis", "layers"):
         if name not in tensors:
             raise InputError(path, name, "tensor missing")
@@ -91,6 +91,13 @@ def load_axis(path: str | Path, model: str | None = None, n_layers: int | None =
         axis = by_block(axis, layers, int(decoded.get("n_layers", max(layers) + 1)))
     if len(axis) <= max(layers):
         raise InputError(path, "layers", f"layer {max(layers)} but the axis has {len(axis)} rows")
+    if hidden_size is not None and axis.shape[-1] != hidden_size:
+        raise InputError(path, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model in use has "
+                         f"{hidden_size}")
+    if n_layers is not None and len(axis) > n_layers:
+        raise InputError(path, "n_layers", f"axis has {len(axis)} layers, the model in use has {n_layers}")
+    if not checked:
+        warn_unchecked(path)
     return axis, layers, decoded
 
 

@@ -78,26 +78,28 @@ def load_capping(path: str | Path, model_name: str | None = None, hidden_size: i
 
     A `.pt` file is the paper code's `capping_config.pt`: `experiment` picks one of its experiments by id
     (converted from their ceiling to our floor, the same intervention)."""
-    from assistant_axis.provenance import check_provenance
+    from assistant_axis.provenance import check_provenance, warn_unchecked
 
     if str(path).endswith(".pt"):
         from assistant_axis.interop import import_capping
 
-        config = import_capping(path, experiment)
+        config, checked = import_capping(path, experiment), False  # the paper's files carry no provenance
     else:
         if experiment is not None:
             raise InputError(path, "experiment", "only a paper capping_config.pt holds experiments")
         config = read_capping(path)
-        check_provenance(config.metadata, path, "capping", model=model_name, n_layers=n_layers,
-                         hidden_size=hidden_size)
         if model_name is not None and config.model not in ("", model_name):
             raise InputError(path, "model", f"capping config for model {config.model!r}, not {model_name!r}")
+        checked = check_provenance(config.metadata, path, "capping", model=model_name, n_layers=n_layers,
+                                   hidden_size=hidden_size)
     if hidden_size is not None and config.vectors.shape[1] != hidden_size:
         raise InputError(path, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's hidden size "
                          f"is {hidden_size}")
     outside = [layer for layer in config.layers if n_layers is not None and not 0 <= layer < n_layers]
     if outside:
         raise InputError(path, "layers", f"layer {outside[0]} is outside the model's {n_layers} layers")
+    if not checked:
+        warn_unchecked(path)
     return config.normalized()
 
 

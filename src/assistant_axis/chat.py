@@ -241,10 +241,8 @@ def load_session(model_path: str, axis_path: str, cap_path: str | None = None, s
 
     shape = _model_shape(model_path)
     n_layers = shape[0] if shape else None
-    axis, axis_layers, meta = load_axis(axis_path, n_layers=n_layers, config_sha=shape[2] if shape else None)
-    if shape is not None and axis.shape[-1] != shape[1]:
-        raise InputError(axis_path, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model "
-                         f"{model_path} has {shape[1]}")
+    axis, axis_layers, meta = load_axis(axis_path, n_layers=n_layers, hidden_size=shape[1] if shape else None,
+                                        config_sha=shape[2] if shape else None)
     axis_model = meta.get("model") if isinstance(meta.get("model"), str) and meta.get("model") else None
     capping = None
     if cap_path:

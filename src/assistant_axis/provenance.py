@@ -17,7 +17,7 @@ from pathlib import Path
 from assistant_axis.errors import InputError
 
 __all__ = ["DIRECTION", "LAYER_CONVENTION", "FLOOR", "describe_model", "config_sha", "provenance",
-           "check_provenance"]
+           "check_provenance", "warn_unchecked"]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def check_provenance(meta: dict, path: str | Path, artifact: str, **expected) ->
     """Compare the file's provenance with `expected` (model name, n_layers, hidden_size, model_config_sha;
     None = unknown).
 
-    Returns False (with a warning) for a file that has none; raises one-line InputError on a mismatch."""
+    Returns False for a file that has none (the loader warns with `warn_unchecked` once its own checks
+    pass, so a bad file gets one line, the error); raises one-line InputError on a mismatch."""
     if "artifact" not in meta:
-        log.warning("%s has no provenance (made elsewhere?): its model, layers and sign cannot be checked", path)
         return False
     kind = _decoded(meta["artifact"])
     if kind != artifact:
@@ -84,3 +84,7 @@ def check_provenance(meta: dict, path: str | Path, artifact: str, **expected) ->
             what = "weights' config hash" if key == "model_config_sha" else key
             raise InputError(path, key, f"made for {what} {have!r}, but the model in use has {want!r}")
     return True
+
+
+def warn_unchecked(path: str | Path) -> None:
+    log.warning("%s has no provenance (made elsewhere?): its model and sign cannot be checked", path)
