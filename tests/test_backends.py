@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -118,8 +119,13 @@ def test_tiny_run_through_transformers_serve(tmp_path, model_dir, hf_url, key):
     for role in TINY_ROLES:
         scores = pd.read_parquet(results / f"scores/{role}.parquet")
         assert scores["judge"].str.endswith(":parse").all()
-        # Every row has a score or the recorded reason it has none.
-        assert (scores["score"].notna() | scores["raw"].str.len().gt(0)).all()
+        # Each row's score is the first digit 0-3 of the judge's own reply recorded beside it; a row without
+        # one records a reply that has no such digit.
+        for score, raw in zip(scores["score"], scores["raw"], strict=True):
+            if pd.isna(score):
+                assert raw.startswith("no digit 0-3 in the judge's reply") and not re.search(r"[0-3]", raw[34:]), raw
+            else:
+                assert re.search(r"[0-3]", json.loads(raw)["text"]).group() == str(score), (score, raw)
     axis = torch.load(results / "axis.pt", weights_only=True)
     assert axis.shape == (30, 576)
     assert _grep_tree(work, key) == []

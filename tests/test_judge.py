@@ -15,6 +15,7 @@ from assistant_axis.judge import (
     JudgeItem,
     LocalJudge,
     agreement,
+    calibrate,
     render_prompt,
 )
 
@@ -53,6 +54,31 @@ def test_embedding_judge_agrees_with_hand_labels(embedding_judge):
     scores = [v.score for v in embedding_judge.score(items)]
     for label in range(4):  # every level is actually produced
         assert label in scores
+
+
+def test_embedding_judge_agrees_with_labels_it_was_not_fitted_on(embedding_judge):
+    """Fit the thresholds on one half of the labels and score the other half, both ways (two-fold)."""
+    items, labels = _labelled()
+    feats = embedding_judge.features(items)
+    folds = [list(range(0, len(items), 2)), list(range(1, len(items), 2))]
+    held_out = []
+    for fit, test in (folds, folds[::-1]):
+        thresholds, _ = calibrate(embedding_judge, [items[i] for i in fit], [labels[i] for i in fit])
+        held_out += [embedding_judge.decide(feats[i], thresholds) == labels[i] for i in test]
+    assert sum(held_out) / len(held_out) >= 0.75, sum(held_out) / len(held_out)
+
+
+def test_threshold_fitting_recovers_thresholds_that_made_the_labels(embedding_judge):
+    """Labels made by known thresholds (a point of the search grid): the fit must reproduce every one."""
+    items, _ = _labelled()
+    feats = embedding_judge.features(items)
+    known = EmbeddingThresholds(refusal=0.45, role_keep=0.22, in_role=0.04)
+    made = [embedding_judge.decide(f, known) for f in feats]
+    assert len(set(made)) >= 3  # the labels are not all one level, so a lazy fit cannot match them
+    fitted, accuracy = calibrate(embedding_judge, items, made)
+    assert accuracy == 1.0 and [embedding_judge.decide(f, fitted) for f in feats] == made
+    worse = [3 - m for m in made]  # labels no threshold choice can reproduce: agreement must fall short
+    assert calibrate(embedding_judge, items, worse)[1] < 1.0
 
 
 def test_embedding_judge_is_deterministic_and_handles_empty(embedding_judge):

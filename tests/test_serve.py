@@ -100,6 +100,9 @@ def test_sampling_is_seeded(plain_url):
     ask = dict(model=MODEL, messages=PIRATE, max_tokens=8, temperature=1.0, top_p=0.95)
     first, second = (client.chat.completions.create(**ask, seed=7).choices[0].message.content for _ in range(2))
     assert first == second
+    # And the seed is used: a server that ignored it would give one text for every seed (or vary without it).
+    others = {client.chat.completions.create(**ask, seed=seed).choices[0].message.content for seed in (8, 9, 10)}
+    assert len(others | {first}) >= 2, others
 
 
 def test_unsupported_requests_get_a_400_naming_the_field(plain_url):
