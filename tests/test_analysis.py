@@ -86,9 +86,41 @@ def test_pipeline_writes_pca_stability_capping_and_evaluation(tiny_run):
     # Every token is held at or above its layer's floor, so every reply's mean over the capped layers is too.
     floor = float(config.thresholds.mean())
     assert (capped["projection_capped_layers"] >= floor - 1e-4 * abs(floor)).all()
+    import matplotlib.image
+
     for name in ("pca/variance.png", "pca/scatter.png", "pca/layers.png", "stability/rollouts.png",
                  "capping/thresholds.png", "evaluation/tradeoff.png"):
-        assert (results / name).stat().st_size > 10_000, name
+        pixels = matplotlib.image.imread(results / name)  # a real PNG with something drawn on it
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05, name
+
+
+@pytest.mark.slow
+def test_pca_and_evaluation_tables_equal_independent_recomputations(tiny_run):
+    """The PCA summary from numpy's eigendecomposition of the role vectors; the evaluation summary from
+    responses.parquet by plain pandas."""
+    from safetensors.torch import load_file
+
+    results = tiny_run / "results" / MODEL
+    axis, layers, _ = load_axis(results / "axis.safetensors")
+    used = pd.read_parquet(results / "vectors/summary.parquet").query("included and role != 'default'")["role"]
+    vectors = np.stack([load_file(results / f"vectors/{r}.safetensors")["vector"].double().numpy() for r in used])
+    summary = pd.read_parquet(results / "pca/summary.parquet").set_index("layer")
+    for row, layer in enumerate(layers):
+        centred = vectors[:, row] - vectors[:, row].mean(axis=0)
+        values, directions = np.linalg.eigh(centred.T @ centred)  # ascending
+        top, a = directions[:, -1], axis[layer].double().numpy()
+        assert summary.loc[layer, "pc1_variance"] == pytest.approx(values[-1] / values.sum(), abs=1e-4)
+        assert summary.loc[layer, "pc1_cosine"] == pytest.approx(abs(top @ a) / np.linalg.norm(a), abs=1e-4)
+        assert summary.loc[layer, "axis_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-5)
+    replies = pd.read_parquet(results / "evaluation/responses.parquet")
+    evaluation = pd.read_parquet(results / "evaluation/summary.parquet").set_index("setting")
+    for setting, part in replies.groupby("setting"):
+        persona, plain = part[part["kind"] == "persona"], part[part["kind"] == "plain"]
+        scored = persona["score"].dropna()
+        assert evaluation.loc[setting, "persona_adoption"] == pytest.approx((scored == 3).mean() if len(scored) else 0)
+        assert evaluation.loc[setting, "accuracy"] == pytest.approx(plain["correct"].astype(float).mean())
+        assert evaluation.loc[setting, "projection_persona"] == pytest.approx(persona["projection"].mean())
+        assert evaluation.loc[setting, "n_plain"] == len(plain) and evaluation.loc[setting, "n_persona"] == len(persona)
 
 
 @pytest.mark.slow
