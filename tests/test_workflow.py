@@ -100,6 +100,32 @@ def test_a_reformatted_config_reruns_nothing(run):
 
 
 
+def test_a_sampling_edit_reruns_everything_from_generate_on(run):
+    path = run / "config/config.yaml"
+    original = _edit_yaml(path, lambda d: d["generate"].update(temperature=0.5))
+    try:
+        every = [*TINY_ROLES, "default"]
+        assert planned_jobs(run) == ({(stage, r) for stage in ("generate", "activations", "vectors") for r in every}
+                                     | {("judge", r) for r in TINY_ROLES} | AFTER_AXIS)
+    finally:
+        path.write_text(original)
+
+
+def test_edits_after_the_axis_rerun_only_what_follows_them(run):
+    """The axis records the config that made it, not the sections that only read it."""
+    path = run / "config/config.yaml"
+    original = _edit_yaml(path, lambda d: d["evaluate"].update(n_prompts=2))
+    try:
+        assert planned_jobs(run) == {("evaluate", None), ("all", None)}
+    finally:
+        path.write_text(original)
+    original = _edit_yaml(path, lambda d: d.setdefault("capping", {}).update(percentiles=[10]))
+    try:
+        assert planned_jobs(run) == {("calibrate", None), ("evaluate", None), ("all", None)}
+    finally:
+        path.write_text(original)
+
+
 def test_description_edit_reruns_only_that_roles_judge_chain(run):
     path = run / "data/roles/pirate.yaml"
     original = _edit_yaml(path, lambda d: d.update(description=d["description"] + " Speaks of the sea."))

@@ -48,6 +48,8 @@ DEFAULT_RESOURCES = {
 # The stages that run the model's weights; calibrate too when it calibrates on tokens (Plan.loads_a_model).
 MODEL_STAGES = ("generate", "activations", "evaluate")
 DEFAULT_API_JOBS = 4
+# The config sections that decide the axis's values (its upstream stages).
+AXIS_SECTIONS = ("model", "roles", "questions", "generate", "activations", "judge", "vectors")
 
 
 def _load_roles(bank: Path, layout: str) -> dict[str, Role]:
@@ -411,4 +413,9 @@ class Plan:
                 "template": judge.get("template") or DEFAULT_TEMPLATE}
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """A hash of the config sections the axis is made from (recorded in the axis as its provenance).
+
+        Only these: a rule param, it would rerun the axis and all after it when an unrelated section
+        (evaluation, capping, analysis, resources) changed."""
+        made_from = {key: self.config.get(key) for key in AXIS_SECTIONS}
+        return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:16]
