@@ -338,17 +338,16 @@ def pca(vector_files: list[str], axis_file: str, layer: int | None, summary: str
 
     axis_tensor, layers, layer, _ = _axis_and_layer(axis_file, layer)
     names, vecs, _ = _included_vectors(vector_files)
-    rows = []
+    rows, results = [], {}
     for i, model_layer in enumerate(layers):  # the vectors' rows are the axis's layers, in order
-        result = role_pca(vecs[:, i], axis_tensor[model_layer])
+        result = results[model_layer] = role_pca(vecs[:, i], axis_tensor[model_layer])
         cumulative = result.variance_ratio.cumsum(0)
         rows.append({"layer": model_layer, "axis_norm": float(axis_tensor[model_layer].norm()),
                      "pc1_cosine": cosine(result.components[0], axis_tensor[model_layer]),
                      "pc1_variance": float(result.variance_ratio[0]),
                      "components_for_70pct": int((cumulative < 0.7).sum()) + 1})
     table = pd.DataFrame(rows)
-    i = layers.index(layer)
-    result = role_pca(vecs[:, i], axis_tensor[layer])
+    i, result = layers.index(layer), results[layer]
     comp = pd.DataFrame({"component": range(1, len(result.variance_ratio) + 1),
                          "variance_ratio": result.variance_ratio.numpy(),
                          "cumulative": result.variance_ratio.cumsum(0).numpy()})
