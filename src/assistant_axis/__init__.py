@@ -1,7 +1,9 @@
 """Find, measure and use the Assistant Axis of a chat model.
 
-The workflow (see the repository's Snakefile) calls into these modules, one per concept:
-roles, models, chat, backends, activations, judge, axis.
+The workflow (see the repository's Snakefile) calls `stages`, one function per stage, which calls
+these modules, one per concept: roles, models, templates, backends, api, activations, judge, axis,
+cap, steer, project, chat, serve, interop, provenance, analysis, evaluate, plots. README.md's
+"Architecture" section says where a new judge, engine, stage or config key goes.
 """
 
 from assistant_axis.errors import AxisError, InputError
