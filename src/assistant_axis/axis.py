@@ -10,7 +10,6 @@ the `default` role uses all of its replies. The axis is, per layer,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def load_axis(path: str | Path, model: str | None = None, n_layers: int | None =
               hidden_size: int | None = None, config_sha: str | None = None) -> tuple[torch.Tensor, list[int], dict]:
     """The axis [n_layers, hidden] indexed by block (`axis[i]` is block i's; NaN where not extracted), the
     blocks it has, and the metadata. The provenance is checked against what is given (None: unchecked)."""
-    from assistant_axis.provenance import check_provenance, warn_unchecked
+    from assistant_axis.provenance import check_provenance, decoded_value, warn_unchecked
 
     tensors, meta = read_tensors(path)
     checked = check_provenance(meta, path, "axis", model=model, n_layers=n_layers, hidden_size=hidden_size,
@@ -78,12 +77,7 @@ def load_axis(path: str | Path, model: str | None = None, n_layers: int | None =
     for name in ("axis", "layers"):
         if name not in tensors:
             raise InputError(path, name, "tensor missing")
-    decoded = {}
-    for key, value in meta.items():
-        try:
-            decoded[key] = json.loads(value)
-        except json.JSONDecodeError:
-            decoded[key] = value
+    decoded = {key: decoded_value(value) for key, value in meta.items()}
     axis, layers = tensors["axis"], tensors["layers"].tolist()
     if axis.dim() != 2 or not layers or min(layers) < 0:
         raise InputError(path, "axis", f"shape {tuple(axis.shape)} with layers {layers}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from assistant_axis.errors import InputError
 
 __all__ = ["DIRECTION", "LAYER_CONVENTION", "FLOOR", "describe_model", "config_sha", "provenance",
-           "check_provenance", "warn_unchecked"]
+           "check_provenance", "decoded_value", "warn_unchecked"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def provenance(artifact: str, model: dict, rendering: dict | None = None, **extr
             **{k: v for k, v in (rendering or {}).items() if v is not None}, **extra}
 
 
-def _decoded(value):
+def decoded_value(value):
+    """A metadata value as written: JSON where it parses (numbers, lists, dicts), else the string itself."""
     if isinstance(value, str):
         try:
             return json.loads(value)
@@ -73,13 +74,13 @@ def check_provenance(meta: dict, path: str | Path, artifact: str, **expected) ->
     pass, so a bad file gets one line, the error); raises one-line InputError on a mismatch."""
     if "artifact" not in meta:
         return False
-    kind = _decoded(meta["artifact"])
+    kind = decoded_value(meta["artifact"])
     if kind != artifact:
         names = {"axis": "an axis", "role_vector": "a role vector", "capping": "a capping config"}
         raise InputError(path, "artifact", f"holds {names.get(kind, repr(kind))}, not {names[artifact]}")
     for key in CHECKED:
         want, have = expected.get(key), meta.get(key)
-        have = _decoded(have) if key in ("n_layers", "hidden_size") else have  # names and hashes stay strings
+        have = decoded_value(have) if key in ("n_layers", "hidden_size") else have  # names and hashes stay strings
         if want is not None and have not in (None, "") and have != want:
             what = "weights' config hash" if key == "model_config_sha" else key
             raise InputError(path, key, f"made for {what} {have!r}, but the model in use has {want!r}")
