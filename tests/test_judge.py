@@ -115,3 +115,24 @@ def test_local_judge_reads_digit_probabilities(bundled):
         assert sum(p) == pytest.approx(1, abs=1e-3)
         assert v.score == max(range(4), key=lambda i: p[i])
         assert v.expected_score == pytest.approx(sum(i * x for i, x in enumerate(p)), abs=1e-3)
+
+
+def test_every_judge_scores_items_the_same_way(bundled, embedding_judge):
+    """The one interface: `score(items)` keeps order, gives an empty reply a null score without asking the
+    judge, and records what decided each score (`basis`): the rendered prompt's hash for a prompt judge."""
+    from assistant_axis.judge import Judge, prompt_hash
+
+    model, tokenizer = bundled
+    items, _ = _labelled()
+    blank = JudgeItem(items[0].role, items[0].description, items[0].question, "  ")
+    batch = [items[0], blank, items[1]]
+    local = LocalJudge(model, tokenizer, "local:bundled", batch_size=2)
+    for judge in (local, embedding_judge):
+        assert isinstance(judge, Judge)
+        verdicts = judge.score(batch)
+        assert [v.raw for v in verdicts][1] == "empty response" and verdicts[1].score is None
+        assert [v.score for v in verdicts[::2]] == [v.score for v in judge.score([items[0], items[1]])]
+        assert all(v.basis == judge.basis(item) for v, item in zip(verdicts, batch, strict=True))
+    assert local.score(batch)[0].basis == prompt_hash(render_prompt(DEFAULT_TEMPLATE, items[0]))
+    assert [v.score for v in local.score(batch[::2])] == [v.score for v in local.score_prompts(
+        [render_prompt(DEFAULT_TEMPLATE, it) for it in batch[::2]])]

@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,8 @@ import torch
 from assistant_axis.errors import InputError, JudgeError
 
 __all__ = [
-    "make_judge", "judge_items",
+    "make_judge",
+    "Judge",
     "DEFAULT_TEMPLATE",
     "DEFAULT_SYSTEM",
     "JudgeItem",
@@ -86,6 +87,36 @@ class Verdict:
     score: int | None
     expected_score: float | None
     raw: str  # the judge's evidence, or the reason there is no score
+    basis: str = ""  # hash of what decided the score (the rendered prompt, or the heuristic's settings and role)
+
+
+class Judge:
+    """What every judge is: `score(items)` gives one `Verdict` per item, in order, with its `basis` filled in.
+
+    An empty response has nothing to judge, whichever the judge: it keeps a null score and its reason. A
+    new judge subclasses this and implements `score_prompts` (it reads the rendered judge prompt), or
+    overrides `_score_present` and `basis` (it reads the items themselves, as `EmbeddingJudge` does).
+    """
+
+    name: str = "judge"
+    template: str = DEFAULT_TEMPLATE
+
+    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        present = [i for i, item in enumerate(items) if item.response.strip()]
+        found = self._score_present([items[i] for i in present]) if present else []
+        verdicts = [Verdict(None, None, "empty response", self.basis(item)) for item in items]
+        for i, verdict in zip(present, found, strict=True):
+            verdicts[i] = replace(verdict, basis=verdicts[i].basis)
+        return verdicts
+
+    def basis(self, item: JudgeItem) -> str:
+        return prompt_hash(render_prompt(self.template, item))
+
+    def _score_present(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        return self.score_prompts([render_prompt(self.template, item) for item in items])
+
+    def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
+        raise NotImplementedError
 
 
 def render_prompt(template: str, item: JudgeItem) -> str:
@@ -148,8 +179,8 @@ def _package_dir(package: str) -> Path:
 
 
 @dataclass
-class EmbeddingJudge:
-    """Heuristic 0-3 judge from sentence embeddings; deterministic; no GPU and no network."""
+class EmbeddingJudge(Judge):
+    """Heuristic 0-3 judge from sentence embeddings; deterministic; no GPU and no network. It reads no prompt."""
 
     thresholds: EmbeddingThresholds = field(default_factory=EmbeddingThresholds)
     name: str = "embedding-heuristic:all-MiniLM-L6-v2"
@@ -207,12 +238,12 @@ class EmbeddingJudge:
             return 2 if f["role"] >= t.role_keep else 1
         return 3 if f["role"] - f["assistant"] > t.in_role else (2 if f["role"] >= t.role_keep else 1)
 
-    def score(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+    def basis(self, item: JudgeItem) -> str:
+        return prompt_hash(self.settings_hash() + item.description)  # what decides its scores
+
+    def _score_present(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         verdicts = []
-        for item, f in zip(items, self.features(items), strict=True):
-            if not item.response.strip():
-                verdicts.append(Verdict(None, None, "empty response"))
-                continue
+        for f in self.features(items):
             s = self.decide(f, self.thresholds)
             evidence = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()})
             verdicts.append(Verdict(s, float(s), evidence))
@@ -246,20 +277,21 @@ def agreement(judge: EmbeddingJudge, items: Sequence[JudgeItem], labels: Sequenc
 # -------------------------------------------------------------------------------------------------- local
 
 
-class LocalJudge:
+class LocalJudge(Judge):
     """A transformers chat model scored from its next-token distribution over the digits 0-3."""
 
     def __init__(self, model, tokenizer, name: str, batch_size: int = 8, system: str | None = DEFAULT_SYSTEM,
-                 template_options: dict | None = None):
+                 template_options: dict | None = None, template: str = DEFAULT_TEMPLATE):
         from assistant_axis.templates import ChatTemplate
 
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
+        self.template = template
         self.system = system
-        self.template = ChatTemplate(tokenizer, template_options, name)
+        self.chat = ChatTemplate(tokenizer, template_options, name)
         self.digit_ids = digit_tokens(tokenizer, "judge.local.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
-        rows = [self.template.ids(self.template.fit(judge_messages(p, self.system)), add_generation_prompt=True)
+        rows = [self.chat.ids(self.chat.fit(judge_messages(p, self.system)), add_generation_prompt=True)
                 for p in prompts]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
@@ -282,7 +314,7 @@ class LocalJudge:
 # --------------------------------------------------------------------------------------------------- vllm
 
 
-class VLLMJudge:
+class VLLMJudge(Judge):
     """A judge model run offline by vLLM on the job's own GPUs: one generated token per prompt, scored from
     its top logprobs over "0".."3" (vLLM reports the model's raw distribution, before sampling).
 
@@ -294,7 +326,7 @@ class VLLMJudge:
     SETTINGS = ("model", "dtype", "system", "top_logprobs", "min_digit_mass", "trust_remote_code",
                 "chat_template_kwargs")
 
-    def __init__(self, settings: dict, llm=None, progress: bool = True):
+    def __init__(self, settings: dict, llm=None, progress: bool = True, template: str = DEFAULT_TEMPLATE):
         from assistant_axis.backends import vllm_engine, vllm_engine_args
         from assistant_axis.templates import ChatTemplate
 
@@ -304,6 +336,7 @@ class VLLMJudge:
         source = settings.get("model") or ""
         if not source and llm is None:
             raise InputError("config", "judge.vllm.model", "the vllm judge needs a model")
+        self.template = template
         self.system = settings.get("system", DEFAULT_SYSTEM)
         self.top_logprobs = int(settings.get("top_logprobs", 20))
         self.min_digit_mass = float(settings.get("min_digit_mass", 0.5))
@@ -314,15 +347,15 @@ class VLLMJudge:
         self.name = f"vllm:{source or llm.llm_engine.model_config.model}"
         self.digit_ids = digit_tokens(llm.get_tokenizer(), "judge.vllm.model")
         # vLLM renders the judge's prompts; the template decides only whether the system message is folded in.
-        self.template = ChatTemplate(llm.get_tokenizer(), settings.get("chat_template_kwargs"), self.name)
+        self.chat = ChatTemplate(llm.get_tokenizer(), settings.get("chat_template_kwargs"), self.name)
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
-        conversations = [self.template.fit(judge_messages(p, self.system)) for p in prompts]
+        conversations = [self.chat.fit(judge_messages(p, self.system)) for p in prompts]
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
-                                chat_template_kwargs=self.template.options or None)
+                                chat_template_kwargs=self.chat.options or None)
         verdicts, masses = [], []
         for output in outputs:
             top = output.outputs[0].logprobs[0]  # token id -> Logprob of the one generated position
@@ -343,7 +376,7 @@ class VLLMJudge:
 # ------------------------------------------------------------------------------------------------- openai
 
 
-class OpenAIJudge:
+class OpenAIJudge(Judge):
     """A judge model behind an OpenAI-compatible API.
 
     `scoring: logprobs` asks for one token with its top logprobs and reads the distribution over the
@@ -351,9 +384,10 @@ class OpenAIJudge:
     `scoring: parse` asks for a short greedy completion and takes its first digit 0-3.
     """
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, template: str = DEFAULT_TEMPLATE):
         from assistant_axis.api import APISettings, ChatAPI
 
+        self.template = template
         self.scoring = settings.get("scoring", "logprobs")
         if self.scoring not in ("logprobs", "parse"):
             raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {self.scoring!r}")
@@ -433,9 +467,9 @@ def verdict_from_text(response: dict) -> Verdict:
     return Verdict(int(match.group()), float(match.group()), json.dumps({"text": text[:80]}))
 
 
-def make_judge(backend: str, settings: dict):
+def make_judge(backend: str, settings: dict, template: str = DEFAULT_TEMPLATE) -> Judge:
     """The configured judge: `embedding` (CPU heuristic), `local` (a transformers judge model), `vllm` (a judge
-    model run by vLLM) or `openai` (an API)."""
+    model run by vLLM) or `openai` (an API). `template` is the judge prompt (the embedding judge reads none)."""
     if backend == "embedding":
         return EmbeddingJudge(EmbeddingThresholds(**settings))
     if backend == "local":
@@ -446,31 +480,9 @@ def make_judge(backend: str, settings: dict):
             raise InputError("config", "judge.local.model", "the local judge needs a model")
         net, tokenizer = load_model(source, settings.get("dtype", "float32"))
         return LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
-                          settings.get("system", DEFAULT_SYSTEM), settings.get("chat_template_kwargs"))
+                          settings.get("system", DEFAULT_SYSTEM), settings.get("chat_template_kwargs"), template)
     if backend == "vllm":
-        return VLLMJudge(settings)
+        return VLLMJudge(settings, template=template)
     if backend == "openai":
-        return OpenAIJudge(settings)
+        return OpenAIJudge(settings, template)
     raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")
-
-
-def judge_items(items: Sequence[JudgeItem], template: str, backend: str, settings: dict,
-                engine=None) -> tuple[list[Verdict], str, list[str]]:
-    """Score items: (verdicts, judge name, per-item hash of what decided the score).
-
-    An empty response has nothing to judge, whichever the backend: it keeps a null score and its reason.
-    """
-    engine = engine or make_judge(backend, settings)
-    prompts = [render_prompt(template, it) for it in items]
-    scored = [i for i, it in enumerate(items) if it.response.strip()]
-    if isinstance(engine, EmbeddingJudge):
-        found = engine.score([items[i] for i in scored])
-        # This judge reads no prompt: hash what decides its scores (settings and the role's text).
-        hashes = [prompt_hash(engine.settings_hash() + it.description) for it in items]
-    else:
-        found = engine.score_prompts([prompts[i] for i in scored])
-        hashes = [prompt_hash(p) for p in prompts]
-    verdicts = [Verdict(None, None, "empty response")] * len(items)
-    for i, verdict in zip(scored, found, strict=True):
-        verdicts[i] = verdict
-    return verdicts, engine.name, hashes

@@ -183,11 +183,12 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
 def judge(responses: str, output: str, role: str, description: str, template: str, backend: str,
           settings: dict) -> None:
     """Score every response of one role for role adherence (0-3)."""
-    from assistant_axis.judge import JudgeItem, judge_items
+    from assistant_axis.judge import JudgeItem, make_judge
 
     frame = read_parquet(responses, RESPONSE_COLUMNS)
     items = [JudgeItem(role, description, q, r) for q, r in zip(frame["question"], frame["response"], strict=True)]
-    verdicts, name, hashes = judge_items(items, template, backend, settings)
+    engine = make_judge(backend, settings, template)
+    verdicts, name = engine.score(items), engine.name
     # A judge that answers but never with a score is misconfigured (wrong model or scoring): a rerun would
     # not help. (Failed requests never get here: the API client fails the job, their answers cached.)
     unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith("empty response")]
@@ -199,7 +200,7 @@ def judge(responses: str, output: str, role: str, description: str, template: st
         "score": pd.array([v.score for v in verdicts], dtype="Int64"),
         "expected_score": pd.array([v.expected_score for v in verdicts], dtype="Float64"),
         "judge": name,
-        "prompt_hash": hashes,
+        "prompt_hash": [v.basis for v in verdicts],
         "raw": [v.raw for v in verdicts],
     })
     counts = scores["score"].value_counts(dropna=False).sort_index().to_dict()
@@ -503,7 +504,7 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     from assistant_axis.backends import Sampling, TransformersBackend
     from assistant_axis.cap import cap, load_capping
     from assistant_axis.evaluate import UNCAPPED, first_of_each_kind, is_correct, load_eval_prompts, summarize
-    from assistant_axis.judge import JudgeItem, judge_items, make_judge
+    from assistant_axis.judge import JudgeItem, make_judge
     from assistant_axis.models import load_model
     from assistant_axis.templates import ChatTemplate
 
@@ -526,7 +527,7 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     template = ChatTemplate(tokenizer, template_options, info["name"])
     backend = TransformersBackend(net, template, batch_size)
     conversations = [template.conversation("", p.prompt) for p in prompts]
-    engine = make_judge(judge["backend"], judge["settings"])
+    engine = make_judge(judge["backend"], judge["settings"], judge["template"])
     frames = []
     for setting in [UNCAPPED, *configs]:
         hooks = cap(net, configs[setting]) if setting in configs else nullcontext()
@@ -540,8 +541,7 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
         persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
         items = [JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text)
                  for i in persona]
-        verdicts, judge_name, _ = judge_items(items, judge["template"], judge["backend"], judge["settings"], engine)
-        scores = dict(zip(persona, verdicts, strict=True))
+        scores = dict(zip(persona, engine.score(items), strict=True))
         on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
         frames.append(pd.DataFrame({
             "setting": setting,
@@ -553,7 +553,7 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
                                  for p, r in zip(prompts, replies, strict=True)], dtype="boolean"),
             "projection": projections[:, watched.index(layer)].numpy(),
             "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
-            "judge": judge_name,
+            "judge": engine.name,
         }))
         log.info("setting %s done", setting)
     table = pd.concat(frames, ignore_index=True)
