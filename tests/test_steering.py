@@ -188,7 +188,7 @@ def test_capping_config_round_trip_and_refusals(tmp_path, bundled, capping):
     with pytest.raises(InputError, match="hidden_size"):
         load_capping(path, hidden_size=4096)
     wide = CappingConfig([40], torch.ones(1, 576), torch.zeros(1), MODEL, source="wide.safetensors")
-    with pytest.raises(InputError, match=r"wide.safetensors: layers: layer 40 is outside the model's 30 blocks"), \
+    with pytest.raises(InputError, match=r"wide.safetensors: layers: layer 40 is outside the model's 30 layers"), \
             cap(model, wide):
         pass
     with pytest.raises(InputError, match="hidden_size"), steer(model, torch.ones(4096), [3], 1.0):

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from assistant_axis.errors import InputError
-from assistant_axis.models import block_hidden, find_blocks
+from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size
 
 __all__ = ["resolve_layers", "token_budget_batches", "mean_activations", "token_projections"]
 
@@ -33,12 +33,10 @@ def resolve_layers(layers: str | Sequence[int], n_layers: int) -> list[int]:
         return list(range(n_layers))
     if isinstance(layers, str):
         raise InputError("config", "activations.layers", f"expected 'all' or a list of integers, got {layers!r}")
-    resolved = []
-    for layer in layers:
-        index = layer + n_layers if layer < 0 else layer
+    resolved = [layer + n_layers if layer < 0 else layer for layer in layers]
+    for layer, index in zip(layers, resolved, strict=True):
         if not 0 <= index < n_layers:
             raise InputError("config", "activations.layers", f"layer {layer} is outside the model's {n_layers} layers")
-        resolved.append(index)
     if len(set(resolved)) != len(resolved):
         raise InputError("config", "activations.layers", f"repeated layer in {list(layers)}")
     return sorted(resolved)
@@ -66,8 +64,9 @@ def _forward_batches(model, sequences: Sequence[Sequence[int]], layers: Sequence
     """
     blocks = find_blocks(model, blocks_path)
     layers = list(layers)
-    if not layers or min(layers) < 0 or max(layers) >= len(blocks):
-        raise InputError("config", "activations.layers", f"layers {layers} outside the model's {len(blocks)} blocks")
+    if not layers:
+        raise InputError("config", "activations.layers", "no layers to read")
+    check_layers(layers, len(blocks), "config", "activations.layers")
     device = next(model.parameters()).device
 
     def hook_for(slot: int, last: bool):
@@ -117,7 +116,7 @@ def mean_activations(
     An empty span gives a row of NaN (there is nothing to average), which later stages skip.
     """
     layers = list(layers)
-    hidden = model.config.get_text_config().hidden_size
+    hidden = hidden_size(model)
     result = torch.full((len(sequences), len(layers), hidden), float("nan"), dtype=torch.float32)
     state: dict[str, torch.Tensor] = {}
 
@@ -169,7 +168,7 @@ def token_projections(
     Projections are float32 dot products of the float32 residual stream, as `mean_activations` averages it.
     """
     layers = list(layers)
-    hidden = model.config.get_text_config().hidden_size
+    hidden = hidden_size(model)
     if units.shape != (len(layers), hidden):
         raise ValueError(f"units of shape {tuple(units.shape)} for {len(layers)} layers of hidden size {hidden}")
     units = units.float()

@@ -19,7 +19,7 @@ import torch
 from assistant_axis.artifacts import read_tensors
 from assistant_axis.errors import InputError
 
-__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "by_block", "project", "unit_rows"]
+__all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "by_block", "project", "unit_rows", "unit_vectors"]
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,16 @@ def by_block(rows: torch.Tensor, layers: list[int], n_layers: int) -> torch.Tens
     return full
 
 
+def unit_vectors(rows: torch.Tensor) -> torch.Tensor:
+    """Each row (or a single vector) scaled to unit length, in float32: the form every projection, cap and
+    unit-coefficient steer uses."""
+    rows = rows.float()
+    return rows / rows.norm(dim=-1, keepdim=True)
+
+
 def project(activation: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """Scalar projection of activation(s) [..., hidden] on the unit axis [hidden]."""
-    return activation.float() @ (axis.float() / axis.float().norm())
+    return activation.float() @ unit_vectors(axis)
 
 
 def unit_rows(axis: torch.Tensor, axis_layers: list[int], layers: list[int], hidden: int,
@@ -117,5 +124,4 @@ def unit_rows(axis: torch.Tensor, axis_layers: list[int], layers: list[int], hid
     if missing:
         raise InputError(source, "layers", f"layer {missing[0]} is not in the axis (it has layers "
                          f"{axis_layers[0]}..{axis_layers[-1]})")
-    rows = axis[list(layers)].float()
-    return rows / rows.norm(dim=-1, keepdim=True)
+    return unit_vectors(axis[list(layers)])

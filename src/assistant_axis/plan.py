@@ -20,6 +20,7 @@ from assistant_axis.api import APISettings
 from assistant_axis.backends import stable_seed
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE
+from assistant_axis.models import DTYPES
 from assistant_axis.roles import (
     DEFAULT_ROLE,
     Question,
@@ -357,9 +358,9 @@ class Plan:
             return model["n_layers"], model["hidden_size"]
         config_file = Path(model["source"]) / "config.json"
         if config_file.is_file():
-            cfg = json.loads(config_file.read_text())
-            cfg = cfg.get("text_config", cfg)
-            return cfg["num_hidden_layers"], cfg["hidden_size"]
+            from assistant_axis.models import config_dims
+
+            return config_dims(json.loads(config_file.read_text()))
         return None
 
     def activation_bytes(self) -> int | None:
@@ -370,7 +371,7 @@ class Plan:
         n_layers, hidden = dims
         layers = self.config["activations"]["layers"]
         n = n_layers if layers == "all" else len(layers)
-        size = {"float32": 4, "bfloat16": 2, "float16": 2}[self.config["activations"]["dtype"]]
+        size = DTYPES[self.config["activations"]["dtype"]].itemsize
         return self.n_responses * n * hidden * size
 
     def generate_jobs(self, roles: list[str]) -> list[dict]:

@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 
 from assistant_axis.artifacts import atomic_path, read_parquet, read_tensors, write_json, write_parquet, write_tensors
+from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import AxisError, InputError
+from assistant_axis.models import DTYPES
 from assistant_axis.provenance import describe_model, provenance
 
 __all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
@@ -34,7 +36,6 @@ SCORE_COLUMNS = ("role", "prompt_index", "question_index", "score", "expected_sc
 KEYS = ["role", "prompt_index", "question_index"]
 # How the activations were rendered (see `ChatTemplate.metadata`): carried to the vectors and the axis.
 RENDERING_KEYS = ("chat_template_kwargs", "chat_template_sha")
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @contextmanager
@@ -158,7 +159,7 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
     from assistant_axis.models import find_blocks, load_model
     from assistant_axis.templates import ChatTemplate
 
-    if dtype not in STORAGE_DTYPES:
+    if dtype not in DTYPES:
         raise InputError("config", "activations.dtype", f"unknown dtype {dtype!r}")
     frames = [read_parquet(path, RESPONSE_COLUMNS) for path in responses]
     info = _model_info(model)
@@ -173,7 +174,7 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
         offset += len(frame)
         role = str(frame["role"].iloc[0]) if len(frame) else Path(path).stem
         write_tensors(
-            {"activations": part.to(STORAGE_DTYPES[dtype]), "layers": torch.tensor(layer_ids)},
+            {"activations": part.to(DTYPES[dtype]), "layers": torch.tensor(layer_ids)},
             output,
             {"model": info["name"], "role": role, "hidden_size": acts.shape[-1], "n_responses": len(frame),
              **template.metadata()},
@@ -440,7 +441,7 @@ def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict
         if missing:
             raise InputError("config", f"capping.ranges.{range_name}", f"layer {missing[0]} has no activations")
         chosen_layers[name] = chosen
-    units = axis_tensor[layers].float() / axis_tensor[layers].float().norm(dim=-1, keepdim=True)
+    units = unit_vectors(axis_tensor[layers])
     if calibration == "reply":
         projections = torch.einsum("nlh,lh->nl", tensors["activations"].float(), units)
     else:
@@ -521,8 +522,7 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
                for p in capping_files}
     cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
     watched = sorted({layer, *cap_layers})
-    units = axis_tensor[watched].float()
-    units = units / units.norm(dim=-1, keepdim=True)
+    units = unit_vectors(axis_tensor[watched])
     net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
     template = ChatTemplate(tokenizer, template_options, info["name"])
     backend = TransformersBackend(net, template, batch_size)

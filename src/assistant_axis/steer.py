@@ -16,8 +16,9 @@ from contextlib import contextmanager
 
 import torch
 
+from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import InputError
-from assistant_axis.models import block_hidden, find_blocks, hidden_size, with_block_hidden
+from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size, with_block_hidden
 
 __all__ = ["steer", "POSITIONS", "UNITS"]
 
@@ -49,10 +50,8 @@ def steer(model, directions: torch.Tensor, layers: Sequence[int], coefficient: f
                          f"{hidden_size(model)}")
     if len(rows) != len(layers):
         raise InputError(source, "layers", f"{len(layers)} layers but {len(rows)} vectors")
-    outside = [layer for layer in layers if not 0 <= layer < len(blocks)]
-    if outside:
-        raise InputError(source, "layers", f"layer {outside[0]} is outside the model's {len(blocks)} blocks")
-    shifts = coefficient * (rows / rows.norm(dim=-1, keepdim=True) if unit == "unit" else rows)
+    check_layers(layers, len(blocks), source, "layers")
+    shifts = coefficient * (unit_vectors(rows) if unit == "unit" else rows)
 
     def hook_for(shift: torch.Tensor):
         def hook(_module, _args, output):
