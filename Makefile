@@ -42,6 +42,7 @@ test: $(VENV)/.installed-vllm
 
 lint: $(VENV)/.installed-dev
 	ruff check src tests workflow benchmarks
+	ruff format --check src tests workflow benchmarks
 	snakemake --lint
 
 clean:

@@ -23,10 +23,17 @@ def completion(text: str, top_logprobs: list[tuple[str, float]] | None = None) -
     choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
     if top_logprobs is not None:
         top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in top_logprobs]
-        choice["logprobs"] = {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "bytes": None,
-                                           "top_logprobs": top}]}
-    return {"id": "fake", "object": "chat.completion", "created": 0, "model": "fake", "choices": [choice],
-            "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split()), "total_tokens": 1}}
+        choice["logprobs"] = {
+            "content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "bytes": None, "top_logprobs": top}]
+        }
+    return {
+        "id": "fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split()), "total_tokens": 1},
+    }
 
 
 class _Discard(list):

@@ -97,8 +97,18 @@ def llama_cpp_server(gguf: Path, log: Path):
     port = free_port()
     # --no-repack: llama.cpp built with -march=native uses AMX tiles where the CPU lists them, and dies
     # with SIGILL on machines whose kernel does not grant them (measured on one of ours).
-    command = [llama_cpp_binary(), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "--ctx-size", "8192", "--no-repack"]
+    command = [
+        llama_cpp_binary(),
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ctx-size",
+        "8192",
+        "--no-repack",
+    ]
     with _serve(command, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -125,8 +135,15 @@ class FaultProxy:
     headers received, to check that the key travelled only where it should.
     """
 
-    def __init__(self, upstream: str, share: float = 0.3, seed: int = 0, hang_seconds: float = 4.0,
-                 echo_key_on_500: bool = True, kinds: tuple[str, ...] = FAULTS):
+    def __init__(
+        self,
+        upstream: str,
+        share: float = 0.3,
+        seed: int = 0,
+        hang_seconds: float = 4.0,
+        echo_key_on_500: bool = True,
+        kinds: tuple[str, ...] = FAULTS,
+    ):
         self.upstream = urlparse(upstream)
         self.share, self.rng, self.hang_seconds, self.kinds = share, random.Random(seed), hang_seconds, kinds
         self.echo_key_on_500 = echo_key_on_500

@@ -52,6 +52,7 @@ def test_last_layer_is_the_raw_residual_not_the_final_norm(bundled, batch):
     seqs, spans = batch
     blocks = find_blocks(model)
     captured = {}
+
     def keep(_module, _args, out):
         captured["h"] = out[0] if isinstance(out, tuple) else out
 

@@ -88,8 +88,14 @@ def test_pipeline_writes_pca_stability_capping_and_evaluation(tiny_run):
     assert (capped["projection_capped_layers"] >= floor - 1e-4 * abs(floor)).all()
     import matplotlib.image
 
-    for name in ("pca/variance.png", "pca/scatter.png", "pca/layers.png", "stability/rollouts.png",
-                 "capping/thresholds.png", "evaluation/tradeoff.png"):
+    for name in (
+        "pca/variance.png",
+        "pca/scatter.png",
+        "pca/layers.png",
+        "stability/rollouts.png",
+        "capping/thresholds.png",
+        "evaluation/tradeoff.png",
+    ):
         pixels = matplotlib.image.imread(results / name)  # a real PNG with something drawn on it
         assert pixels.shape[0] > 200 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05, name
 
@@ -128,6 +134,15 @@ def test_report_holds_every_plot_with_its_caption(tiny_run, tmp_path):
     report = tmp_path / "report.html"
     snakemake(tiny_run, "--report", str(report))
     html = report.read_text(errors="replace")
-    for needle in ("variance.png", "scatter.png", "layers.png", "rollouts.png", "thresholds.png", "tradeoff.png",
-                   "persona adoption (share", "disjoint random subsets", "Assistant Axis"):
+    for needle in (
+        "variance.png",
+        "scatter.png",
+        "layers.png",
+        "rollouts.png",
+        "thresholds.png",
+        "tradeoff.png",
+        "persona adoption (share",
+        "disjoint random subsets",
+        "Assistant Axis",
+    ):
         assert needle in html, needle

@@ -53,8 +53,10 @@ def llama_f32_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_url(tmp_path_factory, model_dir):
-    need(find_command("transformers") is not None and importlib.util.find_spec("fastapi") is not None,
-         "transformers serve needs transformers[serving]")
+    need(
+        find_command("transformers") is not None and importlib.util.find_spec("fastapi") is not None,
+        "transformers serve needs transformers[serving]",
+    )
     log = tmp_path_factory.mktemp("hfserve") / "server.log"
     with transformers_server(model_dir, log) as url:
         yield url
@@ -89,8 +91,10 @@ def _api(url: str, model: str, cache: str | None = "cache/api", **more) -> dict:
 
 @pytest.mark.slow
 def test_tiny_run_through_llama_cpp(tmp_path, model_dir, llama_url, key):
-    config = tiny_config(generate={"backend": "openai", "openai": _api(llama_url, "smollm2")},
-                         judge={"backend": "openai", "openai": _api(llama_url, "smollm2", scoring="logprobs")})
+    config = tiny_config(
+        generate={"backend": "openai", "openai": _api(llama_url, "smollm2")},
+        judge={"backend": "openai", "openai": _api(llama_url, "smollm2", scoring="logprobs")},
+    )
     work = make_workspace(tmp_path, model_dir, config)
     snakemake(work, env={KEY_ENV: key})
     results = work / "results/smollm2-135m-instruct"
@@ -112,7 +116,8 @@ def test_tiny_run_through_transformers_serve(tmp_path, model_dir, hf_url, key):
     sampling = {"generation_config": json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.9})}
     config = tiny_config(
         generate={"backend": "openai", "openai": _api(hf_url, str(model_dir), extra_body=sampling)},
-        judge={"backend": "openai", "openai": _api(hf_url, str(model_dir), scoring="parse")})
+        judge={"backend": "openai", "openai": _api(hf_url, str(model_dir), scoring="parse")},
+    )
     work = make_workspace(tmp_path, model_dir, config)
     snakemake(work, env={KEY_ENV: key})
     results = work / "results/smollm2-135m-instruct"
@@ -145,14 +150,19 @@ def test_llama_cpp_logprobs_match_the_local_judge(bundled, llama_url, llama_f32_
 
     def differences(url: str) -> list[float]:
         remote = OpenAIJudge(_api(url, "smollm2", cache=None, scoring="logprobs")).score_prompts(prompts)
-        return [abs(a.expected_score - b.expected_score) for a, b in zip(local, remote, strict=True)
-                if not json.loads(b.raw)["missing"]]
+        return [
+            abs(a.expected_score - b.expected_score)
+            for a, b in zip(local, remote, strict=True)
+            if not json.loads(b.raw)["missing"]
+        ]
 
     f32, q4 = differences(llama_f32_url), differences(llama_url)
     with capsys.disabled():
-        print(f"\nlogprob judge vs local judge on {len(prompts)} prompts: all four digits among the top logprobs "
-              f"on {len(f32)} (float32 GGUF) and {len(q4)} (Q4_1 GGUF); max |expected score difference| "
-              f"{max(f32, default=0):.4f} (float32) and {max(q4, default=0):.4f} (Q4_1, quantised arithmetic)")
+        print(
+            f"\nlogprob judge vs local judge on {len(prompts)} prompts: all four digits among the top logprobs "
+            f"on {len(f32)} (float32 GGUF) and {len(q4)} (Q4_1 GGUF); max |expected score difference| "
+            f"{max(f32, default=0):.4f} (float32) and {max(q4, default=0):.4f} (Q4_1, quantised arithmetic)"
+        )
     assert len(f32) >= len(prompts) // 2
     assert max(f32) <= 0.05
 
@@ -163,12 +173,19 @@ def test_llama_cpp_logprobs_match_the_local_judge(bundled, llama_url, llama_f32_
 @pytest.fixture
 def responses_file(tmp_path) -> Path:
     items = _labelled(12)
-    frame = pd.DataFrame({
-        "role": "pirate", "prompt_index": [i % 2 for i in range(len(items))], "question_index": list(range(len(items))),
-        "question_id": [f"q{i}" for i in range(len(items))], "system_prompt": "You are a pirate.",
-        "question": [it.question for it in items], "response": [it.response for it in items],
-        "n_response_tokens": 10, "finish_reason": "stop",
-    })
+    frame = pd.DataFrame(
+        {
+            "role": "pirate",
+            "prompt_index": [i % 2 for i in range(len(items))],
+            "question_index": list(range(len(items))),
+            "question_id": [f"q{i}" for i in range(len(items))],
+            "system_prompt": "You are a pirate.",
+            "question": [it.question for it in items],
+            "response": [it.response for it in items],
+            "n_response_tokens": 10,
+            "finish_reason": "stop",
+        }
+    )
     path = tmp_path / "responses.parquet"
     frame.to_parquet(path)
     return path
@@ -177,23 +194,35 @@ def responses_file(tmp_path) -> Path:
 def _judge_stage(responses: Path, output: Path, settings: dict) -> pd.DataFrame:
     from assistant_axis import stages
 
-    stages.judge(str(responses), str(output), role="pirate", description="A pirate.", template=DEFAULT_TEMPLATE,
-                 backend="openai", settings=settings)
+    stages.judge(
+        str(responses),
+        str(output),
+        role="pirate",
+        description="A pirate.",
+        template=DEFAULT_TEMPLATE,
+        backend="openai",
+        settings=settings,
+    )
     return pd.read_parquet(output)
 
 
 # What each fault the proxy injects looks like to the client, as the job's error line counts it.
-CLIENT_KINDS = {"500": "HTTP 500", "429": "HTTP 429", "hang": "APITimeoutError", "drop": "APIConnectionError",
-                "garbage": "unreadable response"}
+CLIENT_KINDS = {
+    "500": "HTTP 500",
+    "429": "HTTP 429",
+    "hang": "APITimeoutError",
+    "drop": "APIConnectionError",
+    "garbage": "unreadable response",
+}
 
 
 @pytest.mark.slow
-def test_failed_requests_fail_the_job_and_a_rerun_only_asks_for_the_missing(tmp_path, llama_url, responses_file,
-                                                                            key):
+def test_failed_requests_fail_the_job_and_a_rerun_only_asks_for_the_missing(tmp_path, llama_url, responses_file, key):
     cache = tmp_path / "cache"
     # A timeout far above a real answer's time (well under a second), so that only the injected hang meets it.
-    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", timeout=10.0, max_retries=0,
-                    concurrency=2)
+    settings = _api(
+        llama_url, "smollm2", cache=str(cache), scoring="logprobs", timeout=10.0, max_retries=0, concurrency=2
+    )
     # share 0.6 and seed 4: the first 12 draws hold every retryable fault kind at least once.
     with FaultProxy(llama_url, share=0.6, seed=4, hang_seconds=12.0) as proxy:
         settings["base_url"] = proxy.url
@@ -243,16 +272,28 @@ def test_the_cache_keeps_every_answer_of_a_killed_job(tmp_path, llama_url, respo
     import time
 
     cache = tmp_path / "cache"
-    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", concurrency=1,
-                    requests_per_second=4.0)
+    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", concurrency=1, requests_per_second=4.0)
     with FaultProxy(llama_url, share=0.0) as proxy:
         settings["base_url"] = proxy.url
-        script = ("import json, sys\nfrom assistant_axis import stages\n"
-                  "stages.judge(sys.argv[1], sys.argv[2], role='pirate', description='A pirate.', "
-                  "template=sys.argv[3], backend='openai', settings=json.loads(sys.argv[4]))\n")
-        job = subprocess.Popen([sys.executable, "-c", script, str(responses_file), str(tmp_path / "scores.parquet"),
-                                DEFAULT_TEMPLATE, json.dumps(settings)], env={**os.environ},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        script = (
+            "import json, sys\nfrom assistant_axis import stages\n"
+            "stages.judge(sys.argv[1], sys.argv[2], role='pirate', description='A pirate.', "
+            "template=sys.argv[3], backend='openai', settings=json.loads(sys.argv[4]))\n"
+        )
+        job = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(responses_file),
+                str(tmp_path / "scores.parquet"),
+                DEFAULT_TEMPLATE,
+                json.dumps(settings),
+            ],
+            env={**os.environ},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while len(list(cache.rglob("*.json"))) < 3 and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.05)
@@ -271,8 +312,9 @@ def test_the_cache_keeps_every_answer_of_a_killed_job(tmp_path, llama_url, respo
 
 @pytest.mark.slow
 def test_retries_with_backoff_get_every_score(tmp_path, llama_url, responses_file, key):
-    settings = _api(llama_url, "smollm2", cache=None, scoring="logprobs", timeout=15.0, max_retries=8, backoff=0.05,
-                    concurrency=2)
+    settings = _api(
+        llama_url, "smollm2", cache=None, scoring="logprobs", timeout=15.0, max_retries=8, backoff=0.05, concurrency=2
+    )
     with FaultProxy(llama_url, share=0.3, seed=11, hang_seconds=20.0) as proxy:
         settings["base_url"] = proxy.url
         scores = _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
@@ -302,9 +344,17 @@ def test_retry_after_is_honoured(tmp_path, key):
             if len(seen) == 1:
                 body, status, extra = b'{"error": {"message": "busy"}}', 429, {"Retry-After": "1"}
             else:
-                body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": "3"}}]}).encode()
+                body = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "3"}}
+                        ],
+                    }
+                ).encode()
                 status, extra = 200, {}
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -337,31 +387,47 @@ def test_an_unreachable_judge_fails_the_stage_in_one_line(tmp_path, responses_fi
     """A judge pointed at a closed port: the stage exits 1 with one line, and writes no scores."""
     import subprocess
 
-    settings = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": KEY_ENV, "cache": None,
-                "max_retries": 1, "backoff": 0.01, "timeout": 1}
-    script = ("import json, sys\nfrom assistant_axis import stages\nwith stages.logged(None):\n"
-              "    stages.judge(sys.argv[1], sys.argv[2], role='pirate', description='A pirate.', "
-              "template=sys.argv[3], backend='openai', settings=json.loads(sys.argv[4]))\n")
+    settings = {
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "api_key_env": KEY_ENV,
+        "cache": None,
+        "max_retries": 1,
+        "backoff": 0.01,
+        "timeout": 1,
+    }
+    script = (
+        "import json, sys\nfrom assistant_axis import stages\nwith stages.logged(None):\n"
+        "    stages.judge(sys.argv[1], sys.argv[2], role='pirate', description='A pirate.', "
+        "template=sys.argv[3], backend='openai', settings=json.loads(sys.argv[4]))\n"
+    )
     out = tmp_path / "scores.parquet"
-    job = subprocess.run([sys.executable, "-c", script, str(responses_file), str(out), DEFAULT_TEMPLATE,
-                          json.dumps(settings)], capture_output=True, text=True)
+    job = subprocess.run(
+        [sys.executable, "-c", script, str(responses_file), str(out), DEFAULT_TEMPLATE, json.dumps(settings)],
+        capture_output=True,
+        text=True,
+    )
     n = len(pd.read_parquet(responses_file))
     errors = [line for line in job.stderr.splitlines() if line.startswith("error:")]
     print(errors[0] if errors else job.stderr[-2000:])
     assert job.returncode == 1 and not out.exists()
-    assert len(errors) == 1 and errors[0].startswith(f"error: http://127.0.0.1:9/v1: {n} of {n} requests failed "
-                                                     f"after 1 retries ({n} APIConnectionError; first: ")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: http://127.0.0.1:9/v1: {n} of {n} requests failed after 1 retries ({n} APIConnectionError; first: "
+    )
 
 
-@pytest.mark.parametrize("headers, seconds", [
-    ({"retry-after": "3"}, 3.0),
-    ({"retry-after": "0.5"}, 0.5),
-    ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # OpenAI's milliseconds win
-    ({"retry-after": "Wed, 02 Dec 2026 10:00:07 GMT"}, 7.0),  # an HTTP date, 7 s after `now`
-    ({"retry-after": "Wed, 02 Dec 2026 09:59:00 GMT"}, 0.0),  # already past
-    ({"retry-after": "soon"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "headers, seconds",
+    [
+        ({"retry-after": "3"}, 3.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # OpenAI's milliseconds win
+        ({"retry-after": "Wed, 02 Dec 2026 10:00:07 GMT"}, 7.0),  # an HTTP date, 7 s after `now`
+        ({"retry-after": "Wed, 02 Dec 2026 09:59:00 GMT"}, 0.0),  # already past
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+    ],
+)
 def test_retry_after_in_seconds_milliseconds_and_as_a_date(headers, seconds):
     import email.utils
 
@@ -375,14 +441,22 @@ def test_retry_after_in_seconds_milliseconds_and_as_a_date(headers, seconds):
 
 
 def test_vllm_requests_are_built_from_config():
-    settings = {"seed": 7, "vllm": {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.85,
-                                     "max_model_len": 4096}}
+    settings = {"seed": 7, "vllm": {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.85, "max_model_len": 4096}}
     args = VLLMBackend.engine_args("/models/qwen", settings, "bfloat16", trust_remote_code=False)
-    assert args == {"model": "/models/qwen", "dtype": "bfloat16", "seed": 7, "trust_remote_code": False,
-                    "tensor_parallel_size": 4, "gpu_memory_utilization": 0.85, "max_model_len": 4096}
+    assert args == {
+        "model": "/models/qwen",
+        "dtype": "bfloat16",
+        "seed": 7,
+        "trust_remote_code": False,
+        "tensor_parallel_size": 4,
+        "gpu_memory_utilization": 0.85,
+        "max_model_len": 4096,
+    }
     params = VLLMBackend.sampling_params(Sampling(0.7, 0.9, 512, 7), [11, 12])
-    assert params == [{"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 11},
-                      {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 12}]
+    assert params == [
+        {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 11},
+        {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 12},
+    ]
     with pytest.raises(InputError, match="generate.vllm.tensor_paralel_size: unknown vLLM setting"):
         VLLMBackend.engine_args("m", {"vllm": {"tensor_paralel_size": 2}}, "auto", False)
     # Template options are the model's, for every stage: the old vLLM-only place says where they went.
@@ -414,13 +488,13 @@ def test_vllm_jobs_ask_for_their_gpus_and_cores():
     config["judge"] = {"backend": "vllm", "vllm": {"model": "/models/judge", "tensor_parallel_size": 4}}
     validate_config(config, ROOT / "workflow/schemas/config.schema.yaml")
     plan = Plan.from_config(config, ROOT)
-    assert plan.resources("generate")["gpu"] == 2 and plan.threads("generate", 2) == 4
-    assert plan.resources("judge")["gpu"] == 4 and plan.threads("judge", 1) == 6
-    assert "gpu" not in plan.resources("vectors") and plan.threads("vectors", 1) == 1
+    assert plan.jobs.resources("generate")["gpu"] == 2 and plan.jobs.threads("generate", 2) == 4
+    assert plan.jobs.resources("judge")["gpu"] == 4 and plan.jobs.threads("judge", 1) == 6
+    assert "gpu" not in plan.jobs.resources("vectors") and plan.jobs.threads("vectors", 1) == 1
     config["judge"] = {"backend": "embedding"}
     validate_config(config, ROOT / "workflow/schemas/config.schema.yaml")
     plan = Plan.from_config(config, ROOT)
-    assert "gpu" not in plan.resources("judge") and plan.threads("judge", 1) == 1
+    assert "gpu" not in plan.jobs.resources("judge") and plan.jobs.threads("judge", 1) == 1
 
 
 @pytest.mark.parametrize("section", ["generate", "judge"])

@@ -22,8 +22,11 @@ N_LAYERS = 30
 CASES = [
     ("You are a lighthouse keeper.", "What keeps you going?", "The lamp, and the gulls that wait for it each dusk."),
     ("", "Describe yourself.", "I am an AI assistant."),
-    ("You are a storm.", "What do you want?", "To break the shore and then be calm again, over and over, forever, "
-     "until the sea itself forgets my name."),
+    (
+        "You are a storm.",
+        "What do you want?",
+        "To break the shore and then be calm again, over and over, forever, until the sea itself forgets my name.",
+    ),
 ]
 
 
@@ -34,6 +37,7 @@ def _block_outputs(model, ids: list[int]) -> list[torch.Tensor]:
     def keep(layer):
         def hook(_module, _args, output):
             store[layer] = (output[0] if isinstance(output, tuple) else output)[0].float()
+
         return hook
 
     handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
@@ -102,8 +106,7 @@ def test_mean_of_a_replys_token_projections_is_the_projection_of_its_mean(bundle
     for i, (start, end) in enumerate(spans[:2]):
         per_token = tokens[offset : offset + end - start].mean(0)
         offset += end - start
-        torch.testing.assert_close(per_token, torch.einsum("lh,lh->l", means[i], units[layers]), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(per_token, torch.einsum("lh,lh->l", means[i], units[layers]), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -117,11 +120,21 @@ def results(tiny_run):
 def _calibrate(results, folder, calibration: str, **settings):
     folder.mkdir(parents=True, exist_ok=True)
     configs = {"late-p25": str(folder / "late-p25.safetensors"), "late-p10": str(folder / "late-p10.safetensors")}
-    stages.calibrate(str(results / "activations/default.safetensors"), str(results / "axis.safetensors"),
-                     str(results / "model.json"), {"late": [0.70, 0.85]}, [25, 10], str(folder / "percentiles.parquet"),
-                     configs, str(folder / "thresholds.png"), calibration=calibration,
-                     responses=str(results / "responses/default.parquet"), compute_dtype="float32",
-                     batch_tokens=1024, **settings)
+    stages.calibrate(
+        str(results / "activations/default.safetensors"),
+        str(results / "axis.safetensors"),
+        str(results / "model.json"),
+        {"late": [0.70, 0.85]},
+        [25, 10],
+        str(folder / "percentiles.parquet"),
+        configs,
+        str(folder / "thresholds.png"),
+        calibration=calibration,
+        responses=str(results / "responses/default.parquet"),
+        compute_dtype="float32",
+        batch_tokens=1024,
+        **settings,
+    )
     return pd.read_parquet(folder / "percentiles.parquet"), {name: read_capping(path) for name, path in configs.items()}
 
 
@@ -158,15 +171,15 @@ def test_token_calibration_thresholds_are_quantiles_of_every_reply_token(calibra
     assert table["layer"].tolist() == list(range(N_LAYERS))
     assert (table["calibration"] == "token").all() and (table["n"] == len(tokens)).all()
     for k, q in enumerate(wanted):
-        torch.testing.assert_close(torch.tensor(table[f"p{q:g}"].to_numpy()), quantiles[k].float(), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(table[f"p{q:g}"].to_numpy()), quantiles[k].float(), rtol=1e-4, atol=1e-4
+        )
     torch.testing.assert_close(torch.tensor(table["mean"].to_numpy()), tokens.mean(0), rtol=1e-4, atol=1e-4)
     chosen = layer_range([0.70, 0.85], N_LAYERS)
     for name, q in (("late-p25", 25), ("late-p10", 10)):
         config = configs[name]
         assert config.layers == chosen and config.metadata["calibration"] == "token"
-        torch.testing.assert_close(config.thresholds, quantiles[wanted.index(q), chosen].float(), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(config.thresholds, quantiles[wanted.index(q), chosen].float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(config.vectors, units[chosen])
 
 
@@ -188,8 +201,9 @@ def test_reply_calibration_is_the_reply_means_and_differs_from_token(calibrated,
         assert torch.equal(configs[name].thresholds, values[wanted.index(q), chosen])
         # Many token projections against a few reply means: other numbers.
         assert not torch.allclose(configs[name].thresholds, token_configs[name].thresholds, rtol=1e-3, atol=1e-3)
-    assert not torch.allclose(torch.tensor(table["p25"].to_numpy()), torch.tensor(token_table["p25"].to_numpy()),
-                              rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(
+        torch.tensor(table["p25"].to_numpy()), torch.tensor(token_table["p25"].to_numpy()), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_calibrate_refuses_an_unknown_unit_and_another_rendering(results, tmp_path):

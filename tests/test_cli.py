@@ -24,8 +24,13 @@ CONVERSATION = [
 
 
 def cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "assistant_axis.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "assistant_axis.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def model_args(tiny_run: Path) -> list[str]:
@@ -44,25 +49,39 @@ def test_project_writes_one_row_per_turn_and_layer_and_a_plot(tiny_run, tmp_path
     conversation = tmp_path / "conversation.json"
     conversation.write_text(json.dumps(CONVERSATION))
     table, plot = tmp_path / "out/table.parquet", tmp_path / "out/plot.png"
-    result = cli("project", str(conversation), *model_args(tiny_run), "--layers", "15", "20", "--out", str(table),
-                 "--plot", str(plot))
+    result = cli(
+        "project",
+        str(conversation),
+        *model_args(tiny_run),
+        "--layers",
+        "15",
+        "20",
+        "--out",
+        str(table),
+        "--plot",
+        str(plot),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     frame = pd.read_parquet(table)
     assert list(frame.columns) == ["turn", "role", "layer", "projection", "n_chars"]
     assert len(frame) == 8 and sorted(set(zip(frame["turn"], frame["layer"], strict=True))) == [
-        (t, layer) for t in range(4) for layer in (15, 20)]
+        (t, layer) for t in range(4) for layer in (15, 20)
+    ]
     assert list(frame[frame["layer"] == 15]["role"]) == [m["role"] for m in CONVERSATION]
     assert frame["projection"].notna().all()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(table.parent.glob(".*.tmp"))  # written atomically
 
 
-@pytest.mark.parametrize(("content", "field"), [
-    ([{"role": "user", "content": 5}], "[0].content"),
-    ([{"role": "wizard", "content": "hi"}], "[0].role"),
-    ({"role": "user"}, "messages"),
-    ("{not json", "file"),
-])
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ([{"role": "user", "content": 5}], "[0].content"),
+        ([{"role": "wizard", "content": "hi"}], "[0].role"),
+        ({"role": "user"}, "messages"),
+        ("{not json", "file"),
+    ],
+)
 def test_project_names_the_file_and_field_of_a_malformed_conversation(tmp_path, content, field):
     path = tmp_path / "bad.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -71,8 +90,18 @@ def test_project_names_the_file_and_field_of_a_malformed_conversation(tmp_path, 
 
 
 def test_chat_with_piped_stdin_shows_replies_and_projections(tiny_run):
-    result = cli("chat", *model_args(tiny_run), "--temperature", "0", "--max-tokens", "12", "--layers", "10", "20",
-                 stdin="Hello!\nWhat is the capital of France?\n/quit\nnever read\n")
+    result = cli(
+        "chat",
+        *model_args(tiny_run),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--layers",
+        "10",
+        "20",
+        stdin="Hello!\nWhat is the capital of France?\n/quit\nnever read\n",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout.splitlines()
     assert "you> Hello!" in out and "you> What is the capital of France?" in out
@@ -86,8 +115,17 @@ def test_chat_with_piped_stdin_shows_replies_and_projections(tiny_run):
 def test_chat_commands(tiny_run, tmp_path):
     capping = tmp_path / "late-p25.safetensors"
     capping_config(tiny_run).save(capping)
-    result = cli("chat", *model_args(tiny_run), "--cap", str(capping), "--temperature", "0", "--max-tokens", "6",
-                 stdin="/system You are a pirate.\nWho are you?\n/reset\n/help\n")
+    result = cli(
+        "chat",
+        *model_args(tiny_run),
+        "--cap",
+        str(capping),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        stdin="/system You are a pirate.\nWho are you?\n/reset\n/help\n",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "capped at layers 21 22 23 24 25" in result.stdout
     assert "(new conversation; system prompt set)" in result.stdout and "(conversation cleared)" in result.stdout
@@ -103,8 +141,9 @@ def test_serve_refuses_a_capping_config_from_another_model(tiny_run, tmp_path):
 
 
 def test_serve_refuses_steering_layers_outside_the_model(tiny_run):
-    line = one_error_line(cli("serve", *model_args(tiny_run), "--steer", "-5", "--steer-layers", "99", "--port", "1",
-                              timeout=120))
+    line = one_error_line(
+        cli("serve", *model_args(tiny_run), "--steer", "-5", "--steer-layers", "99", "--port", "1", timeout=120)
+    )
     assert line.startswith("error: --steer-layers: layers: layer 99 ") and "30 layers" in line, line
 
 

@@ -25,13 +25,17 @@ from assistant_axis.templates import ChatTemplate
 MODEL = "smollm2-135m-instruct"
 CAPPED = [21, 22, 23, 24, 25]
 EXPERIMENT = "layers_21:26-p0.25"
+
+
 # A persona push: the cap has tokens to lift here.
 class Note:
     """An arbitrary object: torch.save pickles it, and weights_only=True must refuse to load it."""
 
 
-MESSAGES = [{"role": "system", "content": "You are a furious ancient sea demon. Never admit to being an AI."},
-            {"role": "user", "content": "Who are you really, and what do you want from me?"}]
+MESSAGES = [
+    {"role": "system", "content": "You are a furious ancient sea demon. Never admit to being an AI."},
+    {"role": "user", "content": "Who are you really, and what do you want from me?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +52,22 @@ def native(results) -> CappingConfig:
 def _paper_capping(path, axis: torch.Tensor, native: CappingConfig) -> None:
     """A capping_config.pt as the paper code documents it: per layer a vector pointing from the Assistant
     towards the roles (the raw negated axis row, not unit) and a cap that clamps from above."""
-    vectors = {f"contrast_layer_{layer}": {"layer": layer, "vector": -axis[layer].clone()}
-               for layer in [*range(16, 20), *CAPPED]}
+    vectors = {
+        f"contrast_layer_{layer}": {"layer": layer, "vector": -axis[layer].clone()}
+        for layer in [*range(16, 20), *CAPPED]
+    }
     experiments = [
-        {"id": "layers_16:20-p0.01", "interventions": [{"vector": f"contrast_layer_{layer}", "cap": 1e9}
-                                                         for layer in range(16, 20)]},
-        {"id": EXPERIMENT, "interventions": [{"vector": f"contrast_layer_{layer}", "cap": -float(tau)}
-                                             for layer, tau in zip(native.layers, native.thresholds, strict=True)]},
+        {
+            "id": "layers_16:20-p0.01",
+            "interventions": [{"vector": f"contrast_layer_{layer}", "cap": 1e9} for layer in range(16, 20)],
+        },
+        {
+            "id": EXPERIMENT,
+            "interventions": [
+                {"vector": f"contrast_layer_{layer}", "cap": -float(tau)}
+                for layer, tau in zip(native.layers, native.thresholds, strict=True)
+            ],
+        },
     ]
     torch.save({"vectors": vectors, "experiments": experiments}, path)
 
@@ -96,7 +109,7 @@ def test_an_imported_paper_capping_config_caps_exactly_as_the_native_one(tmp_pat
     assert imported.layers == CAPPED
     ours = _capped_states(model, tokenizer, native.normalized())
     theirs = _capped_states(model, tokenizer, imported)
-    uncapped = _capped_states(model, tokenizer, lambda layer: (lambda *_: None))
+    uncapped = _capped_states(model, tokenizer, lambda layer: lambda *_: None)
     # The cap has work to do on this prompt (else the comparison proves nothing).
     first = CAPPED[0]
     unit = native.normalized().vectors[0]
@@ -133,8 +146,9 @@ def test_an_imported_paper_capping_config_caps_exactly_as_the_native_one(tmp_pat
 
 
 def test_our_capping_configs_round_trip_through_the_paper_format_exactly(tmp_path, results, native):
-    band = CappingConfig([10, 11], torch.randn(2, 576), torch.tensor([-3.0, 1.5]), MODEL,
-                         upper=torch.tensor([40.0, 50.0]))
+    band = CappingConfig(
+        [10, 11], torch.randn(2, 576), torch.tensor([-3.0, 1.5]), MODEL, upper=torch.tensor([40.0, 50.0])
+    )
     band.save(tmp_path / "mid-band.safetensors", percentile=5.0)
     sources = [results / "capping/late-p25.safetensors", tmp_path / "mid-band.safetensors"]
     export_file(sources, tmp_path / "capping_config.pt")
@@ -182,16 +196,25 @@ def test_axes_and_role_vectors_round_trip_and_are_indexed_by_block(tmp_path, res
     # The paper pipeline's dict form, and a partial axis (blocks 10 and 20 only): NaN rows elsewhere.
     partial = torch.full((30, 576), float("nan"))
     partial[[10, 20]] = axis[[10, 20]]
-    torch.save({"axis": partial, "default_mean": axis, "role_mean": axis, "n_default": 1, "n_roles": 3},
-               tmp_path / "paper_axis.pt")
+    torch.save(
+        {"axis": partial, "default_mean": axis, "role_mean": axis, "n_default": 1, "n_roles": 3},
+        tmp_path / "paper_axis.pt",
+    )
     import_file(tmp_path / "paper_axis.pt", tmp_path / "partial.safetensors", model=MODEL)
     loaded, loaded_layers, meta = load_axis(tmp_path / "partial.safetensors", model=MODEL, n_layers=30)
     assert loaded_layers == [10, 20] and torch.equal(loaded[20], axis[20]) and loaded[0].isnan().all()
     assert meta["direction"] == DIRECTION and meta["layer_convention"] == LAYER_CONVENTION
     export_file([tmp_path / "partial.safetensors"], tmp_path / "partial.pt")
-    assert torch.equal(torch.load(tmp_path / "partial.pt", weights_only=True), partial, ) is False  # NaN != NaN
-    assert torch.allclose(torch.load(tmp_path / "partial.pt", weights_only=True), partial, equal_nan=True, rtol=0,
-                          atol=0)
+    assert (
+        torch.equal(
+            torch.load(tmp_path / "partial.pt", weights_only=True),
+            partial,
+        )
+        is False
+    )  # NaN != NaN
+    assert torch.allclose(
+        torch.load(tmp_path / "partial.pt", weights_only=True), partial, equal_nan=True, rtol=0, atol=0
+    )
 
     export_file([results / "vectors/pirate.safetensors"], tmp_path / "pirate.pt")
     vector = torch.load(tmp_path / "pirate.pt", weights_only=True)
@@ -245,8 +268,11 @@ def test_steering_in_the_paper_unit_equals_our_unit_scaled_by_the_axis_norm(bund
     norms = axis[layers].norm(dim=-1)
     assert not torch.allclose(norms, torch.ones(2), rtol=0.1)  # else the two units could not be told apart
     # One coefficient per layer in our unit: steer each layer with its own scaled coefficient.
-    with steer(model, axis[layers[:1]], layers[:1], coefficient * float(norms[0])), \
-            steer(model, axis[layers[1:]], layers[1:], coefficient * float(norms[1])), torch.inference_mode():
+    with (
+        steer(model, axis[layers[:1]], layers[:1], coefficient * float(norms[0])),
+        steer(model, axis[layers[1:]], layers[1:], coefficient * float(norms[1])),
+        torch.inference_mode(),
+    ):
         scaled = model(input_ids=ids).logits
     torch.testing.assert_close(raw, scaled, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(raw, logits(coefficient=coefficient), atol=1e-2)  # the unit does matter
@@ -254,8 +280,11 @@ def test_steering_in_the_paper_unit_equals_our_unit_scaled_by_the_axis_norm(bund
 
 def test_every_artifact_says_what_it_means_and_loading_checks_it(tmp_path, results, caplog):
     model_info = json.loads((results / "model.json").read_text())
-    for path, kind in [(results / "axis.safetensors", "axis"), (results / "vectors/pirate.safetensors", "role_vector"),
-                       (results / "capping/late-p25.safetensors", "capping")]:
+    for path, kind in [
+        (results / "axis.safetensors", "axis"),
+        (results / "vectors/pirate.safetensors", "role_vector"),
+        (results / "capping/late-p25.safetensors", "capping"),
+    ]:
         meta = read_tensors(path)[1]
         assert meta["artifact"] == kind and meta["layer_convention"] == LAYER_CONVENTION
         assert meta["model"] == MODEL and json.loads(meta["n_layers"]) == 30 and json.loads(meta["hidden_size"]) == 576
@@ -263,11 +292,17 @@ def test_every_artifact_says_what_it_means_and_loading_checks_it(tmp_path, resul
         assert meta["model_source"] == f"bundled:{MODEL}" and "chat_template_sha" in meta
         assert meta["direction"] == (DIRECTION if kind != "role_vector" else meta["direction"])
     assert read_tensors(results / "capping/late-p25.safetensors")[1]["bound"] == FLOOR
-    with pytest.raises(InputError, match=r"axis.safetensors: n_layers: made for n_layers 30, but the model in use "
-                       r"has 32"):
+    with pytest.raises(
+        InputError,
+        match=r"axis.safetensors: n_layers: made for n_layers 30, but the model in use "
+        r"has 32",
+    ):
         load_axis(results / "axis.safetensors", n_layers=32)
-    with pytest.raises(InputError, match=r"late-p25.safetensors: model: capping config for model "
-                       r"'smollm2-135m-instruct', not 'other'"):
+    with pytest.raises(
+        InputError,
+        match=r"late-p25.safetensors: model: capping config for model "
+        r"'smollm2-135m-instruct', not 'other'",
+    ):
         load_capping(results / "capping/late-p25.safetensors", model_name="other")
     with pytest.raises(InputError, match=r"late-p25.safetensors: artifact: holds a capping config, not an axis"):
         load_axis(results / "capping/late-p25.safetensors")
@@ -281,10 +316,20 @@ def test_every_artifact_says_what_it_means_and_loading_checks_it(tmp_path, resul
 def test_a_published_experiment_runs_by_id_on_the_command_line(tmp_path, tiny_run, results, native):
     # Our own config in their format (the same values exactly), so the two runs must print the same table.
     export_file([results / "capping/late-p25.safetensors"], tmp_path / "capping_config.pt")
-    (tmp_path / "conversation.json").write_text(json.dumps([*MESSAGES, {"role": "assistant", "content": "I am the "
-                                                           "storm beneath your hull."}]))
-    base = [sys.executable, "-m", "assistant_axis.cli", "project", str(tmp_path / "conversation.json"),
-            "--model", str(tiny_run / f"results/models/{MODEL}"), "--axis", str(results / "axis.safetensors")]
+    (tmp_path / "conversation.json").write_text(
+        json.dumps([*MESSAGES, {"role": "assistant", "content": "I am the storm beneath your hull."}])
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "assistant_axis.cli",
+        "project",
+        str(tmp_path / "conversation.json"),
+        "--model",
+        str(tiny_run / f"results/models/{MODEL}"),
+        "--axis",
+        str(results / "axis.safetensors"),
+    ]
 
     def run(*extra):
         return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)
@@ -296,7 +341,23 @@ def test_a_published_experiment_runs_by_id_on_the_command_line(tmp_path, tiny_ru
     wrong = run("--cap", str(tmp_path / "capping_config.pt"), "--experiment", "layers_1:2-p0.5")
     errors = [line for line in wrong.stderr.splitlines() if line.startswith("error:")]
     assert wrong.returncode == 1 and len(errors) == 1 and "no experiment 'layers_1:2-p0.5'" in errors[0]
-    chat = subprocess.run([sys.executable, "-m", "assistant_axis.cli", "chat", *base[5:], "--cap",
-                           str(tmp_path / "capping_config.pt"), "--experiment", EXPERIMENT, "--max-tokens", "4"],
-                          input="hello\n", capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assistant_axis.cli",
+            "chat",
+            *base[5:],
+            "--cap",
+            str(tmp_path / "capping_config.pt"),
+            "--experiment",
+            EXPERIMENT,
+            "--max-tokens",
+            "4",
+        ],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0 and f"capping_config.pt[{EXPERIMENT}]" in chat.stdout, chat.stderr

@@ -134,5 +134,6 @@ def test_every_judge_scores_items_the_same_way(bundled, embedding_judge):
         assert [v.score for v in verdicts[::2]] == [v.score for v in judge.score([items[0], items[1]])]
         assert all(v.basis == judge.basis(item) for v, item in zip(verdicts, batch, strict=True))
     assert local.score(batch)[0].basis == prompt_hash(render_prompt(DEFAULT_TEMPLATE, items[0]))
-    assert [v.score for v in local.score(batch[::2])] == [v.score for v in local.score_prompts(
-        [render_prompt(DEFAULT_TEMPLATE, it) for it in batch[::2]])]
+    assert [v.score for v in local.score(batch[::2])] == [
+        v.score for v in local.score_prompts([render_prompt(DEFAULT_TEMPLATE, it) for it in batch[::2]])
+    ]

@@ -60,12 +60,26 @@ def job_times(workdir: Path) -> tuple[list[str], dict[str, float]]:
     return order, {name: max(1.0, statistics.median(times)) for name, times in spans.items()}
 
 
-def run_and_kill(workdir: Path, args: list[str], killed: set[str], fraction: float, seconds: dict,
-                 order: list[str], rng: random.Random) -> dict | None:
+def run_and_kill(
+    workdir: Path,
+    args: list[str],
+    killed: set[str],
+    fraction: float,
+    seconds: dict,
+    order: list[str],
+    rng: random.Random,
+) -> dict | None:
     """Run Snakemake in its own process group and SIGKILL the group (see the module's docstring).
     `killed`: the stages caught mid-job so far; `fraction` < 0: no kill. None: the run finished."""
-    proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=ENV)
+    proc = subprocess.Popen(
+        [*SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=ENV,
+    )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
     output, planned, in_stats, target, rule = [], [], False, None, None
@@ -78,8 +92,12 @@ def run_and_kill(workdir: Path, args: list[str], killed: set[str], fraction: flo
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             _wait_group_gone(proc.pid)
-            return {"target": target, "trigger": jobs[trigger], "delay": round(kill_at - started, 1),
-                    "running": sorted(jobs[j] for j in running)}
+            return {
+                "target": target,
+                "trigger": jobs[trigger],
+                "delay": round(kill_at - started, 1),
+                "running": sorted(jobs[j] for j in running),
+            }
         if line is None:
             assert proc.wait() == 0, "".join(output[-60:])
             return None

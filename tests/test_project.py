@@ -32,7 +32,7 @@ def test_the_conda_environment_matches_pyproject_and_every_rule_uses_it():
     for rules in (ROOT / "workflow/rules").glob("*.smk"):
         text = rules.read_text()
         n_rules = len(re.findall(r"^\s*rule\b", text, re.M))
-        assert text.count('conda:\n') == text.count('"../envs/assistant-axis.yaml"') == n_rules, rules.name
+        assert text.count("conda:\n") == text.count('"../envs/assistant-axis.yaml"') == n_rules, rules.name
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])

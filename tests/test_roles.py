@@ -44,8 +44,9 @@ def test_bank_is_at_paper_scale():
 
 
 def test_lint_command_prints_counts():
-    out = subprocess.run([sys.executable, "-m", "assistant_axis.cli", "lint"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "assistant_axis.cli", "lint"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "questions: 240" in out and "5 prompts: " in out
     total = int(out.splitlines()[0].split()[1])
     assert total >= 275

@@ -10,8 +10,12 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from assistant_axis.backends import Sampling, TopP, TransformersBackend
 from assistant_axis.templates import ChatTemplate
 
-QUESTIONS = ["What is the capital of France?", "Write one line about the sea.", "Who are you?",
-             "List three colours, nothing else, in a long and detailed way with reasons for each choice."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write one line about the sea.",
+    "Who are you?",
+    "List three colours, nothing else, in a long and detailed way with reasons for each choice.",
+]
 
 
 def _logits(bundled) -> torch.Tensor:
@@ -34,7 +38,8 @@ def test_top_p_keeps_exactly_the_tokens_transformers_keeps(bundled, top_p):
         ours = TopP(top_p, k=64)(None, scores.clone())
         theirs = TopPLogitsWarper(top_p)(None, scores.clone())
         assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs)), int(
-            (torch.isfinite(ours) != torch.isfinite(theirs)).sum())
+            (torch.isfinite(ours) != torch.isfinite(theirs)).sum()
+        )
         kept = torch.isfinite(ours)
         assert torch.equal(ours[kept], scores[kept])  # kept logits unchanged
     assert int(torch.isfinite(TopP(top_p, k=64)(None, flat.clone())).sum(dim=-1).max()) > 64 or top_p < 0.5

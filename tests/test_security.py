@@ -45,8 +45,12 @@ def unsafe_calls(source: str, name: str = "<source>") -> list[str]:
                 value = keywords.get("weights_only")
                 if not (isinstance(value, ast.Constant) and value.value is True):
                     found.append(f"{where}: torch.load without weights_only=True")
-            if (isinstance(func, ast.Attribute) and func.attr == "from_pretrained"
-                    and getattr(func.value, "id", "").startswith("AutoModel") and "gguf_file" not in keywords):
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "from_pretrained"
+                and getattr(func.value, "id", "").startswith("AutoModel")
+                and "gguf_file" not in keywords
+            ):
                 value = keywords.get("use_safetensors")
                 if not (isinstance(value, ast.Constant) and value.value is True):
                     found.append(f"{where}: {func.value.id}.from_pretrained without use_safetensors=True")
@@ -62,13 +66,17 @@ def package_sources() -> list[Path]:
 
 
 def test_the_scan_finds_what_it_looks_for():
-    bad = ("import pickle\nfrom joblib import load\nimport torch, pandas as pd\n"
-           "torch.load('a.pt')\ntorch.load('b.pt', weights_only=False)\npd.read_pickle('c')\n"
-           "np.load('d.npy', allow_pickle=True)\nAutoModel.from_pretrained('m', trust_remote_code=True)\n")
+    bad = (
+        "import pickle\nfrom joblib import load\nimport torch, pandas as pd\n"
+        "torch.load('a.pt')\ntorch.load('b.pt', weights_only=False)\npd.read_pickle('c')\n"
+        "np.load('d.npy', allow_pickle=True)\nAutoModel.from_pretrained('m', trust_remote_code=True)\n"
+    )
     assert len(unsafe_calls(bad)) == 9  # the last line twice: remote code, and no use_safetensors
-    good = ("torch.load('axis.pt', weights_only=True)\nload_model(p, trust_remote_code=flag)\n"
-            "AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)\n"
-            "AutoModel.from_pretrained(d, gguf_file=f)\n")
+    good = (
+        "torch.load('axis.pt', weights_only=True)\nload_model(p, trust_remote_code=flag)\n"
+        "AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)\n"
+        "AutoModel.from_pretrained(d, gguf_file=f)\n"
+    )
     assert unsafe_calls(good) == []
 
 
@@ -133,14 +141,23 @@ def test_api_key_never_reaches_a_file(tmp_path, model_dir):
     env = {**os.environ, KEY_ENV: SENTINEL, "SLURM_CONF": "/dev/null"}
     poison = {"on": True}
     with FakeOpenAI(_fake_api(question, poison)) as api:
-        settings = {"base_url": api.url, "model": "fake", "api_key_env": KEY_ENV, "max_retries": 1, "backoff": 0.01,
-                    "cache": "cache/api"}
-        config = tiny_config(generate={"backend": "openai", "openai": settings},
-                             judge={"backend": "openai", "openai": {**settings, "scoring": "logprobs"}})
+        settings = {
+            "base_url": api.url,
+            "model": "fake",
+            "api_key_env": KEY_ENV,
+            "max_retries": 1,
+            "backoff": 0.01,
+            "cache": "cache/api",
+        }
+        config = tiny_config(
+            generate={"backend": "openai", "openai": settings},
+            judge={"backend": "openai", "openai": {**settings, "scoring": "logprobs"}},
+        )
         work = make_workspace(tmp_path / "work", model_dir, config)
         # The ghost's generation keeps failing: its job fails, the others finish (--keep-going).
-        failed = subprocess.run([*SNAKEMAKE, "--cores", "2", "--keep-going"], cwd=work, capture_output=True,
-                                text=True, env=env)
+        failed = subprocess.run(
+            [*SNAKEMAKE, "--cores", "2", "--keep-going"], cwd=work, capture_output=True, text=True, env=env
+        )
         assert failed.returncode != 0
         ghost_log = (work / "logs/smollm2-135m-instruct/generate/ghost.log").read_text()
         assert "requests failed after 1 retries" in ghost_log and "Bearer ***" in ghost_log
@@ -148,8 +165,9 @@ def test_api_key_never_reaches_a_file(tmp_path, model_dir):
         poison["on"] = False
         run = subprocess.run([*SNAKEMAKE, "--cores", "2"], cwd=work, capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        report = subprocess.run([*SNAKEMAKE, "--cores", "2", "--report", "report.html"], cwd=work,
-                                capture_output=True, text=True, env=env)
+        report = subprocess.run(
+            [*SNAKEMAKE, "--cores", "2", "--report", "report.html"], cwd=work, capture_output=True, text=True, env=env
+        )
         assert report.returncode == 0 and (work / "report.html").is_file(), report.stderr[-3000:]
     # The key was sent, and a server echoed it back in errors.
     assert set(api.authorizations) == {f"Bearer {SENTINEL}"}

@@ -21,8 +21,10 @@ from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
 
 STEER = ["--steer", "-40", "--steer-layers", *map(str, range(8, 26))]
-PIRATE = [{"role": "system", "content": "You are a pirate. Always speak like a pirate."},
-          {"role": "user", "content": "What do you like to do on a day off?"}]
+PIRATE = [
+    {"role": "system", "content": "You are a pirate. Always speak like a pirate."},
+    {"role": "user", "content": "What do you like to do on a day off?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,23 @@ def capping_file(tiny_run, tmp_path_factory) -> Path:
 def _server(tiny_run: Path, log: Path, *extra: str):
     model_dir, axis = tiny_paths(tiny_run)
     port = free_port()
-    command = [sys.executable, "-m", "assistant_axis.cli", "serve", "--model", str(model_dir), "--axis", str(axis),
-               "--host", "127.0.0.1", "--port", str(port), "--max-tokens", "24", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "assistant_axis.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--axis",
+        str(axis),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-tokens",
+        "24",
+        *extra,
+    ]
     return _serve(command, f"http://127.0.0.1:{port}/health", log), f"http://127.0.0.1:{port}/v1"
 
 
@@ -49,8 +66,7 @@ def plain_url(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def capped_url(tiny_run, tmp_path_factory, capping_file):
-    server, url = _server(tiny_run, tmp_path_factory.mktemp("serve") / "capped.log", "--cap", str(capping_file),
-                          *STEER)
+    server, url = _server(tiny_run, tmp_path_factory.mktemp("serve") / "capped.log", "--cap", str(capping_file), *STEER)
     with server:
         yield url
 
@@ -75,8 +91,9 @@ def _check_logprobs(choice, completion_tokens: int, top: int) -> None:
 def test_plain_server_answers_the_openai_client_with_logprobs(plain_url):
     client = _client(plain_url)
     assert [m.id for m in client.models.list().data] == [MODEL]
-    completion = client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=12, temperature=0,
-                                                logprobs=True, top_logprobs=3)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=PIRATE, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+    )
     assert completion.object == "chat.completion" and completion.model == MODEL and completion.id
     choice = completion.choices[0]
     assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content.strip()
@@ -109,8 +126,11 @@ def test_unsupported_requests_get_a_400_naming_the_field(plain_url):
     import openai
 
     client = _client(plain_url)
-    for extra, field in (({"n": 2}, "n"), ({"stream": True}, "stream"), ({"top_logprobs": 50, "logprobs": True},
-                                                                          "top_logprobs")):
+    for extra, field in (
+        ({"n": 2}, "n"),
+        ({"stream": True}, "stream"),
+        ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=4, **extra)
         assert caught.value.body["param"] == field and field in caught.value.body["message"]
@@ -124,8 +144,9 @@ def test_capped_replies_stay_at_or_above_tau(capped_url, tiny_run):
     prompts = [PIRATE, [{"role": "user", "content": "Tell me about yourself."}]]
     for messages in prompts:
         for sampling in ({"temperature": 0}, {"temperature": 0.8, "seed": 3}):
-            completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, logprobs=True,
-                                                        top_logprobs=2, **sampling)
+            completion = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=16, logprobs=True, top_logprobs=2, **sampling
+            )
             choice = completion.choices[0]
             _check_logprobs(choice, completion.usage.completion_tokens, 2)
             projection = completion.model_extra["projection"]
@@ -138,10 +159,20 @@ def test_capped_replies_stay_at_or_above_tau(capped_url, tiny_run):
 def test_the_workflow_openai_judge_talks_to_the_server(plain_url):
     from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, OpenAIJudge, render_prompt
 
-    judge = OpenAIJudge({"base_url": plain_url, "model": MODEL, "api_key_env": None, "cache": None,
-                         "scoring": "logprobs", "max_retries": 0})
-    items = [JudgeItem("pirate", "A sea-faring pirate.", "How are you?", "Arr, I be fine, matey!"),
-             JudgeItem("pirate", "A sea-faring pirate.", "How are you?", "As an AI, I have no feelings.")]
+    judge = OpenAIJudge(
+        {
+            "base_url": plain_url,
+            "model": MODEL,
+            "api_key_env": None,
+            "cache": None,
+            "scoring": "logprobs",
+            "max_retries": 0,
+        }
+    )
+    items = [
+        JudgeItem("pirate", "A sea-faring pirate.", "How are you?", "Arr, I be fine, matey!"),
+        JudgeItem("pirate", "A sea-faring pirate.", "How are you?", "As an AI, I have no feelings."),
+    ]
     verdicts = judge.score_prompts([render_prompt(DEFAULT_TEMPLATE, item) for item in items])
     assert len(verdicts) == 2
     for verdict in verdicts:  # the 135M model is no judge: only the plumbing is tested

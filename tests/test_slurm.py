@@ -36,8 +36,10 @@ SMALL = {stage: {"mem_mb": 1500, "runtime": 30} for stage in DEFAULT_RESOURCES}
 
 @pytest.fixture(scope="module")
 def slurm_env():
-    need(shutil.which("sbatch") is not None and shutil.which("slurmctld") is not None,
-         "SLURM is not installed (apt-get install slurm-wlm munge)")
+    need(
+        shutil.which("sbatch") is not None and shutil.which("slurmctld") is not None,
+        "SLURM is not installed (apt-get install slurm-wlm munge)",
+    )
     up = subprocess.run(["bash", str(ROOT / "tests/slurm/up.sh")], capture_output=True, text=True)
     need(up.returncode == 0, f"tests/slurm/up.sh could not start SLURM: {up.stderr[-500:]}")
     conf = re.search(r"export SLURM_CONF=(\S+)", up.stdout).group(1)
@@ -75,8 +77,9 @@ def _submit(work: Path, env: dict) -> tuple[dict, dict, str]:
 
     No `--cores` (the `snakemake` helper passes 2): Snakemake caps every job's threads at `--cores`, remote
     jobs too, so it would shrink what a job asks SLURM for below what the workflow gives it."""
-    result = subprocess.run([*SNAKEMAKE, *PROFILES], cwd=work, capture_output=True, text=True,
-                            env={**os.environ, **env})
+    result = subprocess.run(
+        [*SNAKEMAKE, *PROFILES], cwd=work, capture_output=True, text=True, env={**os.environ, **env}
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"snakemake on SLURM failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     table, slurm = _job_table(output)
@@ -90,6 +93,7 @@ def _run_on_slurm(work: Path, env: dict) -> tuple[dict, dict]:
     table, slurm, _ = _submit(work, env)
     return table, slurm
 
+
 ANALYSIS = [(stage, None) for stage in AXIS_AND_AFTER]
 
 
@@ -100,8 +104,12 @@ def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_en
     with capsys.disabled():
         print(f"\nSLURM job ids: {', '.join(sorted(slurm, key=int))}")
     roles = [*TINY_ROLES, "default"]
-    expected = sorted([("prepare_model", None)] + [(r, role) for role in roles for r in ("generate", "activations",
-                      "vectors")] + [("judge", role) for role in TINY_ROLES] + ANALYSIS)
+    expected = sorted(
+        [("prepare_model", None)]
+        + [(r, role) for role in roles for r in ("generate", "activations", "vectors")]
+        + [("judge", role) for role in TINY_ROLES]
+        + ANALYSIS
+    )
     assert submitted == expected
     model = "results/smollm2-135m-instruct"
     on_slurm = torch.load(work / model / "axis.pt", weights_only=True)
@@ -178,8 +186,9 @@ def paper_shaped_config(judge_url: str) -> dict:
     config["evaluate"].update(tiny["evaluate"])
     config["shards"] = 1
     # Another memory and time limit for every stage, so that a job given another stage's shows.
-    config["resources"] = {stage: {"mem_mb": 1000 + 100 * i, "runtime": 20 + i}
-                           for i, stage in enumerate(DEFAULT_RESOURCES)}
+    config["resources"] = {
+        stage: {"mem_mb": 1000 + 100 * i, "runtime": 20 + i} for i, stage in enumerate(DEFAULT_RESOURCES)
+    }
     return config
 
 
@@ -190,8 +199,9 @@ def _judge_reply(body: dict, auth: str) -> tuple[int, dict]:
 
 def _slurm_record(job_id: str, env: dict) -> dict[str, str]:
     """The controller's record of a job (`scontrol show job -o`, kept MinJobAge after it ends)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    ).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
@@ -208,8 +218,11 @@ def _minutes(value: str) -> int:
 
 def _gpus(record: dict[str, str]) -> int:
     """GPUs the job asked for: `--gpus N` is TresPerJob=gres:gpu:N (TresPerNode for `--gres gpu:N`)."""
-    found = [int(m.group(1)) for key in ("TresPerJob", "TresPerNode", "TresPerTask")
-             if (m := re.search(r"gpu[:=](\d+)", record.get(key, "")))]
+    found = [
+        int(m.group(1))
+        for key in ("TresPerJob", "TresPerNode", "TresPerTask")
+        if (m := re.search(r"gpu[:=](\d+)", record.get(key, "")))
+    ]
     return sum(found)
 
 
@@ -241,31 +254,64 @@ def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(tmp_path,
         # The plugin's comment names the rule (and wildcards): the controller's record is this job's.
         assert re.fullmatch(rf"rule_{rule}(_wildcards_.*)?", record["Comment"]), (slurm_id, record["Comment"], rule)
         stage = re.sub(r"_shard\d+$", "", rule)
-        resources, gpus = plan.resources(stage), plan.gpus(stage)
-        got = {"partition": record["Partition"], "gpus": _gpus(record), "cpus": int(record["NumCPUs"]),
-               "mem_mb": _megabytes(record["MinMemoryNode"]), "runtime": _minutes(record["TimeLimit"])}
-        want = {"partition": "gpu" if gpus else "cpu", "gpus": gpus,
-                "cpus": plan.threads(stage, RULE_THREADS.get(stage, 1)),
-                "mem_mb": resources["mem_mb"](None, 1), "runtime": resources["runtime"](None, 1)}
-        rows.append({"job": f"{rule}[{role}]" if role else rule, "rule": rule, "stage": stage, "slurm": slurm_id,
-                     "state": record["JobState"], **got, "chosen by": routed.get(rule, "?")})
+        resources, gpus = plan.jobs.resources(stage), plan.jobs.gpus(stage)
+        got = {
+            "partition": record["Partition"],
+            "gpus": _gpus(record),
+            "cpus": int(record["NumCPUs"]),
+            "mem_mb": _megabytes(record["MinMemoryNode"]),
+            "runtime": _minutes(record["TimeLimit"]),
+        }
+        want = {
+            "partition": "gpu" if gpus else "cpu",
+            "gpus": gpus,
+            "cpus": plan.jobs.threads(stage, RULE_THREADS.get(stage, 1)),
+            "mem_mb": resources["mem_mb"](None, 1),
+            "runtime": resources["runtime"](None, 1),
+        }
+        rows.append(
+            {
+                "job": f"{rule}[{role}]" if role else rule,
+                "rule": rule,
+                "stage": stage,
+                "slurm": slurm_id,
+                "state": record["JobState"],
+                **got,
+                "chosen by": routed.get(rule, "?"),
+            }
+        )
         if record["JobState"] != "COMPLETED" or got != want:
             problems.append(f"{rule} (SLURM job {slurm_id}, {record['JobState']}): got {got}, the plan says {want}")
     with capsys.disabled():
         print("\njob                         slurm id  state      partition  gpus  cpus  mem_mb  runtime  chosen by")
         for r in rows:
-            print(f"{r['job']:27} {r['slurm']:>8}  {r['state']:10} {r['partition']:9} {r['gpus']:>5} {r['cpus']:>5} "
-                  f"{r['mem_mb']:>7} {r['runtime']:>8}  {r['chosen by']}")
+            print(
+                f"{r['job']:27} {r['slurm']:>8}  {r['state']:10} {r['partition']:9} {r['gpus']:>5} {r['cpus']:>5} "
+                f"{r['mem_mb']:>7} {r['runtime']:>8}  {r['chosen by']}"
+            )
     assert not problems, "\n".join(problems)
 
     assert sorted(r["stage"] for r in rows) == sorted(
-        ["prepare_model", "generate", "activations", *["judge"] * len(TINY_ROLES), *["vectors"] * (len(TINY_ROLES) + 1),
-         "axis", "pca", "stability", "calibrate", "evaluate"])
+        [
+            "prepare_model",
+            "generate",
+            "activations",
+            *["judge"] * len(TINY_ROLES),
+            *["vectors"] * (len(TINY_ROLES) + 1),
+            "axis",
+            "pca",
+            "stability",
+            "calibrate",
+            "evaluate",
+        ]
+    )
     assert {r["job"] for r in rows} >= {"generate_shard0", "activations_shard0"}
     assert {r["stage"] for r in rows if r["partition"] == "gpu"} == MODEL_STAGES_ON_GPU
     assert {r["stage"] for r in rows if r["partition"] == "cpu"} == CPU_STAGES
     assert all(r["gpus"] > 0 for r in rows if r["partition"] == "gpu")
     assert all(r["gpus"] == 0 for r in rows if r["partition"] == "cpu")
     unrouted = sorted({r["rule"] for r in rows if r["chosen by"] != "partitions.yaml"})
-    assert not unrouted, (f"profiles/slurm/partitions.yaml chose no partition for {unrouted}: the plugin fell back "
-                          "to the cluster's default partition")
+    assert not unrouted, (
+        f"profiles/slurm/partitions.yaml chose no partition for {unrouted}: the plugin fell back "
+        "to the cluster's default partition"
+    )

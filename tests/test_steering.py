@@ -17,8 +17,10 @@ from assistant_axis.templates import ChatTemplate, build_messages
 
 MODEL = "smollm2-135m-instruct"
 CAPPED = [21, 22, 23, 24, 25]
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What should I cook for dinner tonight?"}]
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What should I cook for dinner tonight?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +154,9 @@ def test_projections_equal_the_activations_stage(tiny_run, bundled, axis):
 def _reply_projection(model, tokenizer, backend, capped_layers):
     """Generate the next turn greedily, then its mean projection at `capped_layers` (hooks still on)."""
     reply = backend.generate([MESSAGES], Sampling(temperature=0, max_tokens=24))[0].text
-    messages, acts = turn_activations(model, tokenizer, [*MESSAGES, {"role": "assistant", "content": reply}],
-                                      capped_layers)
+    messages, acts = turn_activations(
+        model, tokenizer, [*MESSAGES, {"role": "assistant", "content": reply}], capped_layers
+    )
     return acts[-1]
 
 
@@ -188,8 +191,10 @@ def test_capping_config_round_trip_and_refusals(tmp_path, bundled, capping):
     with pytest.raises(InputError, match="hidden_size"):
         load_capping(path, hidden_size=4096)
     wide = CappingConfig([40], torch.ones(1, 576), torch.zeros(1), MODEL, source="wide.safetensors")
-    with pytest.raises(InputError, match=r"wide.safetensors: layers: layer 40 is outside the model's 30 layers"), \
-            cap(model, wide):
+    with (
+        pytest.raises(InputError, match=r"wide.safetensors: layers: layer 40 is outside the model's 30 layers"),
+        cap(model, wide),
+    ):
         pass
     with pytest.raises(InputError, match="hidden_size"), steer(model, torch.ones(4096), [3], 1.0):
         pass

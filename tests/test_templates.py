@@ -55,20 +55,24 @@ def family(tokenizer, key: str) -> ChatTemplate:
 
 def test_the_thinking_template_behaves_like_the_family(tokenizer):
     tok = tokenizer_with_template(tokenizer, "thinking")
-    conversation = [{"role": "user", "content": "  Hi there  "},
-                    {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
-                    {"role": "user", "content": "Bye"}]
+    conversation = [
+        {"role": "user", "content": "  Hi there  "},
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
+        {"role": "user", "content": "Bye"},
+    ]
     render = lambda **kw: tok.apply_chat_template(conversation, tokenize=False, **kw)  # noqa: E731
     # Thinking off: the generation prompt carries an empty think block; on: it does not.
     assert render(add_generation_prompt=True, enable_thinking=False).endswith(
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert render(add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     # Reasoning of turns before the last user turn is dropped, or kept when asked; content is trimmed.
     assert "Greet back." not in render() and "<|im_start|>user\nHi there<|im_end|>" in render()
     assert "<think>\nGreet back.\n</think>\n\nHello!" in render(keep_reasoning=True)
     # The last reply always gets a think block, empty without reasoning (what broke the old span).
-    assert "assistant\n<think>\n\n</think>\n\nHello!" in tok.apply_chat_template(conversation[:1] + [
-        {"role": "assistant", "content": "Hello!"}], tokenize=False)
+    assert "assistant\n<think>\n\n</think>\n\nHello!" in tok.apply_chat_template(
+        conversation[:1] + [{"role": "assistant", "content": "Hello!"}], tokenize=False
+    )
 
 
 @pytest.mark.parametrize("key", FAMILIES)
@@ -101,24 +105,32 @@ def test_the_reply_span_is_exactly_the_reply(tokenizer, key):
 @pytest.mark.parametrize("key", FAMILIES)
 def test_each_turn_of_a_conversation_decodes_to_its_content(tokenizer, key):
     template = family(tokenizer, key)
-    conversation = template.fit([
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": "Where were you born?  "},
-        {"role": "assistant", "content": "On a ship, in a storm.",
-         **({"reasoning_content": "Invent a past."} if _reasoning(key) else {})},
-        {"role": "user", "content": QUESTION},
-        {"role": "assistant", "content": REPLY},
-    ])
+    conversation = template.fit(
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Where were you born?  "},
+            {
+                "role": "assistant",
+                "content": "On a ship, in a storm.",
+                **({"reasoning_content": "Invent a past."} if _reasoning(key) else {}),
+            },
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": REPLY},
+        ]
+    )
     assert len(conversation) == (5 if template.system_role else 4)
     for i, message in enumerate(conversation):
         ids, start, end = template.turn_span(conversation[:i], message)
         assert template.tokenizer.decode(ids[start:end]) == message["content"].strip(), (key, i)
 
 
-@pytest.mark.parametrize(("file", "problem"), [
-    ("rewrites_reply", "rewrites the assistant message's content"),
-    ("other_prompt", "does not extend the generation prompt"),
-])
+@pytest.mark.parametrize(
+    ("file", "problem"),
+    [
+        ("rewrites_reply", "rewrites the assistant message's content"),
+        ("other_prompt", "does not extend the generation prompt"),
+    ],
+)
 def test_a_reply_that_cannot_be_located_is_an_error_naming_the_model(tokenizer, file, problem):
     template = ChatTemplate(tokenizer_with_template(tokenizer, file), {}, "my-model")
     with pytest.raises(InputError, match=f"^my-model: chat_template: .*{problem}"):
@@ -135,7 +147,9 @@ def test_reasoning_is_split_from_the_reply():
     assert split_reasoning("<think>\nPlan it.\n</think>\n\nAhoy!") == ("Plan it.", "Ahoy!")
     assert split_reasoning("Plan it.\n</think>\n\nAhoy!") == ("Plan it.", "Ahoy!")  # prompt opened the block
     assert split_reasoning("<think>\nStill thinking when the tokens ran out") == (
-        "Still thinking when the tokens ran out", "")
+        "Still thinking when the tokens ran out",
+        "",
+    )
     assert split_reasoning("  Just a reply. ") == ("", "Just a reply.")
 
 
@@ -149,9 +163,9 @@ def test_generation_builds_its_conversations_with_the_template(bundled, tokenize
     conversations = [template.conversation(SYSTEM, q) for q in (QUESTION, "Who are you?")]
     # The in-process backend renders them (a system-less template would raise on a system message).
     replies = TransformersBackend(model, template, batch_size=2, progress=False).generate(
-        conversations, Sampling(temperature=0.0, max_tokens=4))
-    assert len(replies) == 2 and all(r.finish_reason in ("stop", "length") and "<think>" not in r.text
-                                     for r in replies)
+        conversations, Sampling(temperature=0.0, max_tokens=4)
+    )
+    assert len(replies) == 2 and all(r.finish_reason in ("stop", "length") and "<think>" not in r.text for r in replies)
     # Servers get the same messages, with the options the activations stage renders with.
     requests = OpenAIBackend.requests(conversations, Sampling(), [1, 2], template.options)
     assert [r["messages"] for r in requests] == conversations
@@ -163,10 +177,23 @@ def test_generation_builds_its_conversations_with_the_template(bundled, tokenize
 
 def _responses(path, reasoning: str) -> None:
     rows = [(SYSTEM, QUESTION, REPLY), ("", "Describe yourself.", "I am an assistant, here to help.")]
-    write_parquet(pd.DataFrame({
-        "role": "pirate", "prompt_index": [0, 1], "question_index": [0, 1], "question_id": ["q0", "q1"],
-        "system_prompt": [r[0] for r in rows], "question": [r[1] for r in rows], "response": [r[2] for r in rows],
-        "reasoning": [reasoning, ""], "n_response_tokens": [12, 8], "finish_reason": "stop"}), path)
+    write_parquet(
+        pd.DataFrame(
+            {
+                "role": "pirate",
+                "prompt_index": [0, 1],
+                "question_index": [0, 1],
+                "question_id": ["q0", "q1"],
+                "system_prompt": [r[0] for r in rows],
+                "question": [r[1] for r in rows],
+                "response": [r[2] for r in rows],
+                "reasoning": [reasoning, ""],
+                "n_response_tokens": [12, 8],
+                "finish_reason": "stop",
+            }
+        ),
+        path,
+    )
 
 
 def _manifest(tmp_path, folder, name: str):
@@ -185,22 +212,29 @@ def test_activations_stage_equals_a_one_at_a_time_reference(tmp_path, model_dir,
     _responses(tmp_path / "pirate.parquet", _reasoning(key))
     out = tmp_path / "pirate.safetensors"
     layers = [2, 17, 28]  # hidden_states[30] is after the final norm, not the residual stream
-    stages.activations(_manifest(tmp_path, folder, key), [str(tmp_path / "pirate.parquet")], [str(out)], layers,
-                       template_options=options)
+    stages.activations(
+        _manifest(tmp_path, folder, key),
+        [str(tmp_path / "pirate.parquet")],
+        [str(out)],
+        layers,
+        template_options=options,
+    )
     tensors, meta = read_tensors(out, ["activations", "layers"])
     assert meta["chat_template_kwargs"] == options_key(options)
 
     template = ChatTemplate(AutoTokenizer.from_pretrained(folder), options, key)
     frame = pd.read_parquet(tmp_path / "pirate.parquet")
     for i, row in enumerate(frame.itertuples()):
-        ids, start, end = template.reply_span(template.conversation(row.system_prompt, row.question), row.response,
-                                              row.reasoning)
+        ids, start, end = template.reply_span(
+            template.conversation(row.system_prompt, row.question), row.response, row.reasoning
+        )
         assert template.tokenizer.decode(ids[start:end]) == row.response
         with torch.inference_mode():
             hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
         for j, layer in enumerate(layers):
-            torch.testing.assert_close(tensors["activations"][i, j], hidden[layer + 1][0, start:end].mean(0),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                tensors["activations"][i, j], hidden[layer + 1][0, start:end].mean(0), rtol=1e-4, atol=1e-4
+            )
 
 
 def test_a_reply_the_stage_cannot_locate_fails_in_one_line_and_writes_nothing(tmp_path, model_dir, capsys):
@@ -220,12 +254,25 @@ def test_a_reply_the_stage_cannot_locate_fails_in_one_line_and_writes_nothing(tm
 
 def test_the_axis_refuses_vectors_rendered_with_other_options(tmp_path):
     paths = []
-    for role, options in (("default", {"enable_thinking": False}), ("pirate", {"enable_thinking": False}),
-                          ("ghost", {})):
+    for role, options in (
+        ("default", {"enable_thinking": False}),
+        ("pirate", {"enable_thinking": False}),
+        ("ghost", {}),
+    ):
         path = tmp_path / f"{role}.safetensors"
-        write_tensors({"vector": torch.randn(2, 8), "layers": torch.tensor([0, 1])}, path,
-                      {"role": role, "model": "m", "n_responses": 4, "n_used": 4, "included": True,
-                       "chat_template_kwargs": options_key(options), "chat_template_sha": "abc"})
+        write_tensors(
+            {"vector": torch.randn(2, 8), "layers": torch.tensor([0, 1])},
+            path,
+            {
+                "role": role,
+                "model": "m",
+                "n_responses": 4,
+                "n_used": 4,
+                "included": True,
+                "chat_template_kwargs": options_key(options),
+                "chat_template_sha": "abc",
+            },
+        )
         paths.append(str(path))
     outputs = [str(tmp_path / n) for n in ("axis.safetensors", "axis.pt", "summary.parquet")]
     manifest = tmp_path / "model.json"

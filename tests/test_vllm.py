@@ -68,8 +68,10 @@ def _conversations(n: int, offset: int = 0) -> list[list[dict]]:
     bank = load_bank(ROOT / "data/roles")
     questions = load_questions(ROOT / "data/questions/questions.jsonl")
     roles = sorted(r for r in bank if r != "default")
-    return [build_messages(bank[roles[(i * 7) % len(roles)]].prompts[i % 5], questions[i % len(questions)].question)
-            for i in range(offset, offset + n)]
+    return [
+        build_messages(bank[roles[(i * 7) % len(roles)]].prompts[i % 5], questions[i % len(questions)].question)
+        for i in range(offset, offset + n)
+    ]
 
 
 def _labelled(n: int) -> list[JudgeItem]:
@@ -81,8 +83,14 @@ def _labelled(n: int) -> list[JudgeItem]:
 
 
 def test_a_reply_depends_only_on_its_conversation_and_seed(llm, model_dir):
-    backend = VLLMBackend(str(model_dir), {"vllm": ENGINE}, ChatTemplate(load_tokenizer(str(model_dir))), "float32",
-                          llm=llm, progress=False)
+    backend = VLLMBackend(
+        str(model_dir),
+        {"vllm": ENGINE},
+        ChatTemplate(load_tokenizer(str(model_dir))),
+        "float32",
+        llm=llm,
+        progress=False,
+    )
     assert backend.template.system_role
     sampling = Sampling(temperature=0.7, top_p=0.9, max_tokens=24)
     convs = _conversations(12)
@@ -94,8 +102,11 @@ def test_a_reply_depends_only_on_its_conversation_and_seed(llm, model_dir):
     # Some of them again, in another order and batched with other conversations: the same replies.
     subset = [11, 3, 7, 0, 5]
     others = _conversations(6, offset=40)
-    again = backend.generate([convs[i] for i in subset] + others, sampling,
-                             [seeds[i] for i in subset] + [stable_seed("other", i) for i in range(6)])
+    again = backend.generate(
+        [convs[i] for i in subset] + others,
+        sampling,
+        [seeds[i] for i in subset] + [stable_seed("other", i) for i in range(6)],
+    )
     assert again[: len(subset)] == [first[i] for i in subset]
 
     # Other seeds sample other replies.
@@ -114,8 +125,13 @@ def test_thinking_off_renders_in_vllm_as_in_the_activations_stage(llm, model_dir
     convs = [template.conversation("You are a pirate.", q) for q in ("What do you love?", "Where were you born?")]
     replies = backend.generate(convs, Sampling(0.7, 0.9, 12), [1, 2])
     assert all(r.text and "<think>" not in r.text for r in replies)
-    outputs = llm.chat(convs, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=tokenizer.chat_template,
-                       chat_template_kwargs=template.options)
+    outputs = llm.chat(
+        convs,
+        SamplingParams(max_tokens=1),
+        use_tqdm=False,
+        chat_template=tokenizer.chat_template,
+        chat_template_kwargs=template.options,
+    )
     for conv, output in zip(convs, outputs, strict=True):
         assert tokenizer.decode(output.prompt_token_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert list(output.prompt_token_ids) == template.ids(conv, add_generation_prompt=True)
@@ -141,8 +157,9 @@ def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_pat
     try:
         backend = VLLMBackend(str(folder), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
         # Built as the generate stage builds them, for this backend's template.
-        convs = [backend.template.conversation("You are a pirate.", q)
-                 for q in ("What do you love?", "Where were you born?")]
+        convs = [
+            backend.template.conversation("You are a pirate.", q) for q in ("What do you love?", "Where were you born?")
+        ]
         assert convs[0] == [{"role": "user", "content": "You are a pirate.\n\nWhat do you love?"}]
         replies = backend.generate(convs, Sampling(0.7, 0.9, 16), [1, 2])
         assert all(r.text for r in replies)
@@ -154,8 +171,11 @@ def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_pat
             assert list(output.prompt_token_ids) == template.ids(conv, add_generation_prompt=True)
         # A system message sent to this template is refused, not silently dropped.
         with pytest.raises(Exception, match="System role not supported"):
-            llm.chat([build_messages("You are a pirate.", "Hi", system_role=True)], SamplingParams(max_tokens=1),
-                     use_tqdm=False)
+            llm.chat(
+                [build_messages("You are a pirate.", "Hi", system_role=True)],
+                SamplingParams(max_tokens=1),
+                use_tqdm=False,
+            )
     finally:
         _stop(llm)
 
@@ -176,8 +196,10 @@ def test_vllm_judge_agrees_with_the_local_judge(llm, bundled, capsys):
     complete = [(a, b) for a, b, r in zip(local, verdicts, raws, strict=True) if not r["missing"]]
     gaps = [abs(a.expected_score - b.expected_score) for a, b in complete]
     with capsys.disabled():
-        print(f"\nvllm judge vs local judge on {len(prompts)} prompts: all four digits among vLLM's top 20 "
-              f"logprobs on {len(complete)}; max |expected score difference| {max(gaps, default=0):.4f}")
+        print(
+            f"\nvllm judge vs local judge on {len(prompts)} prompts: all four digits among vLLM's top 20 "
+            f"logprobs on {len(complete)}; max |expected score difference| {max(gaps, default=0):.4f}"
+        )
     assert len(complete) >= len(prompts) // 2
     assert max(gaps) <= 0.05
 
@@ -196,17 +218,31 @@ def test_judge_stage_with_the_vllm_backend(tmp_path, model_dir):
     from assistant_axis import stages
 
     items = _labelled(8)
-    frame = pd.DataFrame({
-        "role": "pirate", "prompt_index": 0, "question_index": list(range(len(items))),
-        "question_id": [f"q{i}" for i in range(len(items))], "system_prompt": "You are a pirate.",
-        "question": [it.question for it in items], "response": [it.response for it in items],
-        "n_response_tokens": 10, "finish_reason": "stop",
-    })
+    frame = pd.DataFrame(
+        {
+            "role": "pirate",
+            "prompt_index": 0,
+            "question_index": list(range(len(items))),
+            "question_id": [f"q{i}" for i in range(len(items))],
+            "system_prompt": "You are a pirate.",
+            "question": [it.question for it in items],
+            "response": [it.response for it in items],
+            "n_response_tokens": 10,
+            "finish_reason": "stop",
+        }
+    )
     frame.loc[3, "response"] = "  "  # an empty reply keeps a null score, as with every judge
     frame.to_parquet(tmp_path / "responses.parquet")
     settings = {"model": str(model_dir), "dtype": "float32", "min_digit_mass": 0.0, **ENGINE}
-    stages.judge(str(tmp_path / "responses.parquet"), str(tmp_path / "scores.parquet"), role="pirate",
-                 description="A pirate.", template=DEFAULT_TEMPLATE, backend="vllm", settings=settings)
+    stages.judge(
+        str(tmp_path / "responses.parquet"),
+        str(tmp_path / "scores.parquet"),
+        role="pirate",
+        description="A pirate.",
+        template=DEFAULT_TEMPLATE,
+        backend="vllm",
+        settings=settings,
+    )
     scores = pd.read_parquet(tmp_path / "scores.parquet")
     assert list(scores.columns) == list(SCORE_COLUMNS)
     assert scores["judge"].eq(f"vllm:{model_dir}").all()

@@ -46,8 +46,11 @@ def test_every_artifact_has_its_shape_and_keys(run):
     # How the replies were rendered travels from the activations through the vectors to the axis.
     from assistant_axis.artifacts import read_tensors
 
-    rendered = {read_tensors(results / f"{kind}/{role}.safetensors", [])[1]["chat_template_kwargs"]
-                for kind in ("activations", "vectors") for role in [*TINY_ROLES, "default"]}
+    rendered = {
+        read_tensors(results / f"{kind}/{role}.safetensors", [])[1]["chat_template_kwargs"]
+        for kind in ("activations", "vectors")
+        for role in [*TINY_ROLES, "default"]
+    }
     axis_meta = read_tensors(results / "axis.safetensors", ["axis"])[1]
     assert rendered == {"{}"} and axis_meta["chat_template_kwargs"] == "{}" and axis_meta["chat_template_sha"]
     summary = pd.read_parquet(results / "vectors/summary.parquet")
@@ -81,6 +84,7 @@ def _edit_yaml(path, edit):
 def test_nothing_changed_nothing_to_do(run):
     assert planned_jobs(run) == set()
 
+
 AFTER_AXIS = {(stage, None) for stage in (*AXIS_AND_AFTER, "all")}
 
 
@@ -99,14 +103,16 @@ def test_a_reformatted_config_reruns_nothing(run):
         path.write_text(original)
 
 
-
 def test_a_sampling_edit_reruns_everything_from_generate_on(run):
     path = run / "config/config.yaml"
     original = _edit_yaml(path, lambda d: d["generate"].update(temperature=0.5))
     try:
         every = [*TINY_ROLES, "default"]
-        assert planned_jobs(run) == ({(stage, r) for stage in ("generate", "activations", "vectors") for r in every}
-                                     | {("judge", r) for r in TINY_ROLES} | AFTER_AXIS)
+        assert planned_jobs(run) == (
+            {(stage, r) for stage in ("generate", "activations", "vectors") for r in every}
+            | {("judge", r) for r in TINY_ROLES}
+            | AFTER_AXIS
+        )
     finally:
         path.write_text(original)
 
@@ -139,8 +145,13 @@ def test_prompt_edit_reruns_only_that_roles_chain(run):
     path = run / "data/roles/ghost.yaml"
     original = _edit_yaml(path, lambda d: d["prompts"].__setitem__(0, d["prompts"][0] + " Whisper."))
     try:
-        assert planned_jobs(run) == {("generate", "ghost"), ("activations", "ghost"), ("judge", "ghost"),
-                                     ("vectors", "ghost"), *AFTER_AXIS}
+        assert planned_jobs(run) == {
+            ("generate", "ghost"),
+            ("activations", "ghost"),
+            ("judge", "ghost"),
+            ("vectors", "ghost"),
+            *AFTER_AXIS,
+        }
     finally:
         path.write_text(original)
 
@@ -189,9 +200,20 @@ def test_paper_config_plans_every_role_of_the_bank(tmp_path):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     n = len(bank)
-    assert counts == {"prepare_model": 1, "generate": n, "activations": n, "judge": n - 1, "vectors": n,
-                      "axis": 1, "pca": 1, "stability": 1, "calibrate": 1, "evaluate": 1, "all": 1,
-                      "total": 4 * n + 6}
+    assert counts == {
+        "prepare_model": 1,
+        "generate": n,
+        "activations": n,
+        "judge": n - 1,
+        "vectors": n,
+        "axis": 1,
+        "pca": 1,
+        "stability": 1,
+        "calibrate": 1,
+        "evaluate": 1,
+        "all": 1,
+        "total": 4 * n + 6,
+    }
 
 
 def test_api_judge_jobs_share_one_request_budget(run, tmp_path):
@@ -218,13 +240,26 @@ def test_api_judge_jobs_share_one_request_budget(run, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(run, work, symlinks=True)
     with FakeOpenAI(reply) as api:
-        _edit_yaml(work / "config/config.yaml", lambda d: d["judge"].update(backend="openai", openai={
-            "base_url": api.url, "model": "fake", "api_key_env": None, "cache": None, "jobs": 1,
-            "concurrency": 1, "requests_per_second": 50}))
+        _edit_yaml(
+            work / "config/config.yaml",
+            lambda d: d["judge"].update(
+                backend="openai",
+                openai={
+                    "base_url": api.url,
+                    "model": "fake",
+                    "api_key_env": None,
+                    "cache": None,
+                    "jobs": 1,
+                    "concurrency": 1,
+                    "requests_per_second": 50,
+                },
+            ),
+        )
         targets = [f"results/{MODEL}/scores/{role}.parquet" for role in TINY_ROLES]
         snakemake(work, "--cores", "3", *targets)
-    windows = {role: (min(s for r, s, _ in seen if r == role), max(e for r, _, e in seen if r == role))
-               for role in TINY_ROLES}
+    windows = {
+        role: (min(s for r, s, _ in seen if r == role), max(e for r, _, e in seen if r == role)) for role in TINY_ROLES
+    }
     assert len(seen) == 4 * len(TINY_ROLES)
     ordered = sorted(windows.values())
     assert all(end <= next_start for (_, end), (next_start, _) in zip(ordered, ordered[1:], strict=False)), windows

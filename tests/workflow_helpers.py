@@ -40,8 +40,9 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None, bank
     """
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "Snakefile", path / "Snakefile")
-    shutil.copytree(ROOT / "workflow", path / "workflow", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "workflow", path / "workflow", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
     (path / "data/roles").mkdir(parents=True, exist_ok=True)
     (path / "data/questions").mkdir(parents=True, exist_ok=True)
     names = [p.stem for p in (ROOT / "data/roles").glob("*.yaml")] if bank == ["*"] else (bank or TINY_ROLES)
@@ -61,8 +62,13 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None, bank
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run([*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [*SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

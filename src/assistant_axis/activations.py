@@ -54,8 +54,18 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list
     return batches
 
 
-def _forward_batches(model, sequences: Sequence[Sequence[int]], layers: Sequence[int], batch_tokens: int,
-                     blocks_path: str | None, progress: bool, desc: str, begin, on_output, end) -> None:
+def _forward_batches(
+    model,
+    sequences: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    batch_tokens: int,
+    blocks_path: str | None,
+    progress: bool,
+    desc: str,
+    begin,
+    on_output,
+    end,
+) -> None:
     """Run every sequence through the model up to the last of `layers`, batched by `token_budget_batches`.
 
     Per batch (`rows`: the sequences' indices, longest first): `begin(rows, width, device)`, then the forward
@@ -78,8 +88,9 @@ def _forward_batches(model, sequences: Sequence[Sequence[int]], layers: Sequence
         return hook
 
     last_layer = max(layers)
-    handles = [blocks[layer].register_forward_hook(hook_for(slot, layer == last_layer))
-               for slot, layer in enumerate(layers)]
+    handles = [
+        blocks[layer].register_forward_hook(hook_for(slot, layer == last_layer)) for slot, layer in enumerate(layers)
+    ]
     try:
         batches = token_budget_batches([len(s) for s in sequences], batch_tokens)
         with torch.inference_mode():
@@ -144,8 +155,9 @@ def mean_activations(
                 result[i] = out[r]
 
     try:
-        _forward_batches(model, sequences, layers, batch_tokens, blocks_path, progress, "activations",
-                         begin, on_output, end)
+        _forward_batches(
+            model, sequences, layers, batch_tokens, blocks_path, progress, "activations", begin, on_output, end
+        )
     finally:
         state.clear()
     return result
@@ -197,8 +209,9 @@ def token_projections(
                 result[offsets[i] : offsets[i + 1]] = out[r, :, start:stop].T
 
     try:
-        _forward_batches(model, sequences, layers, batch_tokens, blocks_path, progress, "projections",
-                         begin, on_output, end)
+        _forward_batches(
+            model, sequences, layers, batch_tokens, blocks_path, progress, "projections", begin, on_output, end
+        )
     finally:
         state.clear()
         on_device.clear()

@@ -50,8 +50,9 @@ def subset_sizes(n_available: int, sizes: Sequence[int]) -> list[int]:
     return sorted({s for s in sizes if s <= half} | ({half} if half >= 1 else set()))
 
 
-def split_cosines(acts: torch.Tensor, reference: torch.Tensor, sizes: Sequence[int], repeats: int,
-                  generator: torch.Generator) -> list[tuple[int, int, float, float]]:
+def split_cosines(
+    acts: torch.Tensor, reference: torch.Tensor, sizes: Sequence[int], repeats: int, generator: torch.Generator
+) -> list[tuple[int, int, float, float]]:
     """(n, repeat, cosine, raw cosine) between means of two disjoint random n-subsets of `acts` [m, hidden].
 
     `cosine` compares `mean - reference` (the role's direction relative to the default), `raw` the means.
@@ -65,8 +66,9 @@ def split_cosines(acts: torch.Tensor, reference: torch.Tensor, sizes: Sequence[i
     return rows
 
 
-def axis_split_cosines(default: torch.Tensor, roles: torch.Tensor, repeats: int,
-                       generator: torch.Generator) -> torch.Tensor:
+def axis_split_cosines(
+    default: torch.Tensor, roles: torch.Tensor, repeats: int, generator: torch.Generator
+) -> torch.Tensor:
     """[repeats, n_layers] cosine between axes built from two disjoint random halves of the roles.
 
     `default`: [n_layers, hidden]; `roles`: [n_roles, n_layers, hidden].

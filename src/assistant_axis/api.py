@@ -98,8 +98,12 @@ class ResponseCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.is_file():
-            raise InputError(self.path, "cache", "is a file (the SQLite cache of an older version?): the cache "
-                             "is now a folder; give a folder path or delete the file")
+            raise InputError(
+                self.path,
+                "cache",
+                "is a file (the SQLite cache of an older version?): the cache "
+                "is now a folder; give a folder path or delete the file",
+            )
         self.path.mkdir(parents=True, exist_ok=True)
 
     def _file(self, key: str) -> Path:
@@ -151,8 +155,9 @@ class ChatAPI:
         if settings.api_key_env:
             self._key = os.environ.get(settings.api_key_env)
             if not self._key:
-                raise InputError("config", f"{config_key}.api_key_env",
-                                 f"environment variable {settings.api_key_env} is not set")
+                raise InputError(
+                    "config", f"{config_key}.api_key_env", f"environment variable {settings.api_key_env} is not set"
+                )
         self.cache = ResponseCache(settings.cache) if settings.cache else None
         self.stats: Counter[str] = Counter()
         self._refused: str | None = None  # the first final refusal of this run: nothing more is sent
@@ -184,8 +189,14 @@ class ChatAPI:
             for i, outcome in zip(todo, sent, strict=True):
                 outcomes[i] = outcome
         failed = [o for o in outcomes if o.response is None]
-        log.info("%s: %d ok (%d from cache), %d retried, %d failed", desc, len(outcomes) - len(failed),
-                 self.stats["cached"], self.stats["retried"], len(failed))
+        log.info(
+            "%s: %d ok (%d from cache), %d retried, %d failed",
+            desc,
+            len(outcomes) - len(failed),
+            self.stats["cached"],
+            self.stats["retried"],
+            len(failed),
+        )
         if failed:
             raise APIError(self._failure_line(failed, len(outcomes)))
         return outcomes  # type: ignore[return-value]
@@ -193,20 +204,26 @@ class ChatAPI:
     def _failure_line(self, failed: list[Outcome], total: int) -> str:
         """One line: how many failed and why, and what a rerun will do."""
         url = self.settings.base_url
-        kept = ("the answers received are cached in " + str(self.settings.cache) + ": a rerun asks only for the "
-                "others") if self.cache else "no cache is set: a rerun asks for every request again"
+        kept = (
+            ("the answers received are cached in " + str(self.settings.cache) + ": a rerun asks only for the others")
+            if self.cache
+            else "no cache is set: a rerun asks for every request again"
+        )
         if self._refused is not None:
             return f"{url}: the server refused a request, so none more were sent ({self._refused}); {kept}"
         kinds = Counter(o.error.split(":", 1)[0] for o in failed if o.error)
         counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-        return (f"{url}: {len(failed)} of {total} requests failed after {self.settings.max_retries} retries "
-                f"({counts}; first: {failed[0].error}); {kept}")
+        return (
+            f"{url}: {len(failed)} of {total} requests failed after {self.settings.max_retries} retries "
+            f"({counts}; first: {failed[0].error}); {kept}"
+        )
 
     async def _send_all(self, work: list[tuple[dict, str]], desc: str) -> list[Outcome]:
         from openai import AsyncOpenAI
 
-        client = AsyncOpenAI(api_key=self._key or "no-key", base_url=self.settings.base_url,
-                             timeout=self.settings.timeout, max_retries=0)
+        client = AsyncOpenAI(
+            api_key=self._key or "no-key", base_url=self.settings.base_url, timeout=self.settings.timeout, max_retries=0
+        )
         gate = asyncio.Semaphore(self.settings.concurrency)
         limit = _RateLimit(self.settings.requests_per_second)
         bar = tqdm(total=len(work), desc=desc, unit="req")
@@ -240,7 +257,8 @@ class ChatAPI:
             wait = None
             try:
                 completion = await client.chat.completions.create(
-                    model=payload["model"], messages=payload["messages"], extra_body=extra or None, **body)
+                    model=payload["model"], messages=payload["messages"], extra_body=extra or None, **body
+                )
                 response = completion.model_dump() if hasattr(completion, "model_dump") else None
                 if not isinstance(response, dict) or not response.get("choices"):
                     raise ValueError(f"unreadable response body: {str(completion)[:200]!r}")
@@ -259,8 +277,9 @@ class ChatAPI:
                 error = f"unreadable response: {self.scrub(str(exc))[:300]}"
             if attempt <= self.settings.max_retries:
                 backoff = min(self.settings.max_backoff, self.settings.backoff * 2 ** (attempt - 1))
-                await asyncio.sleep(min(self.settings.max_backoff, wait) if wait is not None
-                                    else backoff * random.uniform(0.5, 1.5))
+                await asyncio.sleep(
+                    min(self.settings.max_backoff, wait) if wait is not None else backoff * random.uniform(0.5, 1.5)
+                )
         self.stats["failed"] += 1
         return Outcome(None, error=error, attempts=attempt)
 

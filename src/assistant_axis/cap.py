@@ -26,8 +26,16 @@ from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import InputError
 from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size, with_block_hidden
 
-__all__ = ["CALIBRATION_PERCENTILES", "CappingConfig", "read_capping", "load_capping", "layer_range",
-           "percentile_thresholds", "cap"]
+__all__ = [
+    "CALIBRATION_PERCENTILES",
+    "CappingConfig",
+    "CapSetting",
+    "read_capping",
+    "load_capping",
+    "layer_range",
+    "percentile_thresholds",
+    "cap",
+]
 
 # The percentiles of the default replies' projections that calibration always records.
 CALIBRATION_PERCENTILES = (1, 5, 10, 25, 50, 75)
@@ -45,11 +53,15 @@ class CappingConfig:
 
     def save(self, path: str | Path, **metadata) -> None:
         """Vectors as float32; thresholds keep float64 where they are (an imported config's exact values)."""
+
         def exact(t: torch.Tensor) -> torch.Tensor:
             return t if t.dtype == torch.float64 else t.float()
 
-        tensors = {"layers": torch.tensor(self.layers, dtype=torch.int64), "vectors": self.vectors.float().contiguous(),
-                   "thresholds": exact(self.thresholds)}
+        tensors = {
+            "layers": torch.tensor(self.layers, dtype=torch.int64),
+            "vectors": self.vectors.float().contiguous(),
+            "thresholds": exact(self.thresholds),
+        }
         if self.upper is not None:
             tensors["upper"] = exact(self.upper)
         write_tensors(tensors, path, {"model": self.model, "hidden_size": int(self.vectors.shape[-1]), **metadata})
@@ -68,13 +80,21 @@ def read_capping(path: str | Path) -> CappingConfig:
     tensors, meta = read_tensors(path, ["layers", "vectors", "thresholds"])
     layers, vectors, thresholds = tensors["layers"].tolist(), tensors["vectors"], tensors["thresholds"]
     if vectors.dim() != 2 or len(vectors) != len(layers) or thresholds.shape != (len(layers),):
-        raise InputError(path, "vectors", f"{len(layers)} layers but vectors {tuple(vectors.shape)} and "
-                         f"thresholds {tuple(thresholds.shape)}")
+        raise InputError(
+            path,
+            "vectors",
+            f"{len(layers)} layers but vectors {tuple(vectors.shape)} and thresholds {tuple(thresholds.shape)}",
+        )
     return CappingConfig(layers, vectors, thresholds, meta.get("model", ""), tensors.get("upper"), str(path), meta)
 
 
-def load_capping(path: str | Path, model_name: str | None = None, hidden_size: int | None = None,
-                 n_layers: int | None = None, experiment: str | None = None) -> CappingConfig:
+def load_capping(
+    path: str | Path,
+    model_name: str | None = None,
+    hidden_size: int | None = None,
+    n_layers: int | None = None,
+    experiment: str | None = None,
+) -> CappingConfig:
     """Read a capping config, ready for `cap`; refuse one made for another model, depth or hidden size.
 
     A `.pt` file is the paper code's `capping_config.pt`: `experiment` picks one of its experiments by id
@@ -91,16 +111,38 @@ def load_capping(path: str | Path, model_name: str | None = None, hidden_size: i
         config = read_capping(path)
         if model_name is not None and config.model not in ("", model_name):
             raise InputError(path, "model", f"capping config for model {config.model!r}, not {model_name!r}")
-        checked = check_provenance(config.metadata, path, "capping", model=model_name, n_layers=n_layers,
-                                   hidden_size=hidden_size)
+        checked = check_provenance(
+            config.metadata, path, "capping", model=model_name, n_layers=n_layers, hidden_size=hidden_size
+        )
     if hidden_size is not None and config.vectors.shape[1] != hidden_size:
-        raise InputError(path, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's hidden size "
-                         f"is {hidden_size}")
+        raise InputError(
+            path,
+            "hidden_size",
+            f"vectors have size {config.vectors.shape[1]}, the model's hidden size is {hidden_size}",
+        )
     if n_layers is not None:
         check_layers(config.layers, n_layers, path, "layers")
     if not checked:
         warn_unchecked(path)
     return config.normalized()
+
+
+@dataclass(frozen=True)
+class CapSetting:
+    """One capping config the workflow calibrates: a named layer range (`capping.ranges`) and a percentile of
+    the default replies' projections. Its `name` (`late-p25`) names its file and its evaluation setting."""
+
+    range_name: str
+    percentile: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.range_name}-p{self.percentile:g}"
+
+    @classmethod
+    def parse(cls, name: str) -> CapSetting:
+        range_name, percentile = name.rsplit("-p", 1)
+        return cls(range_name, float(percentile))
 
 
 def layer_range(fractions: Sequence[float], n_layers: int) -> list[int]:
@@ -126,8 +168,11 @@ def cap(model, config: CappingConfig, blocks_path: str | None = None) -> Iterato
     """Cap the listed blocks' outputs while the block is active; hooks are removed on exit, also on error."""
     blocks = find_blocks(model, blocks_path)
     if config.vectors.shape[1] != hidden_size(model):
-        raise InputError(config.source, "hidden_size", f"vectors have size {config.vectors.shape[1]}, the model's "
-                         f"hidden size is {hidden_size(model)}")
+        raise InputError(
+            config.source,
+            "hidden_size",
+            f"vectors have size {config.vectors.shape[1]}, the model's hidden size is {hidden_size(model)}",
+        )
     check_layers(config.layers, len(blocks), config.source, "layers")
 
     def hook_for(k: int):

@@ -35,8 +35,16 @@ from assistant_axis.project import conversation_projections
 from assistant_axis.steer import steer
 from assistant_axis.templates import ChatTemplate, split_reasoning
 
-__all__ = ["Steering", "TokenLogprob", "Reply", "ChatSession", "load_session", "format_projection", "run_chat",
-           "default_model"]
+__all__ = [
+    "Steering",
+    "TokenLogprob",
+    "Reply",
+    "ChatSession",
+    "load_session",
+    "format_projection",
+    "run_chat",
+    "default_model",
+]
 
 BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
 PREPARED_DEFAULT = "results/models/smollm2-135m-instruct"
@@ -96,8 +104,9 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         self.units = unit_rows(self.axis, self.axis_layers, self.layers, hidden_size(self.model), self.axis_source)
-        self.template = ChatTemplate(self.tokenizer, self.template_options,
-                                     getattr(self.tokenizer, "name_or_path", "") or "model")
+        self.template = ChatTemplate(
+            self.tokenizer, self.template_options, getattr(self.tokenizer, "name_or_path", "") or "model"
+        )
         with self.hooks():  # cap() and steer() check sizes and layers on entry: fail now, not mid-chat
             pass
         self.reset()
@@ -108,8 +117,17 @@ class ChatSession:
         with ExitStack() as stack:
             if self.steering is not None:
                 s = self.steering
-                stack.enter_context(steer(self.model, s.directions, s.layers, s.coefficient, s.positions,
-                                          source="--steer-layers", unit=s.unit))
+                stack.enter_context(
+                    steer(
+                        self.model,
+                        s.directions,
+                        s.layers,
+                        s.coefficient,
+                        s.positions,
+                        source="--steer-layers",
+                        unit=s.unit,
+                    )
+                )
             if self.capping is not None:
                 stack.enter_context(cap(self.model, self.capping))
             yield
@@ -134,8 +152,9 @@ class ChatSession:
 
     # ------------------------------------------------------------------ stateless (serve, project)
 
-    def complete(self, messages: Sequence[dict], sampling: Sampling | None = None,
-                 top_logprobs: int | None = None) -> Reply:
+    def complete(
+        self, messages: Sequence[dict], sampling: Sampling | None = None, top_logprobs: int | None = None
+    ) -> Reply:
         """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs."""
         sampling = sampling or self.sampling
         shown = self.template.fit(list(messages))
@@ -144,8 +163,11 @@ class ChatSession:
             new, finish, logits = self._generate(prompt, sampling, top_logprobs is not None)
             reasoning, text = split_reasoning(self.tokenizer.decode(new, skip_special_tokens=True))
             values = self._reply_projection(shown, text, reasoning)
-        logprobs = None if top_logprobs is None else [
-            self._logprob(token, step, top_logprobs) for token, step in zip(new, logits, strict=True)]
+        logprobs = (
+            None
+            if top_logprobs is None
+            else [self._logprob(token, step, top_logprobs) for token, step in zip(new, logits, strict=True)]
+        )
         return Reply(text, finish, len(prompt), new, logprobs, list(self.layers), values, self.tau(), reasoning)
 
     def tau(self) -> list[float | None] | None:
@@ -157,8 +179,9 @@ class ChatSession:
     def conversation_projections(self, messages: list[dict]) -> pd.DataFrame:
         """Per-turn projections (see `project.conversation_projections`) under this session's hooks."""
         with self.hooks():
-            return conversation_projections(self.model, self.template, messages, self.axis, self.axis_layers,
-                                            self.layers, source=self.axis_source)
+            return conversation_projections(
+                self.model, self.template, messages, self.axis, self.axis_layers, self.layers, source=self.axis_source
+            )
 
     def _generate(self, prompt: list[int], sampling: Sampling, want_logits: bool):
         """One sequence, no padding; same stopping and top-p rules as `TransformersBackend`."""
@@ -169,12 +192,20 @@ class ChatSession:
         torch.manual_seed(sampling.seed)
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=sample,
-                temperature=sampling.temperature if sample else None, top_p=None, top_k=None,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=None,
+                top_k=None,
                 logits_processor=[TopP(sampling.top_p)] if sample and sampling.top_p < 1 else None,
-                max_new_tokens=sampling.max_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=sorted(eos), return_dict_in_generate=True, output_logits=want_logits)
-        new = out.sequences[0, len(prompt):].tolist()
+                max_new_tokens=sampling.max_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(eos),
+                return_dict_in_generate=True,
+                output_logits=want_logits,
+            )
+        new = out.sequences[0, len(prompt) :].tolist()
         stop = next((k for k, t in enumerate(new) if t in eos), None)
         n = len(new) if stop is None else stop
         # Raw logits, i.e. the model's own distribution before temperature and top-p.
@@ -184,8 +215,11 @@ class ChatSession:
     def _logprob(self, token: int, logits: torch.Tensor, top: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         best = torch.topk(logprobs, top) if top > 0 else None
-        ranked = [] if best is None else [(self.tokenizer.decode([int(i)]), float(v))
-                                          for v, i in zip(best.values, best.indices, strict=True)]
+        ranked = (
+            []
+            if best is None
+            else [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(best.values, best.indices, strict=True)]
+        )
         return TokenLogprob(token, self.tokenizer.decode([token]), float(logprobs[token]), ranked)
 
     def _reply_projection(self, shown: list[dict], text: str, reasoning: str = "") -> list[float | None]:
@@ -218,16 +252,29 @@ def _check_layers(layers: Sequence[int], axis_layers: list[int], n_layers: int |
         check_layers(layers, n_layers, source, "layers")
     for layer in layers:
         if layer not in axis_layers:
-            raise InputError(source, "layers", f"layer {layer} is not in the axis (it has layers "
-                             f"{axis_layers[0]}..{axis_layers[-1]})")
+            raise InputError(
+                source,
+                "layers",
+                f"layer {layer} is not in the axis (it has layers {axis_layers[0]}..{axis_layers[-1]})",
+            )
 
 
-def load_session(model_path: str, axis_path: str, cap_path: str | None = None, steer_coefficient: float | None = None,
-                 steer_layers: Sequence[int] | None = None, steer_positions: str = "all",
-                 layers: Sequence[int] | None = None, dtype: str = "float32", sampling: Sampling | None = None,
-                 system: str | None = None, device: str | None = None,
-                 template_options: dict | None = None, cap_experiment: str | None = None,
-                 steer_unit: str = "unit") -> ChatSession:
+def load_session(
+    model_path: str,
+    axis_path: str,
+    cap_path: str | None = None,
+    steer_coefficient: float | None = None,
+    steer_layers: Sequence[int] | None = None,
+    steer_positions: str = "all",
+    layers: Sequence[int] | None = None,
+    dtype: str = "float32",
+    sampling: Sampling | None = None,
+    system: str | None = None,
+    device: str | None = None,
+    template_options: dict | None = None,
+    cap_experiment: str | None = None,
+    steer_unit: str = "unit",
+) -> ChatSession:
     """Check every input against the axis and the model's config first (cheap), then load the model.
 
     Projection layers default to the capped layers when capping, else the axis's middle layer; steering
@@ -239,13 +286,19 @@ def load_session(model_path: str, axis_path: str, cap_path: str | None = None, s
 
     shape = _model_shape(model_path)
     n_layers = shape[0] if shape else None
-    axis, axis_layers, meta = load_axis(axis_path, n_layers=n_layers, hidden_size=shape[1] if shape else None,
-                                        config_sha=shape[2] if shape else None)
+    axis, axis_layers, meta = load_axis(
+        axis_path, n_layers=n_layers, hidden_size=shape[1] if shape else None, config_sha=shape[2] if shape else None
+    )
     axis_model = meta.get("model") if isinstance(meta.get("model"), str) and meta.get("model") else None
     capping = None
     if cap_path:
-        capping = load_capping(cap_path, model_name=axis_model, hidden_size=int(axis.shape[-1]), n_layers=n_layers,
-                               experiment=cap_experiment)
+        capping = load_capping(
+            cap_path,
+            model_name=axis_model,
+            hidden_size=int(axis.shape[-1]),
+            n_layers=n_layers,
+            experiment=cap_experiment,
+        )
     elif cap_experiment is not None:
         raise InputError("--experiment", "cap", "given without --cap capping_config.pt")
     middle = [axis_layers[len(axis_layers) // 2]]
@@ -262,9 +315,19 @@ def load_session(model_path: str, axis_path: str, cap_path: str | None = None, s
         recorded = meta.get("chat_template_kwargs")  # load_axis decodes it
         template_options = recorded if isinstance(recorded, dict) else {}
     model, tokenizer = load_model(model_path, dtype, device)
-    return ChatSession(model, tokenizer, axis, axis_layers, layers, capping, steering,
-                       sampling or Sampling(temperature=0.7, top_p=0.9, max_tokens=256), system, str(axis_path),
-                       template_options)
+    return ChatSession(
+        model,
+        tokenizer,
+        axis,
+        axis_layers,
+        layers,
+        capping,
+        steering,
+        sampling or Sampling(temperature=0.7, top_p=0.9, max_tokens=256),
+        system,
+        str(axis_path),
+        template_options,
+    )
 
 
 # ------------------------------------------------------------------------------------ the terminal loop

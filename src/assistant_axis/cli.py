@@ -64,8 +64,11 @@ def _session(args: argparse.Namespace):
     from assistant_axis.chat import default_model, load_session
 
     args.model = args.model or default_model()
-    for name, ok in (("--max-tokens", args.max_tokens >= 1), ("--temperature", args.temperature >= 0),
-                     ("--top-p", 0 < args.top_p <= 1)):
+    for name, ok in (
+        ("--max-tokens", args.max_tokens >= 1),
+        ("--temperature", args.temperature >= 0),
+        ("--top-p", 0 < args.top_p <= 1),
+    ):
         if not ok:
             raise InputError("command line", name, f"out of range: {getattr(args, name[2:].replace('-', '_'))}")
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
@@ -77,9 +80,21 @@ def _session(args: argparse.Namespace):
             raise InputError("command line", "--chat-template-kwargs", f"not JSON ({exc})") from exc
         if not isinstance(options, dict):
             raise InputError("command line", "--chat-template-kwargs", "must be a JSON object")
-    return load_session(args.model, args.axis, args.cap, args.steer, args.steer_layers, args.steer_positions,
-                        args.layers, args.dtype, sampling, getattr(args, "system", None),
-                        template_options=options, cap_experiment=args.experiment, steer_unit=args.steer_unit)
+    return load_session(
+        args.model,
+        args.axis,
+        args.cap,
+        args.steer,
+        args.steer_layers,
+        args.steer_positions,
+        args.layers,
+        args.dtype,
+        sampling,
+        getattr(args, "system", None),
+        template_options=options,
+        cap_experiment=args.experiment,
+        steer_unit=args.steer_unit,
+    )
 
 
 def _project(args: argparse.Namespace) -> None:
@@ -128,37 +143,63 @@ def _convert(args: argparse.Namespace) -> None:
         export_file(sources, target)
         written = [target]
     else:
-        raise InputError("command line", "paths", "import: one .pt -> .safetensors (or a folder for every "
-                         "experiment); export: .safetensors... -> one .pt")
+        raise InputError(
+            "command line",
+            "paths",
+            "import: one .pt -> .safetensors (or a folder for every experiment); export: .safetensors... -> one .pt",
+        )
     for path in written:
         print(path)
 
 
 def _model_options() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--model", help="model directory, hub id or bundled:NAME (default: "
-                        "results/models/smollm2-135m-instruct if prepared, else bundled:smollm2-135m-instruct)")
+    shared.add_argument(
+        "--model",
+        help="model directory, hub id or bundled:NAME (default: "
+        "results/models/smollm2-135m-instruct if prepared, else bundled:smollm2-135m-instruct)",
+    )
     shared.add_argument("--axis", default="results/smollm2-135m-instruct/axis.safetensors")
-    shared.add_argument("--cap", metavar="CAPPING", help="capping config: ours (results/<model>/capping/*.safetensors) "
-                        "or the paper code's capping_config.pt with --experiment")
-    shared.add_argument("--experiment", metavar="ID", help="the experiment of a capping_config.pt, e.g. "
-                        "layers_46:54-p0.25")
-    shared.add_argument("--steer", type=float, metavar="COEFFICIENT",
-                        help="add COEFFICIENT x axis at --steer-layers (negative: away from the Assistant)")
-    shared.add_argument("--steer-unit", choices=("unit", "raw"), default="unit",
-                        help="what COEFFICIENT multiplies: the unit axis (default, residual-stream units) or the raw "
-                        "axis row, as the paper code's ActivationSteering does (their coefficients carry over)")
+    shared.add_argument(
+        "--cap",
+        metavar="CAPPING",
+        help="capping config: ours (results/<model>/capping/*.safetensors) "
+        "or the paper code's capping_config.pt with --experiment",
+    )
+    shared.add_argument(
+        "--experiment", metavar="ID", help="the experiment of a capping_config.pt, e.g. layers_46:54-p0.25"
+    )
+    shared.add_argument(
+        "--steer",
+        type=float,
+        metavar="COEFFICIENT",
+        help="add COEFFICIENT x axis at --steer-layers (negative: away from the Assistant)",
+    )
+    shared.add_argument(
+        "--steer-unit",
+        choices=("unit", "raw"),
+        default="unit",
+        help="what COEFFICIENT multiplies: the unit axis (default, residual-stream units) or the raw "
+        "axis row, as the paper code's ActivationSteering does (their coefficients carry over)",
+    )
     shared.add_argument("--steer-layers", type=int, nargs="+", help="default: the axis's middle layer")
     shared.add_argument("--steer-positions", choices=("all", "last"), default="all")
-    shared.add_argument("--layers", type=int, nargs="+",
-                        help="projection layers (default: the capped layers, else the axis's middle layer)")
+    shared.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        help="projection layers (default: the capped layers, else the axis's middle layer)",
+    )
     shared.add_argument("--max-tokens", type=int, default=256)
     shared.add_argument("--temperature", type=float, default=0.7)
     shared.add_argument("--top-p", type=float, default=0.9)
     shared.add_argument("--seed", type=int, default=0)
     shared.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    shared.add_argument("--chat-template-kwargs", metavar="JSON",
-                        help='chat template options, e.g. \'{"enable_thinking": false}\' (default: the axis\'s own)')
+    shared.add_argument(
+        "--chat-template-kwargs",
+        metavar="JSON",
+        help="chat template options, e.g. '{\"enable_thinking\": false}' (default: the axis's own)",
+    )
     return shared
 
 
@@ -175,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--seed", type=int, default=0)
     cal.set_defaults(func=_calibrate)
     conv = sub.add_parser("convert", help="the paper code's .pt files to ours (.safetensors) and back")
-    conv.add_argument("paths", nargs="+", metavar="SOURCE... TARGET",
-                      help="import: FILE.pt OUT.safetensors (a capping_config.pt without --experiment: OUT is a "
-                      "folder, one file per experiment); export: FILE.safetensors... OUT.pt (several capping "
-                      "configs make one capping_config.pt)")
+    conv.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE... TARGET",
+        help="import: FILE.pt OUT.safetensors (a capping_config.pt without --experiment: OUT is a "
+        "folder, one file per experiment); export: FILE.safetensors... OUT.pt (several capping "
+        "configs make one capping_config.pt)",
+    )
     conv.add_argument("--experiment", metavar="ID", help="import only this experiment of a capping_config.pt")
     conv.add_argument("--model-name", help="record the model the imported file belongs to (checked on load)")
     conv.set_defaults(func=_convert)

@@ -22,8 +22,10 @@ from assistant_axis.errors import InputError
 __all__ = ["EvalPrompt", "load_eval_prompts", "first_of_each_kind", "is_correct", "summarize", "UNCAPPED", "KINDS"]
 
 UNCAPPED = "uncapped"
-KINDS = {"persona": ("id", "kind", "category", "prompt", "persona", "description"),
-         "plain": ("id", "kind", "category", "prompt", "answers")}
+KINDS = {
+    "persona": ("id", "kind", "category", "prompt", "persona", "description"),
+    "plain": ("id", "kind", "category", "prompt", "answers"),
+}
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,11 @@ def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
             raise InputError(where, "kind", f"must be one of {', '.join(KINDS)}")
         for field in KINDS[row["kind"]]:
             if field == "answers":
-                ok = isinstance(row.get(field), list) and row[field] and all(
-                    isinstance(a, str) and a.strip() for a in row[field])
+                ok = (
+                    isinstance(row.get(field), list)
+                    and row[field]
+                    and all(isinstance(a, str) and a.strip() for a in row[field])
+                )
             else:
                 ok = isinstance(row.get(field), str) and row[field].strip()
             if not ok:
@@ -66,8 +71,17 @@ def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
         if row["id"] in seen:
             raise InputError(where, "id", f"{row['id']!r} appears twice")
         seen.add(row["id"])
-        prompts.append(EvalPrompt(row["id"], row["kind"], row["category"], row["prompt"], row.get("persona", ""),
-                                  row.get("description", ""), tuple(a.lower() for a in row.get("answers", ()))))
+        prompts.append(
+            EvalPrompt(
+                row["id"],
+                row["kind"],
+                row["category"],
+                row["prompt"],
+                row.get("persona", ""),
+                row.get("description", ""),
+                tuple(a.lower() for a in row.get("answers", ())),
+            )
+        )
     if not any(p.kind == "persona" for p in prompts):
         raise InputError(path, "kind", "no persona prompts to evaluate")
     return prompts
@@ -98,14 +112,16 @@ def summarize(frame: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
         part = frame[frame["setting"] == setting]
         persona, plain = part[part["kind"] == "persona"], part[part["kind"] == "plain"]
         scores = persona["score"].astype("Float64")
-        rows.append({
-            "setting": setting,
-            "n_persona": len(persona),
-            "persona_adoption": float((scores == 3).sum() / max(scores.notna().sum(), 1)),
-            "persona_score": float(scores.mean()) if scores.notna().any() else float("nan"),
-            "n_plain": len(plain),
-            "accuracy": float(plain["correct"].mean()) if len(plain) else float("nan"),
-            "projection_persona": float(persona["projection"].mean()),
-            "projection_plain": float(plain["projection"].mean()) if len(plain) else float("nan"),
-        })
+        rows.append(
+            {
+                "setting": setting,
+                "n_persona": len(persona),
+                "persona_adoption": float((scores == 3).sum() / max(scores.notna().sum(), 1)),
+                "persona_score": float(scores.mean()) if scores.notna().any() else float("nan"),
+                "n_plain": len(plain),
+                "accuracy": float(plain["correct"].mean()) if len(plain) else float("nan"),
+                "projection_persona": float(persona["projection"].mean()),
+                "projection_plain": float(plain["projection"].mean()) if len(plain) else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)

@@ -27,8 +27,15 @@ from assistant_axis.cap import CappingConfig, read_capping
 from assistant_axis.errors import InputError
 from assistant_axis.provenance import provenance
 
-__all__ = ["read_pt", "import_axis", "import_role_vector", "import_capping", "import_file", "export_file",
-           "experiment_id"]
+__all__ = [
+    "read_pt",
+    "import_axis",
+    "import_role_vector",
+    "import_capping",
+    "import_file",
+    "export_file",
+    "experiment_id",
+]
 
 AXIS_KEYS = {"axis", "metadata", "default_mean", "role_mean", "n_default", "n_roles"}
 VECTOR_KEYS = {"vector", "type", "role"}
@@ -75,8 +82,9 @@ def import_axis(path: str | Path, model: str | None = None) -> tuple[torch.Tenso
             raise InputError(path, "axis", "missing")
         data = data["axis"]
     axis = _matrix(path, "axis", data)
-    meta = provenance("axis", _model_part(model, len(axis), axis.shape[1]), imported_from=IMPORTED,
-                      layers=_finite_rows(axis))
+    meta = provenance(
+        "axis", _model_part(model, len(axis), axis.shape[1]), imported_from=IMPORTED, layers=_finite_rows(axis)
+    )
     return axis, meta
 
 
@@ -93,8 +101,14 @@ def import_role_vector(path: str | Path, model: str | None = None) -> tuple[torc
     _unknown(path, data, VECTOR_KEYS)
     vector = _matrix(path, "vector", data["vector"])
     role = str(data.get("role", Path(path).stem))
-    meta = provenance("role_vector", _model_part(model, len(vector), vector.shape[1]), imported_from=IMPORTED,
-                      role=role, vector_type=str(data.get("type", "")), included=role != "default")
+    meta = provenance(
+        "role_vector",
+        _model_part(model, len(vector), vector.shape[1]),
+        imported_from=IMPORTED,
+        role=role,
+        vector_type=str(data.get("type", "")),
+        included=role != "default",
+    )
     return vector, meta
 
 
@@ -141,8 +155,12 @@ def import_capping(path: str | Path, experiment: str | None = None, model: str |
             if torch.equal(vector.float(), rows[first]) and first not in uppers:  # along -v: our ceiling on u
                 uppers[first] = float(step["cap"])
                 continue
-            raise InputError(path, where, f"a second intervention at layer {int(entry['layer'])}: our format caps "
-                             "each layer once (a floor, and optionally a ceiling along the same vector)")
+            raise InputError(
+                path,
+                where,
+                f"a second intervention at layer {int(entry['layer'])}: our format caps "
+                "each layer once (a floor, and optionally a ceiling along the same vector)",
+            )
         layers.append(int(entry["layer"]))
         rows.append(-vector.float())  # their ceiling on v is our floor on -v
         taus.append(-float(step["cap"]))
@@ -151,20 +169,32 @@ def import_capping(path: str | Path, experiment: str | None = None, model: str |
         raise InputError(path, f"experiments[{experiment}].interventions", "no interventions")
     order = sorted(range(len(layers)), key=layers.__getitem__)
     hidden = int(rows[0].shape[0])
-    meta = provenance("capping", _model_part(model, None, hidden), imported_from=IMPORTED, experiment=experiment,
-                      vector_names=[names[i] for i in order])
+    meta = provenance(
+        "capping",
+        _model_part(model, None, hidden),
+        imported_from=IMPORTED,
+        experiment=experiment,
+        vector_names=[names[i] for i in order],
+    )
     upper = None
     if uppers:
         if len(uppers) != len(layers):
             raise InputError(path, f"experiments[{experiment}]", "a ceiling at some capped layers but not all")
         upper = torch.tensor([uppers[i] for i in order], dtype=torch.float64)
-    return CappingConfig([layers[i] for i in order], torch.stack([rows[i] for i in order]),
-                         torch.tensor([taus[i] for i in order], dtype=torch.float64), model or "", upper,
-                         source=f"{path}[{experiment}]", metadata=meta)
+    return CappingConfig(
+        [layers[i] for i in order],
+        torch.stack([rows[i] for i in order]),
+        torch.tensor([taus[i] for i in order], dtype=torch.float64),
+        model or "",
+        upper,
+        source=f"{path}[{experiment}]",
+        metadata=meta,
+    )
 
 
-def import_file(source: str | Path, target: str | Path, experiment: str | None = None,
-                model: str | None = None) -> list[Path]:
+def import_file(
+    source: str | Path, target: str | Path, experiment: str | None = None, model: str | None = None
+) -> list[Path]:
     """Convert a paper `.pt` file into ours; a capping config without `experiment` gives one file per
     experiment in the folder `target`. Returns the files written."""
     data = read_pt(source)
@@ -256,8 +286,11 @@ def export_file(sources: list[str | Path], target: str | Path) -> None:
         layers = tensors["layers"].tolist()
         n_layers = int(json.loads(meta.get("n_layers") or "0") or max(layers) + 1)
         role = meta.get("role", Path(sources[0]).stem)
-        data = {"vector": by_block(tensors["vector"], layers, n_layers), "role": role,
-                "type": meta.get("vector_type") or ("mean" if role == "default" else "pos_3")}
+        data = {
+            "vector": by_block(tensors["vector"], layers, n_layers),
+            "role": role,
+            "type": meta.get("vector_type") or ("mean" if role == "default" else "pos_3"),
+        }
     else:
         raise InputError(sources[0], "file", "neither an axis, a role vector nor a capping config")
     with atomic_path(target, ".pt") as tmp:

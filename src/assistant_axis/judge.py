@@ -202,8 +202,13 @@ class EmbeddingJudge(Judge):
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = self._tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                                        max_length=256, return_tensors="pt")
+                batch = self._tokenizer(
+                    list(texts[start : start + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=256,
+                    return_tensors="pt",
+                )
                 hidden = self._model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -214,18 +219,21 @@ class EmbeddingJudge(Judge):
         """Similarities and pattern flags for each item (what the thresholds act on)."""
         replies = self.embed([it.response for it in items])
         role_texts = sorted({(it.role, it.description) for it in items})
-        role_emb = dict(zip(role_texts, self.embed([f"I am a {r.replace('_', ' ')}. {d}" for r, d in role_texts]),
-                            strict=True))
+        role_emb = dict(
+            zip(role_texts, self.embed([f"I am a {r.replace('_', ' ')}. {d}" for r, d in role_texts]), strict=True)
+        )
         rows = []
         for item, reply in zip(items, replies, strict=True):
-            rows.append({
-                "role": float(reply @ role_emb[(item.role, item.description)]),
-                "assistant": float((self._assistant @ reply).max()),
-                "refusal": float((self._refusal @ reply).max()),
-                "ai_self": bool(_AI_SELF.search(item.response)),
-                "refuses": bool(_REFUSAL.search(item.response)),
-                "refuses_role": bool(_ROLE_REFUSAL.search(item.response)),
-            })
+            rows.append(
+                {
+                    "role": float(reply @ role_emb[(item.role, item.description)]),
+                    "assistant": float((self._assistant @ reply).max()),
+                    "refusal": float((self._refusal @ reply).max()),
+                    "ai_self": bool(_AI_SELF.search(item.response)),
+                    "refuses": bool(_REFUSAL.search(item.response)),
+                    "refuses_role": bool(_ROLE_REFUSAL.search(item.response)),
+                }
+            )
         return rows
 
     @staticmethod
@@ -256,8 +264,9 @@ def calibrate(
     """Grid-search thresholds that maximise exact agreement with hand labels; returns (thresholds, agreement)."""
     feats = judge.features(items)
     best, best_acc = judge.thresholds, -1.0
-    grid = itertools.product([x / 100 for x in range(30, 80, 5)], [x / 100 for x in range(10, 50, 4)],
-                             [x / 100 for x in range(-20, 21, 4)])
+    grid = itertools.product(
+        [x / 100 for x in range(30, 80, 5)], [x / 100 for x in range(10, 50, 4)], [x / 100 for x in range(-20, 21, 4)]
+    )
     for refusal, keep, in_role in grid:
         t = EmbeddingThresholds(refusal, keep, in_role)
         acc = sum(judge.decide(f, t) == y for f, y in zip(feats, labels, strict=True)) / len(labels)
@@ -280,8 +289,16 @@ def agreement(judge: EmbeddingJudge, items: Sequence[JudgeItem], labels: Sequenc
 class LocalJudge(Judge):
     """A transformers chat model scored from its next-token distribution over the digits 0-3."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 8, system: str | None = DEFAULT_SYSTEM,
-                 template_options: dict | None = None, template: str = DEFAULT_TEMPLATE):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        batch_size: int = 8,
+        system: str | None = DEFAULT_SYSTEM,
+        template_options: dict | None = None,
+        template: str = DEFAULT_TEMPLATE,
+    ):
         from assistant_axis.templates import ChatTemplate
 
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
@@ -291,8 +308,9 @@ class LocalJudge(Judge):
         self.digit_ids = digit_tokens(tokenizer, "judge.local.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
-        rows = [self.chat.ids(self.chat.fit(judge_messages(p, self.system)), add_generation_prompt=True)
-                for p in prompts]
+        rows = [
+            self.chat.ids(self.chat.fit(judge_messages(p, self.system)), add_generation_prompt=True) for p in prompts
+        ]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
         verdicts: list[Verdict] = []
@@ -323,16 +341,29 @@ class VLLMJudge(Judge):
     (a thinking template left on, a base model, a weak judge): that is an error, not a column of nulls.
     """
 
-    SETTINGS = ("model", "dtype", "system", "top_logprobs", "min_digit_mass", "trust_remote_code",
-                "chat_template_kwargs")
+    SETTINGS = (
+        "model",
+        "dtype",
+        "system",
+        "top_logprobs",
+        "min_digit_mass",
+        "trust_remote_code",
+        "chat_template_kwargs",
+    )
 
     def __init__(self, settings: dict, llm=None, progress: bool = True, template: str = DEFAULT_TEMPLATE):
         from assistant_axis.backends import vllm_engine, vllm_engine_args
         from assistant_axis.templates import ChatTemplate
 
         # Checks every setting's name, whether or not an engine is passed in.
-        args = vllm_engine_args(settings.get("model") or "", settings, "judge.vllm", settings.get("dtype", "auto"),
-                                trust_remote_code=bool(settings.get("trust_remote_code", False)), own=self.SETTINGS)
+        args = vllm_engine_args(
+            settings.get("model") or "",
+            settings,
+            "judge.vllm",
+            settings.get("dtype", "auto"),
+            trust_remote_code=bool(settings.get("trust_remote_code", False)),
+            own=self.SETTINGS,
+        )
         source = settings.get("model") or ""
         if not source and llm is None:
             raise InputError("config", "judge.vllm.model", "the vllm judge needs a model")
@@ -354,8 +385,12 @@ class VLLMJudge(Judge):
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
         conversations = [self.chat.fit(judge_messages(p, self.system)) for p in prompts]
-        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=self.progress,
-                                chat_template_kwargs=self.chat.options or None)
+        outputs = self.llm.chat(
+            conversations,
+            sampling_params=params,
+            use_tqdm=self.progress,
+            chat_template_kwargs=self.chat.options or None,
+        )
         verdicts, masses = [], []
         for output in outputs:
             top = output.outputs[0].logprobs[0]  # token id -> Logprob of the one generated position
@@ -365,11 +400,14 @@ class VLLMJudge(Judge):
         low = sum(m < self.min_digit_mass for m in masses)
         if masses and 2 * low > len(masses):
             median = sorted(masses)[len(masses) // 2]
-            raise InputError("config", "judge.vllm.min_digit_mass",
-                             f"{self.name} put less than {self.min_digit_mass} of its probability on the digits "
-                             f"0-3 for {low} of {len(masses)} prompts (median {median:.3f}): it is not answering "
-                             "the rubric with a digit (a weak or base model, or a thinking template left on: see "
-                             "judge.vllm.chat_template_kwargs)")
+            raise InputError(
+                "config",
+                "judge.vllm.min_digit_mass",
+                f"{self.name} put less than {self.min_digit_mass} of its probability on the digits "
+                f"0-3 for {low} of {len(masses)} prompts (median {median:.3f}): it is not answering "
+                "the rubric with a digit (a weak or base model, or a thinking template left on: see "
+                "judge.vllm.chat_template_kwargs)",
+            )
         return verdicts
 
 
@@ -430,8 +468,11 @@ def digit_verdict(probs: Sequence[float], min_mass: float = 0.0) -> Verdict:
     mass = float(sum(probs))
     missing = [str(d) for d in range(4) if probs[d] <= 0]
     if mass <= 0 or mass < min_mass:
-        return Verdict(None, None, json.dumps({"digit_mass": round(mass, 4), "missing": missing,
-                                               "reason": f"digit mass below {min_mass}"}))
+        return Verdict(
+            None,
+            None,
+            json.dumps({"digit_mass": round(mass, 4), "missing": missing, "reason": f"digit mass below {min_mass}"}),
+        )
     dist = [p / mass for p in probs]
     raw = json.dumps({"p": [round(p, 4) for p in dist], "digit_mass": round(mass, 4), "missing": missing})
     return Verdict(max(range(4), key=dist.__getitem__), sum(i * p for i, p in enumerate(dist)), raw)
@@ -479,8 +520,15 @@ def make_judge(backend: str, settings: dict, template: str = DEFAULT_TEMPLATE) -
         if not source:
             raise InputError("config", "judge.local.model", "the local judge needs a model")
         net, tokenizer = load_model(source, settings.get("dtype", "float32"))
-        return LocalJudge(net, tokenizer, f"local:{source}", settings.get("batch_size", 8),
-                          settings.get("system", DEFAULT_SYSTEM), settings.get("chat_template_kwargs"), template)
+        return LocalJudge(
+            net,
+            tokenizer,
+            f"local:{source}",
+            settings.get("batch_size", 8),
+            settings.get("system", DEFAULT_SYSTEM),
+            settings.get("chat_template_kwargs"),
+            template,
+        )
     if backend == "vllm":
         return VLLMJudge(settings, template=template)
     if backend == "openai":

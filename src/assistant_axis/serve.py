@@ -78,10 +78,18 @@ def completion_body(reply: Reply, model_name: str, want_logprobs: bool) -> dict:
     """OpenAI's chat.completion object for one reply, plus `projection`."""
     logprobs = None
     if want_logprobs:
-        logprobs = {"content": [
-            {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
-            for t in reply.logprobs or []], "refusal": None}
+        logprobs = {
+            "content": [
+                {
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "bytes": list(t.token.encode()),
+                    "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top],
+                }
+                for t in reply.logprobs or []
+            ],
+            "refusal": None,
+        }
     n_out = len(reply.token_ids)
     message = {"role": "assistant", "content": reply.text}
     if reply.reasoning:  # as vLLM's server returns a thinking model's think block
@@ -91,10 +99,12 @@ def completion_body(reply: Reply, model_name: str, want_logprobs: bool) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": 0, "message": message,
-                     "finish_reason": reply.finish_reason, "logprobs": logprobs}],
-        "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": n_out,
-                  "total_tokens": reply.prompt_tokens + n_out},
+        "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason, "logprobs": logprobs}],
+        "usage": {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": n_out,
+            "total_tokens": reply.prompt_tokens + n_out,
+        },
         "projection": {"layers": reply.layers, "values": reply.projection, "tau": reply.tau},
     }
 
@@ -143,8 +153,10 @@ def create_app(session: ChatSession, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "assistant-axis"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "assistant-axis"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):

@@ -23,13 +23,35 @@ from assistant_axis.errors import AxisError, InputError
 from assistant_axis.models import DTYPES
 from assistant_axis.provenance import describe_model, provenance
 
-__all__ = ["logged", "prepare_model", "generate", "activations", "judge", "vectors", "axis", "pca", "stability",
-           "calibrate", "evaluate",
-           "RESPONSE_COLUMNS", "OPTIONAL_RESPONSE_COLUMNS", "SCORE_COLUMNS"]
+__all__ = [
+    "logged",
+    "prepare_model",
+    "generate",
+    "activations",
+    "judge",
+    "vectors",
+    "axis",
+    "pca",
+    "stability",
+    "calibrate",
+    "evaluate",
+    "RESPONSE_COLUMNS",
+    "OPTIONAL_RESPONSE_COLUMNS",
+    "SCORE_COLUMNS",
+]
 
 log = logging.getLogger("assistant_axis")
-RESPONSE_COLUMNS = ("role", "prompt_index", "question_index", "question_id", "system_prompt", "question",
-                    "response", "n_response_tokens", "finish_reason")
+RESPONSE_COLUMNS = (
+    "role",
+    "prompt_index",
+    "question_index",
+    "question_id",
+    "system_prompt",
+    "question",
+    "response",
+    "n_response_tokens",
+    "finish_reason",
+)
 # Written by generate since thinking models are handled; tables from before read as no reasoning.
 OPTIONAL_RESPONSE_COLUMNS = ("reasoning",)
 SCORE_COLUMNS = ("role", "prompt_index", "question_index", "score", "expected_score", "judge", "prompt_hash", "raw")
@@ -45,8 +67,9 @@ def logged(log_path: str | None) -> Iterator[None]:
     handle = open(log_path, "w") if log_path else None  # noqa: SIM115 (closed below)
     if handle:
         sys.stderr = handle
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     try:
         yield
     except AxisError as exc:
@@ -77,9 +100,17 @@ def prepare_model(output: str, name: str, source: str, models_dir: str, trust_re
     write_json(asdict(info), output)
 
 
-def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[dict], backend: str,
-             settings: dict, dtype: str = "float32", trust_remote_code: bool = False,
-             template_options: dict | None = None) -> None:
+def generate(
+    model: str,
+    outputs: list[str],
+    jobs: list[dict],
+    questions: list[dict],
+    backend: str,
+    settings: dict,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    template_options: dict | None = None,
+) -> None:
     """Every (system prompt x question) pair of each job's role, one model load and one backend call.
 
     `jobs[i]` is `{"role", "system_prompts"}` and is written to `outputs[i]`. `template_options` are the
@@ -101,33 +132,40 @@ def generate(model: str, outputs: list[str], jobs: list[dict], questions: list[d
                 # A seed per response, from its key: where the backend seeds requests one by one (vLLM,
                 # servers), regenerating reproduces unchanged responses whichever job or shard runs them.
                 seeds.append(stable_seed(job["role"], prompts[p], questions[q]["id"]) + settings.get("seed", 0))
-    sampling = Sampling(settings.get("temperature", 0.7), settings.get("top_p", 0.9), settings.get("max_tokens", 512),
-                        settings.get("seed", 0) + stable_seed(*sorted(j["role"] for j in jobs)))
+    sampling = Sampling(
+        settings.get("temperature", 0.7),
+        settings.get("top_p", 0.9),
+        settings.get("max_tokens", 512),
+        settings.get("seed", 0) + stable_seed(*sorted(j["role"] for j in jobs)),
+    )
     log.info("%d roles, %d responses with %s", len(jobs), len(conversations), backend)
     replies = engine.generate(conversations, sampling, seeds)
     for job, output in zip(jobs, outputs, strict=True):
         role, prompts = job["role"], job["system_prompts"]
         rows = [(key, reply) for key, reply in zip(keys, replies, strict=True) if key[0] == role]
-        frame = pd.DataFrame({
-            "role": role,
-            "prompt_index": [p for (_, p, _), _ in rows],
-            "question_index": [q for (_, _, q), _ in rows],
-            "question_id": [questions[q]["id"] for (_, _, q), _ in rows],
-            "system_prompt": [prompts[p] for (_, p, _), _ in rows],
-            "question": [questions[q]["question"] for (_, _, q), _ in rows],
-            "response": [r.text for _, r in rows],
-            "n_response_tokens": [r.n_tokens for _, r in rows],
-            "finish_reason": [r.finish_reason for _, r in rows],
-            "reasoning": [r.reasoning for _, r in rows],
-        })
+        frame = pd.DataFrame(
+            {
+                "role": role,
+                "prompt_index": [p for (_, p, _), _ in rows],
+                "question_index": [q for (_, _, q), _ in rows],
+                "question_id": [questions[q]["id"] for (_, _, q), _ in rows],
+                "system_prompt": [prompts[p] for (_, p, _), _ in rows],
+                "question": [questions[q]["question"] for (_, _, q), _ in rows],
+                "response": [r.text for _, r in rows],
+                "n_response_tokens": [r.n_tokens for _, r in rows],
+                "finish_reason": [r.finish_reason for _, r in rows],
+                "reasoning": [r.reasoning for _, r in rows],
+            }
+        )
         empty = int((frame["response"].str.strip() == "").sum())
         if empty:
             log.warning("role %s: %d empty responses (kept; they get no activations and no score)", role, empty)
         write_parquet(frame, output)
 
 
-def _rendered_replies(template, paths: list[str],
-                      frames: list[pd.DataFrame]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+def _rendered_replies(
+    template, paths: list[str], frames: list[pd.DataFrame]
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Every response of `frames` (read from `paths`) rendered as the activations stage renders it: the token
     ids of its conversation and the [start, end) span of the reply, in table order. A reply that cannot be
     located is an error naming its file and row."""
@@ -145,9 +183,18 @@ def _rendered_replies(template, paths: list[str],
     return sequences, spans
 
 
-def activations(model: str, responses: list[str], outputs: list[str], layers, dtype: str = "float32",
-                compute_dtype: str = "float32", batch_tokens: int = 8192, blocks: str | None = None,
-                trust_remote_code: bool = False, template_options: dict | None = None) -> None:
+def activations(
+    model: str,
+    responses: list[str],
+    outputs: list[str],
+    layers,
+    dtype: str = "float32",
+    compute_dtype: str = "float32",
+    batch_tokens: int = 8192,
+    blocks: str | None = None,
+    trust_remote_code: bool = False,
+    template_options: dict | None = None,
+) -> None:
     """Per-response mean activation over the response's tokens at every requested layer; one model load
     for all the given roles (`responses[i]` -> `outputs[i]`).
 
@@ -176,13 +223,19 @@ def activations(model: str, responses: list[str], outputs: list[str], layers, dt
         write_tensors(
             {"activations": part.to(DTYPES[dtype]), "layers": torch.tensor(layer_ids)},
             output,
-            {"model": info["name"], "role": role, "hidden_size": acts.shape[-1], "n_responses": len(frame),
-             **template.metadata()},
+            {
+                "model": info["name"],
+                "role": role,
+                "hidden_size": acts.shape[-1],
+                "n_responses": len(frame),
+                **template.metadata(),
+            },
         )
 
 
-def judge(responses: str, output: str, role: str, description: str, template: str, backend: str,
-          settings: dict) -> None:
+def judge(
+    responses: str, output: str, role: str, description: str, template: str, backend: str, settings: dict
+) -> None:
     """Score every response of one role for role adherence (0-3)."""
     from assistant_axis.judge import JudgeItem, make_judge
 
@@ -194,23 +247,35 @@ def judge(responses: str, output: str, role: str, description: str, template: st
     # not help. (Failed requests never get here: the API client fails the job, their answers cached.)
     unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith("empty response")]
     if unreadable and all(v.score is None for v in verdicts):
-        raise InputError(responses, "judge", f"{name} answered {len(unreadable)} responses without a usable score "
-                         f"({unreadable[0].raw})")
-    scores = pd.DataFrame({
-        **{k: frame[k] for k in KEYS},
-        "score": pd.array([v.score for v in verdicts], dtype="Int64"),
-        "expected_score": pd.array([v.expected_score for v in verdicts], dtype="Float64"),
-        "judge": name,
-        "prompt_hash": [v.basis for v in verdicts],
-        "raw": [v.raw for v in verdicts],
-    })
+        raise InputError(
+            responses,
+            "judge",
+            f"{name} answered {len(unreadable)} responses without a usable score ({unreadable[0].raw})",
+        )
+    scores = pd.DataFrame(
+        {
+            **{k: frame[k] for k in KEYS},
+            "score": pd.array([v.score for v in verdicts], dtype="Int64"),
+            "expected_score": pd.array([v.expected_score for v in verdicts], dtype="Float64"),
+            "judge": name,
+            "prompt_hash": [v.basis for v in verdicts],
+            "raw": [v.raw for v in verdicts],
+        }
+    )
     counts = scores["score"].value_counts(dropna=False).sort_index().to_dict()
     log.info("role %s scores: %s", role, counts)
     write_parquet(scores, output)
 
 
-def vectors(activations: str, output: str, role: str, scores: str | None, min_score: int, min_count: int,
-            model: str | None = None) -> None:
+def vectors(
+    activations: str,
+    output: str,
+    role: str,
+    scores: str | None,
+    min_score: int,
+    min_count: int,
+    model: str | None = None,
+) -> None:
     """The role's vector: mean activation of its qualifying responses (`default`: all of them).
 
     The activations are checked against the model manifest `model` (name, hidden size, layers)."""
@@ -220,16 +285,23 @@ def vectors(activations: str, output: str, role: str, scores: str | None, min_sc
     acts = tensors["activations"].float()
     n_layers = len(tensors["layers"])
     if acts.dim() != 3 or acts.shape[1] != n_layers or meta.get("n_responses", str(len(acts))) != str(len(acts)):
-        raise InputError(activations, "activations", f"shape {tuple(acts.shape)} does not match its {n_layers} "
-                         f"layers and {meta.get('n_responses')} responses")
+        raise InputError(
+            activations,
+            "activations",
+            f"shape {tuple(acts.shape)} does not match its {n_layers} layers and {meta.get('n_responses')} responses",
+        )
     if model is not None:
         info = _model_info(model)
         if meta.get("model", info["name"]) != info["name"]:
             raise InputError(activations, "model", f"activations of model {meta['model']!r}, expected {info['name']!r}")
         if acts.shape[-1] != info["hidden_size"] or int(tensors["layers"].max()) >= info["n_layers"]:
-            raise InputError(activations, "activations", f"hidden size {acts.shape[-1]} and layers up to "
-                             f"{int(tensors['layers'].max())}, but {info['name']} has hidden size "
-                             f"{info['hidden_size']} and {info['n_layers']} layers")
+            raise InputError(
+                activations,
+                "activations",
+                f"hidden size {acts.shape[-1]} and layers up to "
+                f"{int(tensors['layers'].max())}, but {info['name']} has hidden size "
+                f"{info['hidden_size']} and {info['n_layers']} layers",
+            )
     table = None
     if scores is not None:
         table = read_parquet(scores, SCORE_COLUMNS)
@@ -238,16 +310,33 @@ def vectors(activations: str, output: str, role: str, scores: str | None, min_sc
             value = wrong.iloc[0].item() if hasattr(wrong.iloc[0], "item") else wrong.iloc[0]
             raise InputError(scores, "score", f"{value!r} in row {wrong.index[0]} is not a score 0-3")
         if len(table) != len(acts):
-            raise InputError(activations, "activations",
-                             f"{len(acts)} rows but {scores} has {len(table)} scores: rerun activations")
+            raise InputError(
+                activations, "activations", f"{len(acts)} rows but {scores} has {len(table)} scores: rerun activations"
+            )
     vec = role_vector(role, acts, None if table is None else table["score"], min_score, min_count)
     if not vec.included:
-        log.warning("role %s left out of the axis: %d of %d responses have score >= %d (min_count %d)",
-                    role, vec.n_used, vec.n_responses, min_score, min_count)
+        log.warning(
+            "role %s left out of the axis: %d of %d responses have score >= %d (min_count %d)",
+            role,
+            vec.n_used,
+            vec.n_responses,
+            min_score,
+            min_count,
+        )
     described = describe_model(info) if model is not None else {"model": meta.get("model", "")}
-    write_tensors({"vector": vec.vector, "layers": tensors["layers"]}, output,
-                  provenance("role_vector", described, {k: meta[k] for k in RENDERING_KEYS if k in meta},
-                             role=role, n_responses=vec.n_responses, n_used=vec.n_used, included=vec.included))
+    write_tensors(
+        {"vector": vec.vector, "layers": tensors["layers"]},
+        output,
+        provenance(
+            "role_vector",
+            described,
+            {k: meta[k] for k in RENDERING_KEYS if k in meta},
+            role=role,
+            n_responses=vec.n_responses,
+            n_used=vec.n_used,
+            included=vec.included,
+        ),
+    )
 
 
 def axis(vector_files: list[str], output: str, output_pt: str, summary: str, model: str, config_hash: str) -> None:
@@ -270,16 +359,29 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
             rendering = own
         elif own != rendering:
             key = next(k for k in RENDERING_KEYS if own[k] != rendering[k])
-            raise InputError(path, key, f"rendered with {own[key]!r}, but {vector_files[0]} with "
-                             f"{rendering[key]!r}: rerun activations for every role with one template setting")
+            raise InputError(
+                path,
+                key,
+                f"rendered with {own[key]!r}, but {vector_files[0]} with "
+                f"{rendering[key]!r}: rerun activations for every role with one template setting",
+            )
         if layers is None:
             layers, shape = tensors["layers"], tensors["vector"].shape
         elif not torch.equal(layers, tensors["layers"]) or tensors["vector"].shape != shape:
-            raise InputError(path, "vector", f"shape {tuple(tensors['vector'].shape)} or layers differ from "
-                             f"{vector_files[0]} ({tuple(shape)})")
+            raise InputError(
+                path,
+                "vector",
+                f"shape {tuple(tensors['vector'].shape)} or layers differ from {vector_files[0]} ({tuple(shape)})",
+            )
         included = json.loads(meta.get("included", "true"))
-        rows.append({"role": meta["role"], "n_responses": int(meta["n_responses"]),
-                     "n_used": int(meta["n_used"]), "included": bool(included)})
+        rows.append(
+            {
+                "role": meta["role"],
+                "n_responses": int(meta["n_responses"]),
+                "n_used": int(meta["n_used"]),
+                "included": bool(included),
+            }
+        )
         if meta["role"] == "default":
             default = tensors["vector"]
         elif included:
@@ -291,12 +393,20 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
     log.info("axis over %d layers from %d roles (%d left out)", len(layers), len(used), len(rows) - 1 - len(used))
     write_parquet(pd.DataFrame(rows), summary)
     if result.shape[-1] != info["hidden_size"] or int(layers.max()) >= info["n_layers"]:
-        raise InputError(vector_files[0], "vector", f"hidden size {result.shape[-1]} and layers up to "
-                         f"{int(layers.max())}, but {model} has {info['hidden_size']} and {info['n_layers']} layers")
+        raise InputError(
+            vector_files[0],
+            "vector",
+            f"hidden size {result.shape[-1]} and layers up to "
+            f"{int(layers.max())}, but {model} has {info['hidden_size']} and {info['n_layers']} layers",
+        )
     full = by_block(result, layers.tolist(), info["n_layers"])
-    write_tensors({"axis": full, "layers": layers}, output,
-                  provenance("axis", describe_model(info), rendering, layers=layers.tolist(), roles=used,
-                             config_hash=config_hash))
+    write_tensors(
+        {"axis": full, "layers": layers},
+        output,
+        provenance(
+            "axis", describe_model(info), rendering, layers=layers.tolist(), roles=used, config_hash=config_hash
+        ),
+    )
     with atomic_path(output_pt, ".pt") as tmp:
         torch.save(full, tmp)
 
@@ -331,8 +441,15 @@ def _included_vectors(vector_files: list[str]) -> tuple[list[str], torch.Tensor,
     return names, torch.stack(stack), default
 
 
-def pca(vector_files: list[str], axis_file: str, layer: int | None, summary: str, components: str, roles: str,
-        plots: dict[str, str]) -> None:
+def pca(
+    vector_files: list[str],
+    axis_file: str,
+    layer: int | None,
+    summary: str,
+    components: str,
+    roles: str,
+    plots: dict[str, str],
+) -> None:
     """PCA of the role vectors per layer; the analysis layer in detail (components, role loadings)."""
     from assistant_axis import plots as figures
     from assistant_axis.analysis import cosine
@@ -344,22 +461,41 @@ def pca(vector_files: list[str], axis_file: str, layer: int | None, summary: str
     for i, model_layer in enumerate(layers):  # the vectors' rows are the axis's layers, in order
         result = results[model_layer] = role_pca(vecs[:, i], axis_tensor[model_layer])
         cumulative = result.variance_ratio.cumsum(0)
-        rows.append({"layer": model_layer, "axis_norm": float(axis_tensor[model_layer].norm()),
-                     "pc1_cosine": cosine(result.components[0], axis_tensor[model_layer]),
-                     "pc1_variance": float(result.variance_ratio[0]),
-                     "components_for_70pct": int((cumulative < 0.7).sum()) + 1})
+        rows.append(
+            {
+                "layer": model_layer,
+                "axis_norm": float(axis_tensor[model_layer].norm()),
+                "pc1_cosine": cosine(result.components[0], axis_tensor[model_layer]),
+                "pc1_variance": float(result.variance_ratio[0]),
+                "components_for_70pct": int((cumulative < 0.7).sum()) + 1,
+            }
+        )
     table = pd.DataFrame(rows)
     i, result = layers.index(layer), results[layer]
-    comp = pd.DataFrame({"component": range(1, len(result.variance_ratio) + 1),
-                         "variance_ratio": result.variance_ratio.numpy(),
-                         "cumulative": result.variance_ratio.cumsum(0).numpy()})
+    comp = pd.DataFrame(
+        {
+            "component": range(1, len(result.variance_ratio) + 1),
+            "variance_ratio": result.variance_ratio.numpy(),
+            "cumulative": result.variance_ratio.cumsum(0).numpy(),
+        }
+    )
     unit = axis_tensor[layer] / axis_tensor[layer].norm()
-    loadings = pd.DataFrame({"role": names, "pc1": result.scores[:, 0].numpy(),
-                             "pc2": result.scores[:, 1].numpy() if result.scores.shape[1] > 1 else 0.0,
-                             "axis_projection": (vecs[:, i] @ unit).numpy()})
+    loadings = pd.DataFrame(
+        {
+            "role": names,
+            "pc1": result.scores[:, 0].numpy(),
+            "pc2": result.scores[:, 1].numpy() if result.scores.shape[1] > 1 else 0.0,
+            "axis_projection": (vecs[:, i] @ unit).numpy(),
+        }
+    )
     row = table[table["layer"] == layer].iloc[0]
-    log.info("layer %d: PC1 explains %.1f%% of role variance, cos(PC1, axis) = %.3f, %d components reach 70%%",
-             layer, 100 * row["pc1_variance"], row["pc1_cosine"], row["components_for_70pct"])
+    log.info(
+        "layer %d: PC1 explains %.1f%% of role variance, cos(PC1, axis) = %.3f, %d components reach 70%%",
+        layer,
+        100 * row["pc1_variance"],
+        row["pc1_cosine"],
+        row["components_for_70pct"],
+    )
     write_parquet(table, summary)
     write_parquet(comp, components)
     write_parquet(loadings, roles)
@@ -368,9 +504,20 @@ def pca(vector_files: list[str], axis_file: str, layer: int | None, summary: str
     figures.pca_layers(table, plots["layers"])
 
 
-def stability(activation_files: list[str], score_files: list[str | None], vector_files: list[str], axis_file: str,
-              layer: int | None, sizes: list[int], repeats: int, seed: int, min_score: int,
-              roles_table: str, axis_table: str, plot: str) -> None:
+def stability(
+    activation_files: list[str],
+    score_files: list[str | None],
+    vector_files: list[str],
+    axis_file: str,
+    layer: int | None,
+    sizes: list[int],
+    repeats: int,
+    seed: int,
+    min_score: int,
+    roles_table: str,
+    axis_table: str,
+    plot: str,
+) -> None:
     """How many rollouts a role vector needs, and how stable the axis is across role halves."""
     from assistant_axis import plots as figures
     from assistant_axis.analysis import axis_split_cosines, split_cosines
@@ -392,25 +539,46 @@ def stability(activation_files: list[str], score_files: list[str | None], vector
         keep &= torch.isfinite(acts).all(dim=1)
         role = str(scores["role"].iloc[0]) if len(scores) else Path(acts_path).stem
         for n, r, cos, raw in split_cosines(acts[keep], default[index], sizes, repeats, generator):
-            rows.append({"role": role, "n_available": int(keep.sum()), "n": n, "repeat": r, "cosine": cos,
-                         "cosine_raw": raw})
+            rows.append(
+                {"role": role, "n_available": int(keep.sum()), "n": n, "repeat": r, "cosine": cos, "cosine_raw": raw}
+            )
     table = pd.DataFrame(rows, columns=["role", "n_available", "n", "repeat", "cosine", "cosine_raw"])
     cosines = axis_split_cosines(default, vecs, repeats, generator)
-    axis_rows = pd.DataFrame([{"layer": model_layer, "repeat": r, "cosine": float(cosines[r, i])}
-                              for r in range(repeats) for i, model_layer in enumerate(layers)])
+    axis_rows = pd.DataFrame(
+        [
+            {"layer": model_layer, "repeat": r, "cosine": float(cosines[r, i])}
+            for r in range(repeats)
+            for i, model_layer in enumerate(layers)
+        ]
+    )
     if len(table):
-        log.info("layer %d: median split-half cosine by n: %s", layer,
-                 table.groupby("n")["cosine"].median().round(3).to_dict())
+        log.info(
+            "layer %d: median split-half cosine by n: %s",
+            layer,
+            table.groupby("n")["cosine"].median().round(3).to_dict(),
+        )
     write_parquet(table, roles_table)
     write_parquet(axis_rows, axis_table)
     figures.stability(table, axis_rows, sizes, layer, plot)
 
 
-def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict[str, list[float]],
-              percentiles: list[float], table: str, configs: dict[str, str], plot: str, calibration: str = "token",
-              responses: str | None = None, compute_dtype: str = "float32", batch_tokens: int = 8192,
-              blocks: str | None = None, trust_remote_code: bool = False,
-              template_options: dict | None = None) -> None:
+def calibrate(
+    default_activations: str,
+    axis_file: str,
+    model: str,
+    ranges: dict[str, list[float]],
+    percentiles: list[float],
+    table: str,
+    configs: dict[str, str],
+    plot: str,
+    calibration: str = "token",
+    responses: str | None = None,
+    compute_dtype: str = "float32",
+    batch_tokens: int = 8192,
+    blocks: str | None = None,
+    trust_remote_code: bool = False,
+    template_options: dict | None = None,
+) -> None:
     """Percentiles of the default replies' projections per layer, and one capping config per range x percentile.
 
     `model` is the prepared model's manifest (`model.json`): layer ranges are fractions of its depth.
@@ -420,7 +588,13 @@ def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict
     reply's mean activation from `default_activations`, one per reply, without the model.
     """
     from assistant_axis import plots as figures
-    from assistant_axis.cap import CALIBRATION_PERCENTILES, CappingConfig, layer_range, percentile_thresholds
+    from assistant_axis.cap import (
+        CALIBRATION_PERCENTILES,
+        CappingConfig,
+        CapSetting,
+        layer_range,
+        percentile_thresholds,
+    )
 
     if calibration not in ("token", "reply"):
         raise InputError("config", "capping.calibration", f"expected 'token' or 'reply', got {calibration!r}")
@@ -433,13 +607,13 @@ def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict
     if act_meta.get("model", model) != model or meta.get("model", model) != model:
         raise InputError(axis_file, "model", f"axis of model {meta.get('model')!r}, expected {model!r}")
     rendering = {k: v for k, v in read_tensors(axis_file)[1].items() if k in RENDERING_KEYS}  # as written
+    settings = {name: CapSetting.parse(name) for name in configs}
     chosen_layers = {}  # checked before any model runs
-    for name in configs:
-        range_name, q = name.rsplit("-p", 1)
-        chosen = layer_range(ranges[range_name], n_layers)
+    for name, setting in settings.items():
+        chosen = layer_range(ranges[setting.range_name], n_layers)
         missing = [layer for layer in chosen if layer not in layers]
         if missing:
-            raise InputError("config", f"capping.ranges.{range_name}", f"layer {missing[0]} has no activations")
+            raise InputError("config", f"capping.ranges.{setting.range_name}", f"layer {missing[0]} has no activations")
         chosen_layers[name] = chosen
     units = unit_vectors(axis_tensor[layers])
     if calibration == "reply":
@@ -453,50 +627,90 @@ def calibrate(default_activations: str, axis_file: str, model: str, ranges: dict
             raise InputError("workflow", "calibrate", "token calibration needs the default role's responses")
         frame = read_parquet(responses, RESPONSE_COLUMNS)
         if len(frame) != len(tensors["activations"]):
-            raise InputError(responses, "response", f"{len(frame)} responses but {default_activations} has "
-                             f"{len(tensors['activations'])} rows: rerun the activations")
+            raise InputError(
+                responses,
+                "response",
+                f"{len(frame)} responses but {default_activations} has "
+                f"{len(tensors['activations'])} rows: rerun the activations",
+            )
         net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
         template = ChatTemplate(tokenizer, template_options, info["name"])
         for key, value in template.metadata().items():
             if key in rendering and rendering[key] != value:
-                raise InputError(axis_file, key, f"the axis was rendered with {rendering[key]!r}, calibration "
-                                 f"would render with {value!r}: rerun the activations with the same template")
+                raise InputError(
+                    axis_file,
+                    key,
+                    f"the axis was rendered with {rendering[key]!r}, calibration "
+                    f"would render with {value!r}: rerun the activations with the same template",
+                )
         sequences, spans = _rendered_replies(template, [responses], [frame])
         n_tokens = sum(max(end - start, 0) for start, end in spans)
         if not n_tokens:
             raise InputError(responses, "response", "no reply tokens to calibrate on (every reply is empty)")
         if n_tokens > 2**24:  # torch.quantile's limit
-            raise InputError(responses, "response", f"{n_tokens} reply tokens, more than the 2^24 percentiles can be "
-                             "taken over: calibrate on fewer default replies, or with capping.calibration: reply")
-        projections = token_projections(net, sequences, spans, layers, units, batch_tokens=batch_tokens,
-                                        blocks_path=blocks)
+            raise InputError(
+                responses,
+                "response",
+                f"{n_tokens} reply tokens, more than the 2^24 percentiles can be "
+                "taken over: calibrate on fewer default replies, or with capping.calibration: reply",
+            )
+        projections = token_projections(
+            net, sequences, spans, layers, units, batch_tokens=batch_tokens, blocks_path=blocks
+        )
         del net
     n_used = int(torch.isfinite(projections).all(dim=1).sum())
     log.info("calibrating on %d %s projections per layer", n_used, calibration)
     wanted = sorted({*CALIBRATION_PERCENTILES, *percentiles})
     values = percentile_thresholds(projections, wanted)
-    frame = pd.DataFrame({"layer": layers, "calibration": calibration, "n": n_used,
-                          "mean": projections.nanmean(dim=0).numpy(),
-                          **{f"p{q:g}": values[k].numpy() for k, q in enumerate(wanted)}})
+    frame = pd.DataFrame(
+        {
+            "layer": layers,
+            "calibration": calibration,
+            "n": n_used,
+            "mean": projections.nanmean(dim=0).numpy(),
+            **{f"p{q:g}": values[k].numpy() for k, q in enumerate(wanted)},
+        }
+    )
     capped = {}
     for name, path in configs.items():
-        range_name, q = name.rsplit("-p", 1)
-        chosen = chosen_layers[name]
+        setting, chosen = settings[name], chosen_layers[name]
         rows = [layers.index(layer) for layer in chosen]
-        taus = values[wanted.index(float(q))][rows]
+        taus = values[wanted.index(setting.percentile)][rows]
         CappingConfig(chosen, units[rows], taus, model).save(
-            path, **provenance("capping", describe_model(info), rendering, percentile=float(q), range=range_name,
-                               fractions=list(ranges[range_name]), calibration=calibration))
+            path,
+            **provenance(
+                "capping",
+                describe_model(info),
+                rendering,
+                percentile=setting.percentile,
+                range=setting.range_name,
+                fractions=list(ranges[setting.range_name]),
+                calibration=calibration,
+            ),
+        )
         capped[name] = (chosen, taus.tolist())
         log.info("capping %s: layers %s, thresholds %s", name, chosen, [round(t, 2) for t in taus.tolist()])
     write_parquet(frame, table)
     figures.thresholds(frame, capped, plot)
 
 
-def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file: str, n_prompts: int | None,
-             sampling: dict, batch_size: int, layer: int | None, judge: dict, responses: str, summary: str,
-             plot: str, dtype: str = "float32", trust_remote_code: bool = False,
-             template_options: dict | None = None) -> None:
+def evaluate(
+    model: str,
+    axis_file: str,
+    capping_files: list[str],
+    prompts_file: str,
+    n_prompts: int | None,
+    sampling: dict,
+    batch_size: int,
+    layer: int | None,
+    judge: dict,
+    responses: str,
+    summary: str,
+    plot: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    template_options: dict | None = None,
+) -> None:
     """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
     from contextlib import nullcontext
 
@@ -512,14 +726,20 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     axis_tensor, layers, layer, meta = _axis_and_layer(axis_file, layer)
     recorded = meta.get("chat_template_kwargs", template_options or {})
     if recorded != (template_options or {}):
-        raise InputError(axis_file, "chat_template_kwargs", f"the axis was rendered with {recorded}, the evaluation "
-                         f"would render with {template_options or {}} (model.chat_template_kwargs)")
+        raise InputError(
+            axis_file,
+            "chat_template_kwargs",
+            f"the axis was rendered with {recorded}, the evaluation "
+            f"would render with {template_options or {}} (model.chat_template_kwargs)",
+        )
     info = _model_info(model)
     prompts = first_of_each_kind(load_eval_prompts(prompts_file), n_prompts)
-    configs = {Path(p).name.removesuffix(".safetensors"): load_capping(p, model_name=info["name"],
-                                                                        hidden_size=info["hidden_size"],
-                                                                        n_layers=info["n_layers"])
-               for p in capping_files}
+    configs = {
+        Path(p).name.removesuffix(".safetensors"): load_capping(
+            p, model_name=info["name"], hidden_size=info["hidden_size"], n_layers=info["n_layers"]
+        )
+        for p in capping_files
+    }
     cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
     watched = sorted({layer, *cap_layers})
     units = unit_vectors(axis_tensor[watched])
@@ -532,29 +752,46 @@ def evaluate(model: str, axis_file: str, capping_files: list[str], prompts_file:
     for setting in [UNCAPPED, *configs]:
         hooks = cap(net, configs[setting]) if setting in configs else nullcontext()
         with hooks:
-            replies = backend.generate(conversations, Sampling(sampling["temperature"], sampling["top_p"],
-                                                                sampling["max_tokens"], sampling["seed"]))
+            replies = backend.generate(
+                conversations,
+                Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"]),
+            )
             spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
             # Projections as the model sees them: under the same cap, so capped layers read post-cap.
             acts = mean_activations(net, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
         projections = torch.einsum("nlh,lh->nl", acts, units)
         persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
-        items = [JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text)
-                 for i in persona]
+        items = [
+            JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text) for i in persona
+        ]
         scores = dict(zip(persona, engine.score(items), strict=True))
         on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
-        frames.append(pd.DataFrame({
-            "setting": setting,
-            "id": [p.id for p in prompts], "kind": [p.kind for p in prompts],
-            "category": [p.category for p in prompts], "prompt": [p.prompt for p in prompts],
-            "response": [r.text for r in replies], "n_response_tokens": [r.n_tokens for r in replies],
-            "score": pd.array([scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"),
-            "correct": pd.array([is_correct(r.text, p.answers) if p.kind == "plain" else None
-                                 for p, r in zip(prompts, replies, strict=True)], dtype="boolean"),
-            "projection": projections[:, watched.index(layer)].numpy(),
-            "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
-            "judge": engine.name,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "setting": setting,
+                    "id": [p.id for p in prompts],
+                    "kind": [p.kind for p in prompts],
+                    "category": [p.category for p in prompts],
+                    "prompt": [p.prompt for p in prompts],
+                    "response": [r.text for r in replies],
+                    "n_response_tokens": [r.n_tokens for r in replies],
+                    "score": pd.array(
+                        [scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"
+                    ),
+                    "correct": pd.array(
+                        [
+                            is_correct(r.text, p.answers) if p.kind == "plain" else None
+                            for p, r in zip(prompts, replies, strict=True)
+                        ],
+                        dtype="boolean",
+                    ),
+                    "projection": projections[:, watched.index(layer)].numpy(),
+                    "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
+                    "judge": engine.name,
+                }
+            )
+        )
         log.info("setting %s done", setting)
     table = pd.concat(frames, ignore_index=True)
     result = summarize(table, [UNCAPPED, *configs])

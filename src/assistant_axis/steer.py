@@ -28,8 +28,16 @@ UNITS = ("unit", "raw")
 
 
 @contextmanager
-def steer(model, directions: torch.Tensor, layers: Sequence[int], coefficient: float, positions: str = "all",
-          blocks_path: str | None = None, source: str = "steering", unit: str = "unit") -> Iterator[None]:
+def steer(
+    model,
+    directions: torch.Tensor,
+    layers: Sequence[int],
+    coefficient: float,
+    positions: str = "all",
+    blocks_path: str | None = None,
+    source: str = "steering",
+    unit: str = "unit",
+) -> Iterator[None]:
     """Add `coefficient * directions[i] / |directions[i]|` (`unit="raw"`: `coefficient * directions[i]`) to
     block `layers[i]`'s output.
 
@@ -46,8 +54,9 @@ def steer(model, directions: torch.Tensor, layers: Sequence[int], coefficient: f
     rows = directions.float()
     rows = rows.expand(len(layers), -1) if rows.dim() == 1 else rows
     if rows.shape[-1] != hidden_size(model):
-        raise InputError(source, "hidden_size", f"vector has size {rows.shape[-1]}, the model's hidden size is "
-                         f"{hidden_size(model)}")
+        raise InputError(
+            source, "hidden_size", f"vector has size {rows.shape[-1]}, the model's hidden size is {hidden_size(model)}"
+        )
     if len(rows) != len(layers):
         raise InputError(source, "layers", f"{len(layers)} layers but {len(rows)} vectors")
     check_layers(layers, len(blocks), source, "layers")

@@ -55,7 +55,7 @@ def split_reasoning(text: str) -> tuple[str, str]:
     if sep:
         return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
     if text.lstrip().startswith(THINK_OPEN):
-        return text.lstrip()[len(THINK_OPEN):].strip(), ""
+        return text.lstrip()[len(THINK_OPEN) :].strip(), ""
     return "", text.strip()
 
 
@@ -106,8 +106,9 @@ class ChatTemplate:
 
     def text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt, **self.options)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.options
+            )
         except Exception as exc:  # a template's own error, e.g. roles out of order  # noqa: BLE001
             raise InputError(self.name, "chat_template", f"cannot render the conversation ({exc})") from exc
 
@@ -128,10 +129,13 @@ class ChatTemplate:
             message["reasoning_content"] = reasoning
         full, lo, hi = self._locate(messages, message)
         if not full.startswith(prompt) or lo < len(prompt):
-            raise InputError(self.name, "chat_template",
-                             "the rendering with the reply does not extend the generation prompt "
-                             f"(prompt ends {prompt[-40:]!r}, the rendering has {full[max(lo - 40, 0):lo]!r} "
-                             "before the reply): the reply's tokens cannot be located")
+            raise InputError(
+                self.name,
+                "chat_template",
+                "the rendering with the reply does not extend the generation prompt "
+                f"(prompt ends {prompt[-40:]!r}, the rendering has {full[max(lo - 40, 0) : lo]!r} "
+                "before the reply): the reply's tokens cannot be located",
+            )
         return self._span(full, lo, hi)
 
     def turn_span(self, history: list[dict], message: dict) -> tuple[list[int], int, int]:
@@ -147,19 +151,28 @@ class ChatTemplate:
         probed = self.text([*history, {**message, "content": _PROBE}])
         where = f"the {message['role']} message"
         if probed.count(_PROBE) != 1:
-            raise InputError(self.name, "chat_template", f"{where}'s content is rendered {probed.count(_PROBE)} "
-                             "times, not once: its tokens cannot be located")
+            raise InputError(
+                self.name,
+                "chat_template",
+                f"{where}'s content is rendered {probed.count(_PROBE)} times, not once: its tokens cannot be located",
+            )
         before, after = probed.split(_PROBE)
         if not (full.startswith(before) and full.endswith(after) and len(full) >= len(before) + len(after)):
-            raise InputError(self.name, "chat_template",
-                             f"{where} is not framed by the template's own text around it (expected the "
-                             f"end-of-turn text {after[:40]!r}): its tokens cannot be located")
+            raise InputError(
+                self.name,
+                "chat_template",
+                f"{where} is not framed by the template's own text around it (expected the "
+                f"end-of-turn text {after[:40]!r}): its tokens cannot be located",
+            )
         written = full[len(before) : len(full) - len(after)]
         content = message["content"].strip()
         if written.strip() != content:
-            raise InputError(self.name, "chat_template",
-                             f"the template rewrites {where}'s content ({content[:40]!r} became "
-                             f"{written.strip()[:40]!r}): its tokens cannot be located")
+            raise InputError(
+                self.name,
+                "chat_template",
+                f"the template rewrites {where}'s content ({content[:40]!r} became "
+                f"{written.strip()[:40]!r}): its tokens cannot be located",
+            )
         lo = len(before) + len(written) - len(written.lstrip())
         return full, lo, lo + len(content)
 

@@ -131,21 +131,35 @@ def drop_a_row(tensors: dict, meta: dict) -> None:
 
 
 def activations_stage(url: str) -> tuple[str, dict]:
-    return "activations", {"model": f"{R}/model.json", "responses": [f"{R}/responses/pirate.parquet"],
-                           "outputs": [f"{R}/activations/pirate.safetensors"], "layers": "all"}
+    return "activations", {
+        "model": f"{R}/model.json",
+        "responses": [f"{R}/responses/pirate.parquet"],
+        "outputs": [f"{R}/activations/pirate.safetensors"],
+        "layers": "all",
+    }
 
 
 def vectors_stage(url: str) -> tuple[str, dict]:
-    return "vectors", {"activations": f"{R}/activations/pirate.safetensors",
-                       "output": f"{R}/vectors/pirate.safetensors", "role": "pirate",
-                       "scores": f"{R}/scores/pirate.parquet", "min_score": 1, "min_count": 1,
-                       "model": f"{R}/model.json"}
+    return "vectors", {
+        "activations": f"{R}/activations/pirate.safetensors",
+        "output": f"{R}/vectors/pirate.safetensors",
+        "role": "pirate",
+        "scores": f"{R}/scores/pirate.parquet",
+        "min_score": 1,
+        "min_count": 1,
+        "model": f"{R}/model.json",
+    }
 
 
 def axis_stage(url: str) -> tuple[str, dict]:
-    return "axis", {"vector_files": [f"{R}/vectors/{r}.safetensors" for r in ["default", *TINY_ROLES]],
-                    "output": f"{R}/axis.safetensors", "output_pt": f"{R}/axis.pt",
-                    "summary": f"{R}/vectors/summary.parquet", "model": f"{R}/model.json", "config_hash": "0"}
+    return "axis", {
+        "vector_files": [f"{R}/vectors/{r}.safetensors" for r in ["default", *TINY_ROLES]],
+        "output": f"{R}/axis.safetensors",
+        "output_pt": f"{R}/axis.pt",
+        "summary": f"{R}/vectors/summary.parquet",
+        "model": f"{R}/model.json",
+        "config_hash": "0",
+    }
 
 
 def judge_stage(backend: str, **settings) -> Callable[[str], tuple[str, dict]]:
@@ -154,9 +168,15 @@ def judge_stage(backend: str, **settings) -> Callable[[str], tuple[str, dict]]:
     def build(url: str) -> tuple[str, dict]:
         if backend == "openai":
             settings.update(base_url=url, model="fake", api_key_env=None, cache=None, max_retries=0)
-        return "judge", {"responses": f"{R}/responses/pirate.parquet", "output": f"{R}/scores/pirate.parquet",
-                         "role": "pirate", "description": "A pirate.", "template": DEFAULT_TEMPLATE,
-                         "backend": backend, "settings": settings}
+        return "judge", {
+            "responses": f"{R}/responses/pirate.parquet",
+            "output": f"{R}/scores/pirate.parquet",
+            "role": "pirate",
+            "description": "A pirate.",
+            "template": DEFAULT_TEMPLATE,
+            "backend": backend,
+            "settings": settings,
+        }
 
     return build
 
@@ -175,9 +195,19 @@ def foreign_capping(work: Path) -> None:
     (work / "conversation.json").write_text(json.dumps([{"role": "user", "content": "Hello there."}]))
 
 
-PROJECT_WITH_CAP = [sys.executable, "-m", "assistant_axis.cli", "project", "conversation.json", "--model",
-                    f"results/models/{M}", "--axis", f"{R}/axis.safetensors",
-                    "--cap", "downloads/qwen-capping.safetensors"]
+PROJECT_WITH_CAP = [
+    sys.executable,
+    "-m",
+    "assistant_axis.cli",
+    "project",
+    "conversation.json",
+    "--model",
+    f"results/models/{M}",
+    "--axis",
+    f"{R}/axis.safetensors",
+    "--cap",
+    "downloads/qwen-capping.safetensors",
+]
 
 
 def nonsense_text(body: dict, auth: str) -> tuple[int, dict]:
@@ -210,103 +240,228 @@ CASES = [
     Case("role-not-yaml", write(ROLE, "name: pirate\nprompts: [unclosed\n"), f"{ROLE}: line 3: not valid YAML"),
     Case("role-is-a-list", write(ROLE, "- pirate\n- ghost\n"), f"{ROLE}: file: expected a mapping of role fields"),
     Case("role-without-prompts", pirate(lambda d: d.pop("prompts")), f"{ROLE}: prompts: missing"),
-    Case("role-with-six-prompts", pirate(lambda d: d["prompts"].append("You are a pirate, again.")),
-         f"{ROLE}: prompts: expected exactly 5 prompts, found 6"),
+    Case(
+        "role-with-six-prompts",
+        pirate(lambda d: d["prompts"].append("You are a pirate, again.")),
+        f"{ROLE}: prompts: expected exactly 5 prompts, found 6",
+    ),
     Case("role-empty-prompt", pirate(lambda d: d["prompts"].__setitem__(2, "  ")), f"{ROLE}: prompts[2]: empty prompt"),
-    Case("role-duplicate-prompt", pirate(lambda d: d["prompts"].__setitem__(3, d["prompts"][1])),
-         f"{ROLE}: prompts[3]: duplicate of an earlier prompt"),
-    Case("role-name-not-file-name", pirate(lambda d: d.update(name="buccaneer")),
-         f"{ROLE}: name: 'buccaneer' does not match the file name 'pirate'"),
+    Case(
+        "role-duplicate-prompt",
+        pirate(lambda d: d["prompts"].__setitem__(3, d["prompts"][1])),
+        f"{ROLE}: prompts[3]: duplicate of an earlier prompt",
+    ),
+    Case(
+        "role-name-not-file-name",
+        pirate(lambda d: d.update(name="buccaneer")),
+        f"{ROLE}: name: 'buccaneer' does not match the file name 'pirate'",
+    ),
     Case("role-misspelt-field", pirate(lambda d: d.update(promts=d["prompts"])), f"{ROLE}: promts: unknown field"),
-    Case("role-unknown-family", pirate(lambda d: d.update(family="pirates")),
-         f"{ROLE}: family: unknown family 'pirates'"),
-    Case("role-description-not-text", pirate(lambda d: d.update(description=["sails", "rum"])),
-         f"{ROLE}: description: expected text, got list"),
-    Case("role-unknown-placeholder", pirate(lambda d: d["prompts"].__setitem__(0, "You are {model}, a pirate.")),
-         f"{ROLE}: prompts[0]: unknown placeholder {{model}}"),
-    Case("role-judge-prompt-without-response", pirate(lambda d: d.update(judge_prompt="Is this pirate-like?")),
-         f"{ROLE}: judge_prompt: has no {{response}} placeholder"),
-    Case("role-prompt-of-another-role",
-         lambda w: pirate(lambda d: d["prompts"].__setitem__(
-             0, yaml.safe_load((w / "data/roles/ghost.yaml").read_text())["prompts"][0]))(w),
-         f"{ROLE}: prompts[0]: same prompt as role 'ghost'"),
-    Case("default-role-missing", lambda w: (w / "data/roles/default.yaml").unlink(),
-         "data/roles: default: the bank has no default.yaml"),
+    Case(
+        "role-unknown-family", pirate(lambda d: d.update(family="pirates")), f"{ROLE}: family: unknown family 'pirates'"
+    ),
+    Case(
+        "role-description-not-text",
+        pirate(lambda d: d.update(description=["sails", "rum"])),
+        f"{ROLE}: description: expected text, got list",
+    ),
+    Case(
+        "role-unknown-placeholder",
+        pirate(lambda d: d["prompts"].__setitem__(0, "You are {model}, a pirate.")),
+        f"{ROLE}: prompts[0]: unknown placeholder {{model}}",
+    ),
+    Case(
+        "role-judge-prompt-without-response",
+        pirate(lambda d: d.update(judge_prompt="Is this pirate-like?")),
+        f"{ROLE}: judge_prompt: has no {{response}} placeholder",
+    ),
+    Case(
+        "role-prompt-of-another-role",
+        lambda w: pirate(
+            lambda d: d["prompts"].__setitem__(
+                0, yaml.safe_load((w / "data/roles/ghost.yaml").read_text())["prompts"][0]
+            )
+        )(w),
+        f"{ROLE}: prompts[0]: same prompt as role 'ghost'",
+    ),
+    Case(
+        "default-role-missing",
+        lambda w: (w / "data/roles/default.yaml").unlink(),
+        "data/roles: default: the bank has no default.yaml",
+    ),
     # question files
-    Case("questions-not-json", edit_lines(QUESTIONS, lambda lines: lines.__setitem__(1, '{"id": "x", "question": ')),
-         f"{QUESTIONS}: line 2: not valid JSON"),
-    Case("questions-not-an-object", edit_lines(QUESTIONS, lambda lines: lines.__setitem__(0, "[1, 2]")),
-         f"{QUESTIONS}: line 1: expected a JSON object"),
-    Case("question-without-text", edit_question(0, lambda q: q.pop("question")),
-         f"{QUESTIONS}: line 1: question: missing or empty"),
-    Case("question-id-twice", lambda w: edit_question(
-        1, lambda q: q.update(id=json.loads((w / QUESTIONS).read_text().splitlines()[0])["id"]))(w),
-        f"{QUESTIONS}: line 2: id: duplicate question id"),
+    Case(
+        "questions-not-json",
+        edit_lines(QUESTIONS, lambda lines: lines.__setitem__(1, '{"id": "x", "question": ')),
+        f"{QUESTIONS}: line 2: not valid JSON",
+    ),
+    Case(
+        "questions-not-an-object",
+        edit_lines(QUESTIONS, lambda lines: lines.__setitem__(0, "[1, 2]")),
+        f"{QUESTIONS}: line 1: expected a JSON object",
+    ),
+    Case(
+        "question-without-text",
+        edit_question(0, lambda q: q.pop("question")),
+        f"{QUESTIONS}: line 1: question: missing or empty",
+    ),
+    Case(
+        "question-id-twice",
+        lambda w: edit_question(
+            1, lambda q: q.update(id=json.loads((w / QUESTIONS).read_text().splitlines()[0])["id"])
+        )(w),
+        f"{QUESTIONS}: line 2: id: duplicate question id",
+    ),
     Case("questions-empty", write(QUESTIONS, "\n"), f"{QUESTIONS}: file: no questions"),
     # config values
-    Case("config-unknown-backend", config(lambda c: c["generate"].update(backend="tgi")),
-         f"{CONFIG}: generate.backend: 'tgi' is not one of"),
-    Case("config-unknown-judge-backend", config(lambda c: c["judge"].update(backend="gpt4")),
-         f"{CONFIG}: judge.backend: 'gpt4' is not one of"),
-    Case("config-negative-max-tokens", config(lambda c: c["generate"].update(max_tokens=-5)),
-         f"{CONFIG}: generate.max_tokens: -5 is less than the minimum of 1"),
+    Case(
+        "config-unknown-backend",
+        config(lambda c: c["generate"].update(backend="tgi")),
+        f"{CONFIG}: generate.backend: 'tgi' is not one of",
+    ),
+    Case(
+        "config-unknown-judge-backend",
+        config(lambda c: c["judge"].update(backend="gpt4")),
+        f"{CONFIG}: judge.backend: 'gpt4' is not one of",
+    ),
+    Case(
+        "config-negative-max-tokens",
+        config(lambda c: c["generate"].update(max_tokens=-5)),
+        f"{CONFIG}: generate.max_tokens: -5 is less than the minimum of 1",
+    ),
     Case("config-top-p-zero", config(lambda c: c["generate"].update(top_p=0)), f"{CONFIG}: generate.top_p: 0 is less"),
-    Case("config-layer-beyond-model", config(lambda c: c["activations"].update(layers=[10, 40])),
-         f"{CONFIG}: activations.layers: layer 40 is outside the model's 30 layers"),
-    Case("config-min-score-5", config(lambda c: c["vectors"].update(min_score=5)),
-         f"{CONFIG}: vectors.min_score: 5 is greater than the maximum of 3"),
-    Case("config-misspelt-key", config(lambda c: c["vectors"].update(min_scor=2)),
-         f"{CONFIG}: vectors.min_scor: unknown key"),
-    Case("config-role-not-in-bank", config(lambda c: c["roles"].update(include=["pirat"])),
-         f"{CONFIG}: roles.include: no role 'pirat' in data/roles"),
-    Case("config-more-questions-than-file", config(lambda c: c["questions"].update(n_questions=500)),
-         f"{CONFIG}: questions.n_questions: 500 requested but {QUESTIONS} has 240"),
-    Case("config-judge-api-misspelt-setting",
-         config(lambda c: c["judge"].update(backend="openai", openai={"base_ur": "http://127.0.0.1:9/v1",
-                                                                      "model": "m"})),
-         f"{CONFIG}: judge.openai.base_ur: unknown setting"),
-    Case("config-judge-template-without-response", config(lambda c: c["judge"].update(template="Rate the {role}.")),
-         f"{CONFIG}: judge.template: has no {{response}} placeholder"),
-    Case("configfile-option-bad-value", write("config/extra.yaml", "generate:\n  max_tokens: 0\n"),
-         "config/extra.yaml: generate.max_tokens: 0 is less than the minimum of 1",
-         args=("--configfile", "config/extra.yaml")),
-    Case("model-manifest-corrupt", write(f"{R}/model.json", '{"name": "smollm2'),
-         f"{R}/model.json: file: not a readable model manifest"),
+    Case(
+        "config-layer-beyond-model",
+        config(lambda c: c["activations"].update(layers=[10, 40])),
+        f"{CONFIG}: activations.layers: layer 40 is outside the model's 30 layers",
+    ),
+    Case(
+        "config-min-score-5",
+        config(lambda c: c["vectors"].update(min_score=5)),
+        f"{CONFIG}: vectors.min_score: 5 is greater than the maximum of 3",
+    ),
+    Case(
+        "config-misspelt-key",
+        config(lambda c: c["vectors"].update(min_scor=2)),
+        f"{CONFIG}: vectors.min_scor: unknown key",
+    ),
+    Case(
+        "config-role-not-in-bank",
+        config(lambda c: c["roles"].update(include=["pirat"])),
+        f"{CONFIG}: roles.include: no role 'pirat' in data/roles",
+    ),
+    Case(
+        "config-more-questions-than-file",
+        config(lambda c: c["questions"].update(n_questions=500)),
+        f"{CONFIG}: questions.n_questions: 500 requested but {QUESTIONS} has 240",
+    ),
+    Case(
+        "config-judge-api-misspelt-setting",
+        config(
+            lambda c: c["judge"].update(backend="openai", openai={"base_ur": "http://127.0.0.1:9/v1", "model": "m"})
+        ),
+        f"{CONFIG}: judge.openai.base_ur: unknown setting",
+    ),
+    Case(
+        "config-judge-template-without-response",
+        config(lambda c: c["judge"].update(template="Rate the {role}.")),
+        f"{CONFIG}: judge.template: has no {{response}} placeholder",
+    ),
+    Case(
+        "configfile-option-bad-value",
+        write("config/extra.yaml", "generate:\n  max_tokens: 0\n"),
+        "config/extra.yaml: generate.max_tokens: 0 is less than the minimum of 1",
+        args=("--configfile", "config/extra.yaml"),
+    ),
+    Case(
+        "model-manifest-corrupt",
+        write(f"{R}/model.json", '{"name": "smollm2'),
+        f"{R}/model.json: file: not a readable model manifest",
+    ),
     # artifacts, given to the stage that reads them
-    Case("responses-missing-column",
-         edit_parquet(f"{R}/responses/pirate.parquet", lambda f: f.drop(columns="response")),
-         f"{R}/responses/pirate.parquet: response: column missing", activations_stage),
-    Case("responses-truncated", truncate(f"{R}/responses/pirate.parquet"),
-         f"{R}/responses/pirate.parquet: file: not a readable Parquet table", judge_stage("embedding")),
-    Case("activations-wrong-hidden-size", edit_tensors(f"{R}/activations/pirate.safetensors", wrong_hidden_size),
-         f"{R}/activations/pirate.safetensors: activations: hidden size 512", vectors_stage),
-    Case("activations-wrong-row-count", edit_tensors(f"{R}/activations/pirate.safetensors", drop_a_row),
-         f"{R}/activations/pirate.safetensors: activations: 3 rows but {R}/scores/pirate.parquet has 4 scores",
-         vectors_stage),
-    Case("activations-of-another-model", edit_tensors(f"{R}/activations/pirate.safetensors", foreign_activations),
-         f"{R}/activations/pirate.safetensors: model: activations of model 'qwen2.5-0.5b-instruct'", vectors_stage),
-    Case("activations-truncated", truncate(f"{R}/activations/pirate.safetensors"),
-         f"{R}/activations/pirate.safetensors: file: not a readable safetensors file", vectors_stage),
-    Case("activations-without-layers", edit_tensors(f"{R}/activations/pirate.safetensors",
-                                                    lambda t, m: t.pop("layers")),
-         f"{R}/activations/pirate.safetensors: layers: tensor missing", vectors_stage),
-    Case("scores-missing-column", edit_parquet(f"{R}/scores/pirate.parquet", lambda f: f.drop(columns="score")),
-         f"{R}/scores/pirate.parquet: score: column missing", vectors_stage),
-    Case("scores-out-of-range", edit_parquet(f"{R}/scores/pirate.parquet", lambda f: f.assign(score=7)),
-         f"{R}/scores/pirate.parquet: score: 7 in row 0 is not a score 0-3", vectors_stage),
-    Case("vectors-of-another-model", edit_tensors(f"{R}/vectors/pirate.safetensors", foreign_vector),
-         f"{R}/vectors/pirate.safetensors: model: vector of model 'qwen2.5-0.5b-instruct'", axis_stage),
-    Case("judge-answers-nonsense", lambda w: None,
-         f"{R}/responses/pirate.parquet: judge: openai:fake:parse answered 4 responses without a usable score "
-         "(no digit 0-3 in the judge's reply 'Bananas are yellow.')", judge_stage("openai", scoring="parse"),
-         reply=nonsense_text),
-    Case("judge-logprobs-without-digits", lambda w: None,
-         f"{R}/responses/pirate.parquet: judge: openai:fake:logprobs answered 4 responses without a usable score "
-         "(no digit 0-3 among the top logprobs of 'Ban')", judge_stage("openai", scoring="logprobs"),
-         reply=nonsense_logprobs),
-    Case("capping-config-of-another-model", foreign_capping,
-         "downloads/qwen-capping.safetensors: model: capping config for model 'qwen2.5-0.5b-instruct', "
-         "not 'smollm2-135m-instruct'", command=PROJECT_WITH_CAP),
+    Case(
+        "responses-missing-column",
+        edit_parquet(f"{R}/responses/pirate.parquet", lambda f: f.drop(columns="response")),
+        f"{R}/responses/pirate.parquet: response: column missing",
+        activations_stage,
+    ),
+    Case(
+        "responses-truncated",
+        truncate(f"{R}/responses/pirate.parquet"),
+        f"{R}/responses/pirate.parquet: file: not a readable Parquet table",
+        judge_stage("embedding"),
+    ),
+    Case(
+        "activations-wrong-hidden-size",
+        edit_tensors(f"{R}/activations/pirate.safetensors", wrong_hidden_size),
+        f"{R}/activations/pirate.safetensors: activations: hidden size 512",
+        vectors_stage,
+    ),
+    Case(
+        "activations-wrong-row-count",
+        edit_tensors(f"{R}/activations/pirate.safetensors", drop_a_row),
+        f"{R}/activations/pirate.safetensors: activations: 3 rows but {R}/scores/pirate.parquet has 4 scores",
+        vectors_stage,
+    ),
+    Case(
+        "activations-of-another-model",
+        edit_tensors(f"{R}/activations/pirate.safetensors", foreign_activations),
+        f"{R}/activations/pirate.safetensors: model: activations of model 'qwen2.5-0.5b-instruct'",
+        vectors_stage,
+    ),
+    Case(
+        "activations-truncated",
+        truncate(f"{R}/activations/pirate.safetensors"),
+        f"{R}/activations/pirate.safetensors: file: not a readable safetensors file",
+        vectors_stage,
+    ),
+    Case(
+        "activations-without-layers",
+        edit_tensors(f"{R}/activations/pirate.safetensors", lambda t, m: t.pop("layers")),
+        f"{R}/activations/pirate.safetensors: layers: tensor missing",
+        vectors_stage,
+    ),
+    Case(
+        "scores-missing-column",
+        edit_parquet(f"{R}/scores/pirate.parquet", lambda f: f.drop(columns="score")),
+        f"{R}/scores/pirate.parquet: score: column missing",
+        vectors_stage,
+    ),
+    Case(
+        "scores-out-of-range",
+        edit_parquet(f"{R}/scores/pirate.parquet", lambda f: f.assign(score=7)),
+        f"{R}/scores/pirate.parquet: score: 7 in row 0 is not a score 0-3",
+        vectors_stage,
+    ),
+    Case(
+        "vectors-of-another-model",
+        edit_tensors(f"{R}/vectors/pirate.safetensors", foreign_vector),
+        f"{R}/vectors/pirate.safetensors: model: vector of model 'qwen2.5-0.5b-instruct'",
+        axis_stage,
+    ),
+    Case(
+        "judge-answers-nonsense",
+        lambda w: None,
+        f"{R}/responses/pirate.parquet: judge: openai:fake:parse answered 4 responses without a usable score "
+        "(no digit 0-3 in the judge's reply 'Bananas are yellow.')",
+        judge_stage("openai", scoring="parse"),
+        reply=nonsense_text,
+    ),
+    Case(
+        "judge-logprobs-without-digits",
+        lambda w: None,
+        f"{R}/responses/pirate.parquet: judge: openai:fake:logprobs answered 4 responses without a usable score "
+        "(no digit 0-3 among the top logprobs of 'Ban')",
+        judge_stage("openai", scoring="logprobs"),
+        reply=nonsense_logprobs,
+    ),
+    Case(
+        "capping-config-of-another-model",
+        foreign_capping,
+        "downloads/qwen-capping.safetensors: model: capping config for model 'qwen2.5-0.5b-instruct', "
+        "not 'smollm2-135m-instruct'",
+        command=PROJECT_WITH_CAP,
+    ),
 ]
 
 
@@ -331,8 +486,9 @@ def _copy(run: Path, dest: Path) -> Path:
 def test_a_copy_of_the_finished_run_plans_nothing(tiny_run, tmp_path):
     """Else a case could rerun jobs (and delete their outputs) for reasons of its own."""
     work = _copy(tiny_run, tmp_path / "work")
-    out = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2"], cwd=work, capture_output=True, text=True,
-                         env={**os.environ, **NO_SLURM})
+    out = subprocess.run(
+        [*SNAKEMAKE, "-n", "--cores", "2"], cwd=work, capture_output=True, text=True, env={**os.environ, **NO_SLURM}
+    )
     assert out.returncode == 0 and "Nothing to be done" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
@@ -352,10 +508,16 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(case, tiny_run, tmp_pat
             command = [*SNAKEMAKE, "--cores", "2", *case.args]
         else:
             stage, kwargs = case.stage(server.url if server else "")
-            command = [sys.executable, str(HERE / "run_stage.py"), stage, str(tmp_path / "stage.log"),
-                       json.dumps(kwargs)]
-        out = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, **NO_SLURM})
+            command = [
+                sys.executable,
+                str(HERE / "run_stage.py"),
+                stage,
+                str(tmp_path / "stage.log"),
+                json.dumps(kwargs),
+            ]
+        out = subprocess.run(
+            command, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, **NO_SLURM}
+        )
     text = out.stdout + out.stderr
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     print(f"{case.id}: {errors}")

@@ -1,14 +1,14 @@
 # Sharded like generate: one model load per job.
-for name, roles in PLAN.job_groups("activations"):
+for name, roles in PLAN.jobs.groups("activations"):
 
     rule:
         name:
             name
         input:
             model="results/{model}/model.json",
-            responses=PLAN.outputs("results/{model}/responses/{role}.parquet", roles),
+            responses=PLAN.jobs.outputs("results/{model}/responses/{role}.parquet", roles),
         output:
-            activations=PLAN.outputs("results/{model}/activations/{role}.safetensors", roles),
+            activations=PLAN.jobs.outputs("results/{model}/activations/{role}.safetensors", roles),
         params:
             layers=config["activations"]["layers"],
             dtype=config["activations"]["dtype"],
@@ -19,7 +19,7 @@ for name, roles in PLAN.job_groups("activations"):
             template_options=config["model"]["chat_template_kwargs"],
         threads: 2
         resources:
-            **PLAN.resources("activations"),
+            **PLAN.jobs.resources("activations"),
         conda:
             "../envs/assistant-axis.yaml"
         log:

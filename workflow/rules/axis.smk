@@ -7,9 +7,9 @@ rule axis:
         axis_pt="results/{model}/axis.pt",
         summary="results/{model}/vectors/summary.parquet",
     params:
-        config_hash=PLAN.config_hash(),
+        config_hash=PLAN.params.axis_config_hash(),
     resources:
-        **PLAN.resources("axis"),
+        **PLAN.jobs.resources("axis"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

@@ -8,18 +8,18 @@ rule calibrate:
         axis="results/{model}/axis.safetensors",
     output:
         percentiles="results/{model}/capping/percentiles.parquet",
-        configs=expand("results/{{model}}/capping/{name}.safetensors", name=PLAN.capping_names()),
+        configs=expand("results/{{model}}/capping/{name}.safetensors", name=PLAN.params.capping_names()),
         plot=report("results/{model}/capping/thresholds.png", caption="../report/thresholds.rst",
                     category="Capping"),
     params:
         ranges=config["capping"]["ranges"],
         percentiles=config["capping"]["percentiles"],
-        names=PLAN.capping_names(),
+        names=PLAN.params.capping_names(),
         calibration=config["capping"]["calibration"],
-        model_settings=PLAN.calibration_model_params(),
+        model_settings=PLAN.params.calibration_model(),
     threads: 2
     resources:
-        **PLAN.resources("calibrate"),
+        **PLAN.jobs.resources("calibrate"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

@@ -29,7 +29,7 @@ ROLES = PLAN.role_names
 # Snakemake's scheduler enforces global resources). `--resources judge_api_jobs=N` overrides.
 for section in ("generate", "judge"):
     if f"{section}_api_jobs" not in workflow.global_resources:
-        workflow.register_resource(f"{section}_api_jobs", PLAN.api_jobs(section))
+        workflow.register_resource(f"{section}_api_jobs", PLAN.jobs.api_jobs(section))
 
 
 wildcard_constraints:

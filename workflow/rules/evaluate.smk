@@ -2,7 +2,7 @@ rule evaluate:
     input:
         model="results/{model}/model.json",
         axis="results/{model}/axis.safetensors",
-        capping=expand("results/{{model}}/capping/{name}.safetensors", name=PLAN.capping_names()),
+        capping=expand("results/{{model}}/capping/{name}.safetensors", name=PLAN.params.capping_names()),
         prompts=config["evaluate"]["prompts"],
     output:
         responses="results/{model}/evaluation/responses.parquet",
@@ -15,13 +15,13 @@ rule evaluate:
         batch_size=config["evaluate"]["batch_size"],
         layer=config["analysis"]["layer"],
         # A function: the judge template holds {placeholders} that Snakemake would otherwise expand.
-        judge=lambda wc: PLAN.judge_settings(),
+        judge=lambda wc: PLAN.params.evaluation_judge(),
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
         template_options=config["model"]["chat_template_kwargs"],
     threads: 2
     resources:
-        **PLAN.resources("evaluate"),
+        **PLAN.jobs.resources("evaluate"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

@@ -1,6 +1,6 @@
 # One rule with a {role} wildcard, or, with `shards: N`, one rule per shard that loads the model
-# once for all of its roles (see Plan.job_groups).
-for name, roles in PLAN.job_groups("generate"):
+# once for all of its roles (see Jobs.groups in assistant_axis/plan/jobs.py).
+for name, roles in PLAN.jobs.groups("generate"):
 
     rule:
         name:
@@ -8,18 +8,18 @@ for name, roles in PLAN.job_groups("generate"):
         input:
             model="results/{model}/model.json",
         output:
-            responses=PLAN.outputs("results/{model}/responses/{role}.parquet", roles),
+            responses=PLAN.jobs.outputs("results/{model}/responses/{role}.parquet", roles),
         params:
-            jobs=lambda wc, roles=roles: PLAN.generate_jobs(roles or [wc.role]),
-            questions=PLAN.question_params(),
+            jobs=lambda wc, roles=roles: PLAN.params.generate_jobs(roles or [wc.role]),
+            questions=PLAN.params.questions(),
             backend=config["generate"]["backend"],
-            settings=PLAN.generate_settings(),
+            settings=PLAN.params.generate(),
             dtype=config["model"]["dtype"],
             trust_remote_code=config["model"]["trust_remote_code"],
             template_options=config["model"]["chat_template_kwargs"],
-        threads: PLAN.threads("generate", 2)
+        threads: PLAN.jobs.threads("generate", 2)
         resources:
-            **PLAN.resources("generate"),
+            **PLAN.jobs.resources("generate"),
         conda:
             "../envs/assistant-axis.yaml"
         log:

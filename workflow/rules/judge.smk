@@ -6,10 +6,10 @@ rule judge:
     # Only what judging reads: editing a role's description reruns its judge, not its generation.
     # Functions, because a template holds {placeholders} that Snakemake would otherwise expand.
     params:
-        judge=lambda wc: PLAN.judge_params(wc.role),
-    threads: PLAN.threads("judge", 1)
+        judge=lambda wc: PLAN.params.judge(wc.role),
+    threads: PLAN.jobs.threads("judge", 1)
     resources:
-        **PLAN.resources("judge"),
+        **PLAN.jobs.resources("judge"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

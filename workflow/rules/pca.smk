@@ -12,7 +12,7 @@ rule pca:
     params:
         layer=config["analysis"]["layer"],
     resources:
-        **PLAN.resources("pca"),
+        **PLAN.jobs.resources("pca"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

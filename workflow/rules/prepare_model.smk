@@ -5,7 +5,7 @@ rule prepare_model:
         source=config["model"]["source"],
         trust_remote_code=config["model"]["trust_remote_code"],
     resources:
-        **PLAN.resources("prepare_model"),
+        **PLAN.jobs.resources("prepare_model"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

@@ -14,7 +14,7 @@ rule stability:
         min_score=config["vectors"]["min_score"],
         **config["analysis"]["stability"],
     resources:
-        **PLAN.resources("stability"),
+        **PLAN.jobs.resources("stability"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

@@ -9,7 +9,7 @@ rule vectors:
         min_score=config["vectors"]["min_score"],
         min_count=config["vectors"]["min_count"],
     resources:
-        **PLAN.resources("vectors"),
+        **PLAN.jobs.resources("vectors"),
     conda:
         "../envs/assistant-axis.yaml"
     log:

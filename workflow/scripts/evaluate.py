@@ -5,7 +5,20 @@ from assistant_axis import stages
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 torch.set_num_threads(sm.threads)
 with stages.logged(sm.log[0]):
-    stages.evaluate(sm.input.model, sm.input.axis, list(sm.input.capping), sm.input.prompts, sm.params.n_prompts,
-                    sm.params.sampling, sm.params.batch_size, sm.params.layer, sm.params.judge,
-                    sm.output.responses, sm.output.summary, sm.output.plot, sm.params.dtype,
-                    sm.params.trust_remote_code, sm.params.template_options)
+    stages.evaluate(
+        sm.input.model,
+        sm.input.axis,
+        list(sm.input.capping),
+        sm.input.prompts,
+        sm.params.n_prompts,
+        sm.params.sampling,
+        sm.params.batch_size,
+        sm.params.layer,
+        sm.params.judge,
+        sm.output.responses,
+        sm.output.summary,
+        sm.output.plot,
+        sm.params.dtype,
+        sm.params.trust_remote_code,
+        sm.params.template_options,
+    )

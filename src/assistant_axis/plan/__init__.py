@@ -1,0 +1,102 @@
+"""What the workflow runs, decided at DAG-build time from the validated config, in four small pieces:
+
+- `config`: the config checked against the schema, defaults filled in, a bad value named by its file;
+- `bank`: the selected roles and questions;
+- `jobs`: shards of roles and each stage's resources (GPUs, threads, time and memory, API budgets);
+- `params`: each rule's params, only the data its stage uses, so Snakemake reruns exactly what an edit affects.
+
+`Plan` puts them together for the Snakefile (`PLAN.jobs.resources("generate")`, `PLAN.params.judge(role)`)
+and checks, before any job runs, what can be checked without the model. A new config key goes into
+`workflow/schemas/config.schema.yaml` and is read by the piece that uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from assistant_axis.api import APISettings
+from assistant_axis.errors import InputError
+from assistant_axis.plan.bank import Bank, select_bank
+from assistant_axis.plan.config import canonical, config_source, in_config_file, validate_config
+from assistant_axis.plan.jobs import DEFAULT_API_JOBS, DEFAULT_RESOURCES, Jobs
+from assistant_axis.plan.params import Params
+
+__all__ = ["Plan", "Bank", "Jobs", "Params", "DEFAULT_RESOURCES", "validate_config", "config_source", "canonical"]
+
+
+@dataclass
+class Plan:
+    config: dict
+    bank: Bank
+    jobs: Jobs
+    params: Params
+
+    @classmethod
+    def from_config(cls, config: dict, root: str | Path = ".") -> Plan:
+        bank = select_bank(config, root)
+        jobs = Jobs(config, list(bank.roles))
+        return cls(config, bank, jobs, Params(config, bank, jobs))
+
+    @classmethod
+    def for_workflow(cls, config: dict, schema_file: str | Path, files: Sequence[str | Path] = ()) -> Plan:
+        """Validate, plan and check everything that can be checked before a job runs (Snakemake deletes a
+        job's old outputs when it starts, so a bad value caught later would cost existing results).
+        A problem with a config value names the config file (`files`: lowest precedence first)."""
+        try:
+            validate_config(config, schema_file, files)
+            plan = cls.from_config(config)
+            plan.check()
+        except InputError as exc:
+            raised = in_config_file(exc, files)
+            if raised is exc:
+                raise
+            raise raised from exc
+        return plan
+
+    def check(self) -> None:
+        """Semantic checks of a schema-valid config: layers against the model (when its size is known),
+        API settings, and judge prompts that show the judge the response."""
+        from assistant_axis.activations import resolve_layers
+
+        dims = self.jobs.model_dims()
+        if dims is not None:
+            resolve_layers(self.config["activations"]["layers"], dims[0])
+        for section in ("generate", "judge"):
+            jobs = (self.config[section].get("openai") or {}).get("jobs", DEFAULT_API_JOBS)
+            if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+                raise InputError("config", f"{section}.openai.jobs", f"must be an integer >= 1, got {jobs!r}")
+        if self.config["generate"]["backend"] == "openai":
+            APISettings.from_config(self.jobs.api_settings("generate"), "generate.openai")
+        judge = self.config["judge"]
+        if judge["backend"] == "openai":
+            settings = self.jobs.api_settings("judge")
+            scoring = settings.pop("scoring", "logprobs")
+            if scoring not in ("logprobs", "parse"):
+                raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {scoring!r}")
+            for key in ("top_logprobs", "system"):
+                settings.pop(key, None)
+            APISettings.from_config(settings, "judge.openai")
+        if judge.get("template") and "{response}" not in judge["template"]:
+            raise InputError("config", "judge.template", "has no {response} placeholder: the judge would not see it")
+        for role in self.bank.roles.values():
+            if role.judge_prompt and "{response}" not in role.judge_prompt:
+                raise InputError(
+                    role.source, "judge_prompt", "has no {response} placeholder: the judge would not see the response"
+                )
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]["name"]
+
+    @property
+    def role_names(self) -> list[str]:
+        return list(self.bank.roles)
+
+    @property
+    def n_responses(self) -> int:
+        return self.bank.n_responses
+
+    def activation_bytes(self) -> int | None:
+        return self.jobs.activation_bytes(self.n_responses)

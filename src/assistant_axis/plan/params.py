@@ -1,0 +1,82 @@
+"""Each rule's Snakemake `params`: only the data its stage uses, so Snakemake's params trigger reruns exactly
+what an edit affects (a role's prompts feed its generation, its description feeds its judging, and the
+axis records only the config sections it is made from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from assistant_axis.cap import CapSetting
+from assistant_axis.judge import DEFAULT_TEMPLATE
+from assistant_axis.plan.bank import Bank
+from assistant_axis.plan.config import sections_hash
+from assistant_axis.plan.jobs import Jobs
+
+__all__ = ["Params"]
+
+
+@dataclass
+class Params:
+    config: dict
+    bank: Bank
+    jobs: Jobs  # an API job's share of its section's budget is part of what it reads
+
+    def generate_jobs(self, roles: list[str]) -> list[dict]:
+        return [{"role": role, "system_prompts": self.bank.system_prompts(role)} for role in roles]
+
+    def questions(self) -> list[dict]:
+        return [{"id": q.id, "question": q.question} for q in self.bank.questions]
+
+    def generate(self) -> dict:
+        """What a generate job reads: sampling and its backend's settings (one job's API share)."""
+        settings = {k: v for k, v in self.config["generate"].items() if k != "backend"}
+        if self.config["generate"]["backend"] == "openai":
+            settings["openai"] = self.jobs.api_settings("generate")
+        return settings
+
+    def judge(self, role: str) -> dict:
+        """One role's judging: its description and judge prompt (its own, else the config's), and the judge."""
+        r, judge = self.bank.roles[role], self.evaluation_judge()
+        return {
+            "role": r.name,
+            "description": r.description,
+            "template": r.judge_prompt or judge["template"],
+            "backend": judge["backend"],
+            "settings": judge["settings"],
+        }
+
+    def evaluation_judge(self) -> dict:
+        """The judge as the configured backend and template (what the evaluation stage uses)."""
+        judge = self.config["judge"]
+        backend = judge["backend"]
+        settings = self.jobs.api_settings("judge") if backend == "openai" else judge.get(backend, {})
+        return {"backend": backend, "settings": settings, "template": judge.get("template") or DEFAULT_TEMPLATE}
+
+    def capping_settings(self) -> list[CapSetting]:
+        """Every configured layer range at every configured percentile."""
+        capping = self.config["capping"]
+        return [CapSetting(name, q) for name in capping["ranges"] for q in capping["percentiles"]]
+
+    def capping_names(self) -> list[str]:
+        return [setting.name for setting in self.capping_settings()]
+
+    def calibration_model(self) -> dict:
+        """The calibrate stage's model settings, as the activations stage loads and renders the model with them:
+        for a `token` calibration only (a `reply` one loads no model, so editing them reruns none)."""
+        if self.jobs.calibration != "token":
+            return {}
+        model = self.config["model"]
+        return {
+            "compute_dtype": model["dtype"],
+            "batch_tokens": self.config["activations"]["batch_tokens"],
+            "blocks": model["blocks"],
+            "trust_remote_code": model["trust_remote_code"],
+            "template_options": model["chat_template_kwargs"],
+        }
+
+    def axis_config_hash(self) -> str:
+        """A hash of the config sections the axis is made from (recorded in the axis as its provenance).
+
+        Only these: as a rule param, a hash of the whole config would rerun the axis and all after it when
+        an unrelated section (evaluation, capping, analysis, resources) changed."""
+        return sections_hash(self.config)
