@@ -192,6 +192,14 @@ def test_axes_and_role_vectors_round_trip_and_are_indexed_by_block(tmp_path, res
     export_file([results / "axis.safetensors"], tmp_path / "axis.pt")
     assert torch.equal(torch.load(tmp_path / "axis.pt", weights_only=True), axis)
     assert torch.equal(torch.load(results / "axis.pt", weights_only=True), axis)  # the workflow's own .pt
+    # Reproducible bytes: the same axis exported again, under another name, is the same file (and the same as
+    # the workflow's, which wrote it through the same writer).
+    export_file([results / "axis.safetensors"], tmp_path / "again.pt")
+    assert (
+        (tmp_path / "again.pt").read_bytes()
+        == (tmp_path / "axis.pt").read_bytes()
+        == (results / "axis.pt").read_bytes()
+    )
 
     # The paper pipeline's dict form, and a partial axis (blocks 10 and 20 only): NaN rows elsewhere.
     partial = torch.full((30, 576), float("nan"))

@@ -27,6 +27,7 @@ __all__ = [
     "read_parquet",
     "write_tensors",
     "read_tensors",
+    "write_pt",
     "write_json",
     "save_figure",
     "read_layer",
@@ -119,6 +120,13 @@ def read_layer(path: str | Path, name: str, index: int) -> torch.Tensor:
             return handle.get_slice(name)[:, index]
     except (OSError, SafetensorError) as exc:
         raise InputError(path, "file", f"not a readable safetensors file ({exc})") from exc
+
+
+def write_pt(data, path: str | Path) -> None:
+    """`torch.save` (for the paper code's `.pt` files), reproducibly: saved to a path, torch names the archive's
+    folder after the file, here a random temporary name, so the same data would give different bytes."""
+    with atomic_path(path, ".pt") as tmp, open(tmp, "wb") as handle:
+        torch.save(data, handle)
 
 
 def write_json(data: dict, path: str | Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from assistant_axis.artifacts import atomic_path, read_tensors, write_tensors
+from assistant_axis.artifacts import read_tensors, write_pt, write_tensors
 from assistant_axis.cap import CappingConfig, read_capping
 from assistant_axis.errors import InputError
 from assistant_axis.provenance import provenance
@@ -261,8 +261,7 @@ def _export_capping(sources: list[str | Path], target: str | Path) -> None:
     ids = [e["id"] for e in experiments]
     if len(set(ids)) != len(ids):
         raise InputError(sources[0], "experiment", f"two capping files give the same experiment id ({ids})")
-    with atomic_path(target, ".pt") as tmp:
-        torch.save({"vectors": vectors, "experiments": experiments}, tmp)
+    write_pt({"vectors": vectors, "experiments": experiments}, target)
 
 
 def export_file(sources: list[str | Path], target: str | Path) -> None:
@@ -293,5 +292,4 @@ def export_file(sources: list[str | Path], target: str | Path) -> None:
         }
     else:
         raise InputError(sources[0], "file", "neither an axis, a role vector nor a capping config")
-    with atomic_path(target, ".pt") as tmp:
-        torch.save(data, tmp)
+    write_pt(data, target)

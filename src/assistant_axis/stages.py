@@ -17,7 +17,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from assistant_axis.artifacts import atomic_path, read_parquet, read_tensors, write_json, write_parquet, write_tensors
+from assistant_axis.artifacts import (
+    read_parquet,
+    read_tensors,
+    write_json,
+    write_parquet,
+    write_pt,
+    write_tensors,
+)
 from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import AxisError, InputError
 from assistant_axis.models import DTYPES
@@ -407,8 +414,7 @@ def axis(vector_files: list[str], output: str, output_pt: str, summary: str, mod
             "axis", describe_model(info), rendering, layers=layers.tolist(), roles=used, config_hash=config_hash
         ),
     )
-    with atomic_path(output_pt, ".pt") as tmp:
-        torch.save(full, tmp)
+    write_pt(full, output_pt)
 
 
 # ------------------------------------------------------------------------------------------------ analysis
