@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from assistant_axis.api import APISettings, ChatAPI
 from assistant_axis.backends import OpenAIBackend, Sampling, VLLMBackend
@@ -85,6 +84,13 @@ def _grep_tree(root: Path, needle: str) -> list[Path]:
 # ------------------------------------------------------------------------------------- end to end
 
 
+# The stages a server takes part in: every role's generation and judging. The stages after them read
+# only these files, as they do with any backend (test_security.py runs them all through an API).
+SERVED = [f"results/smollm2-135m-instruct/scores/{role}.parquet" for role in TINY_ROLES] + [
+    "results/smollm2-135m-instruct/responses/default.parquet"
+]
+
+
 def _api(url: str, model: str, cache: str | None = "cache/api", **more) -> dict:
     return {"base_url": url, "model": model, "api_key_env": KEY_ENV, "cache": cache, "concurrency": 4, **more}
 
@@ -96,17 +102,16 @@ def test_tiny_run_through_llama_cpp(tmp_path, model_dir, llama_url, key):
         judge={"backend": "openai", "openai": _api(llama_url, "smollm2", scoring="logprobs")},
     )
     work = make_workspace(tmp_path, model_dir, config)
-    snakemake(work, env={KEY_ENV: key})
+    snakemake(work, *SERVED, env={KEY_ENV: key})
     results = work / "results/smollm2-135m-instruct"
     for role in TINY_ROLES:
         scores = pd.read_parquet(results / f"scores/{role}.parquet")
         assert scores["judge"].eq("openai:smollm2:logprobs").all()
         assert scores["score"].notna().all(), scores["raw"].tolist()
         assert all("digit_mass" in json.loads(r) for r in scores["raw"])
-    responses = pd.read_parquet(results / "responses/pirate.parquet")
-    assert responses["response"].str.len().gt(0).all() and responses["n_response_tokens"].between(1, 16).all()
-    axis = torch.load(results / "axis.pt", weights_only=True)
-    assert axis.shape == (30, 576) and torch.isfinite(axis).all()
+    for role in ["pirate", "default"]:
+        responses = pd.read_parquet(results / f"responses/{role}.parquet")
+        assert responses["response"].str.len().gt(0).all() and responses["n_response_tokens"].between(1, 16).all()
     assert _grep_tree(work, key) == []
 
 
@@ -119,7 +124,7 @@ def test_tiny_run_through_transformers_serve(tmp_path, model_dir, hf_url, key):
         judge={"backend": "openai", "openai": _api(hf_url, str(model_dir), scoring="parse")},
     )
     work = make_workspace(tmp_path, model_dir, config)
-    snakemake(work, env={KEY_ENV: key})
+    snakemake(work, *SERVED, env={KEY_ENV: key})
     results = work / "results/smollm2-135m-instruct"
     for role in TINY_ROLES:
         scores = pd.read_parquet(results / f"scores/{role}.parquet")
@@ -131,8 +136,7 @@ def test_tiny_run_through_transformers_serve(tmp_path, model_dir, hf_url, key):
                 assert raw.startswith("no digit 0-3 in the judge's reply") and not re.search(r"[0-3]", raw[34:]), raw
             else:
                 assert re.search(r"[0-3]", json.loads(raw)["text"]).group() == str(score), (score, raw)
-    axis = torch.load(results / "axis.pt", weights_only=True)
-    assert axis.shape == (30, 576)
+    assert pd.read_parquet(results / "responses/default.parquet")["response"].str.len().gt(0).all()
     assert _grep_tree(work, key) == []
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "TopP",
     "generation",
     "stable_seed",
+    "sample_batch",
+    "Sampled",
     "make_backend",
     "BACKENDS",
     "VLLM_ENGINE_KEYS",
@@ -116,6 +118,55 @@ class TopP:
         return filtered.scatter(1, indices, values.masked_fill(~keep, float("-inf")))
 
 
+@dataclass(frozen=True)
+class Sampled:
+    tokens: list[int]  # the generated ids, up to (not including) the end of turn
+    finish_reason: str  # "stop" or "length"
+    logits: list[torch.Tensor] | None  # per generated token, the model's raw logits (before temperature, top-p)
+
+
+def sample_batch(
+    model, tokenizer, prompts: list[list[int]], sampling: Sampling, seed: int, want_logits: bool = False
+) -> list[Sampled]:
+    """In-process generation, the one loop every in-process caller uses (the generate and evaluate stages
+    through `TransformersBackend`, chat, serve, project): `prompts` (token ids) left-padded into one batch,
+    sampled from one generator seeded with `seed`, each stopped at its model's end of turn."""
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt) :] = torch.tensor(prompt)
+        mask[r, width - len(prompt) :] = 1
+    torch.manual_seed(seed)
+    sample = sampling.temperature > 0
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            logits_processor=[TopP(sampling.top_p)] if sample and sampling.top_p < 1 else None,
+            max_new_tokens=sampling.max_tokens,
+            pad_token_id=pad,
+            eos_token_id=sorted(eos),
+            return_dict_in_generate=True,
+            output_logits=want_logits,
+        )
+    results = []
+    for r in range(len(prompts)):
+        new = out.sequences[r, width:].tolist()
+        stop = next((k for k, t in enumerate(new) if t in eos), None)
+        n = len(new) if stop is None else stop
+        logits = [step[r] for step in out.logits[:n]] if want_logits else None
+        results.append(Sampled(new[:n], "length" if stop is None else "stop", logits))
+    return results
+
+
 class TransformersBackend:
     """In-process `generate`: prompts sorted by length, left-padded, in batches; stops at end of turn."""
 
@@ -133,40 +184,16 @@ class TransformersBackend:
         prompts = [self.template.ids(c, add_generation_prompt=True) for c in conversations]
         # Longest first: similar lengths share a batch, so little padding is computed.
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        eos = _eos_ids(self.model, self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        device = next(self.model.parameters()).device
         results: list[Generation | None] = [None] * len(prompts)
         starts = range(0, len(order), self.batch_size)
         for batch_no, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=not self.progress)):
             rows = order[start : start + self.batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]) :] = 1
-            torch.manual_seed(sampling.seed + batch_no)
-            sample = sampling.temperature > 0
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=sample,
-                    temperature=sampling.temperature if sample else None,
-                    top_p=None,
-                    top_k=None,
-                    logits_processor=[TopP(sampling.top_p)] if sample and sampling.top_p < 1 else None,
-                    max_new_tokens=sampling.max_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=sorted(eos),
-                )
-            for r, i in enumerate(rows):
-                new = out[r, width:].tolist()
-                stop = next((k for k, t in enumerate(new) if t in eos), None)
-                n = len(new) if stop is None else stop
-                text = self.tokenizer.decode(new[:n], skip_special_tokens=True)
-                results[i] = generation(text, n, "length" if stop is None else "stop")
+            batch = sample_batch(
+                self.model, self.tokenizer, [prompts[i] for i in rows], sampling, sampling.seed + batch_no
+            )
+            for i, out in zip(rows, batch, strict=True):
+                text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+                results[i] = generation(text, len(out.tokens), out.finish_reason)
         return results  # type: ignore[return-value]
 
 

@@ -27,7 +27,7 @@ import torch
 
 from assistant_axis.activations import mean_activations
 from assistant_axis.axis import load_axis, unit_rows
-from assistant_axis.backends import Sampling, TopP, _eos_ids
+from assistant_axis.backends import Sampling, sample_batch
 from assistant_axis.cap import CappingConfig, cap, load_capping
 from assistant_axis.errors import InputError
 from assistant_axis.models import check_layers, config_dims, hidden_size
@@ -160,15 +160,20 @@ class ChatSession:
         shown = self.template.fit(list(messages))
         prompt = self.template.ids(shown, add_generation_prompt=True)
         with self.hooks():
-            new, finish, logits = self._generate(prompt, sampling, top_logprobs is not None)
+            out = sample_batch(self.model, self.tokenizer, [prompt], sampling, sampling.seed, top_logprobs is not None)[
+                0
+            ]
+            new = out.tokens
             reasoning, text = split_reasoning(self.tokenizer.decode(new, skip_special_tokens=True))
             values = self._reply_projection(shown, text, reasoning)
         logprobs = (
             None
             if top_logprobs is None
-            else [self._logprob(token, step, top_logprobs) for token, step in zip(new, logits, strict=True)]
+            else [self._logprob(token, step, top_logprobs) for token, step in zip(new, out.logits, strict=True)]
         )
-        return Reply(text, finish, len(prompt), new, logprobs, list(self.layers), values, self.tau(), reasoning)
+        return Reply(
+            text, out.finish_reason, len(prompt), new, logprobs, list(self.layers), values, self.tau(), reasoning
+        )
 
     def tau(self) -> list[float | None] | None:
         if self.capping is None:
@@ -182,35 +187,6 @@ class ChatSession:
             return conversation_projections(
                 self.model, self.template, messages, self.axis, self.axis_layers, self.layers, source=self.axis_source
             )
-
-    def _generate(self, prompt: list[int], sampling: Sampling, want_logits: bool):
-        """One sequence, no padding; same stopping and top-p rules as `TransformersBackend`."""
-        eos = _eos_ids(self.model, self.tokenizer)
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([prompt], device=device)
-        sample = sampling.temperature > 0
-        torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=sample,
-                temperature=sampling.temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                logits_processor=[TopP(sampling.top_p)] if sample and sampling.top_p < 1 else None,
-                max_new_tokens=sampling.max_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=sorted(eos),
-                return_dict_in_generate=True,
-                output_logits=want_logits,
-            )
-        new = out.sequences[0, len(prompt) :].tolist()
-        stop = next((k for k, t in enumerate(new) if t in eos), None)
-        n = len(new) if stop is None else stop
-        # Raw logits, i.e. the model's own distribution before temperature and top-p.
-        logits = [step[0] for step in out.logits[:n]] if want_logits else [None] * n
-        return new[:n], "length" if stop is None else "stop", logits
 
     def _logprob(self, token: int, logits: torch.Tensor, top: int) -> TokenLogprob:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
