@@ -88,7 +88,7 @@ def _check_logprobs(choice, completion_tokens: int, top: int) -> None:
         assert entry.logprob <= ranked[0] + 1e-6
 
 
-def test_plain_server_answers_the_openai_client_with_logprobs(plain_url):
+def test_plain_server_answers_the_openai_client_with_logprobs(plain_url, bundled):
     client = _client(plain_url)
     assert [m.id for m in client.models.list().data] == [MODEL]
     completion = client.chat.completions.create(
@@ -110,6 +110,13 @@ def test_plain_server_answers_the_openai_client_with_logprobs(plain_url):
     again = client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=12, temperature=0)
     assert again.choices[0].logprobs is None
     assert again.choices[0].message.content == choice.message.content
+    # The reference: transformers' own greedy generation from the tokenizer's own chat template.
+    model, tokenizer = bundled
+    ids = tokenizer.apply_chat_template(PIRATE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert choice.message.content.strip() == expected.strip()
 
 
 def test_sampling_is_seeded(plain_url):
@@ -182,13 +189,13 @@ def test_the_workflow_openai_judge_talks_to_the_server(plain_url):
 
 def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
     """In process: steering alone drops a reply below tau; with the cap it stays at or above tau."""
-    from assistant_axis.chat import ChatSession, Steering
-    from assistant_axis.project import turn_activations
+    from assistant_axis.chat import ChatSession
+    from assistant_axis.steer import Steering
 
     model, tokenizer = bundled
     axis, layers, _ = load_axis(tiny_paths(tiny_run)[1])
     config = capping_config(tiny_run)
-    steering = Steering(axis[8:26], list(range(8, 26)), -40.0)
+    steering = Steering.along(axis[8:26], list(range(8, 26)), -40.0)
     greedy = Sampling(temperature=0, max_tokens=16)
     steered = ChatSession(model, tokenizer, axis, layers, CAPPED, steering=steering, sampling=greedy)
     capped = ChatSession(model, tokenizer, axis, layers, CAPPED, config, steering, greedy)
@@ -196,8 +203,48 @@ def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
     high = capped.send(PIRATE[1]["content"])
     assert any(v < t for v, t in zip(low.projection, config.thresholds.tolist(), strict=True)), low
     assert all(v >= t - 1e-4 * abs(t) for v, t in zip(high.projection, high.tau, strict=True)), high
-    # The reply's projection is the last row of project.turn_activations under the same hooks.
-    with capped.hooks():
-        _, acts = turn_activations(model, tokenizer, capped.messages, CAPPED)
-    expected = torch.einsum("lh,lh->l", acts[-1], capped.units).tolist()
-    assert high.projection == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    # The reference, written here from the formulas with plain forward hooks (not the package's): the reply's
+    # tokens run through the model steered at 8-25 and then floored at tau at the capped layers, their block
+    # outputs averaged over the reply and projected on the unit axis.
+    reply_ids = tokenizer(capped.messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    prefix = tokenizer.apply_chat_template(capped.messages[:-1], add_generation_prompt=True)["input_ids"]
+    full = tokenizer.apply_chat_template(capped.messages)["input_ids"]
+    assert full[len(prefix) : len(prefix) + len(reply_ids)] == reply_ids
+    blocks, seen, handles = model.model.layers, {}, []
+
+    def hidden_of(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    def replaced(output, hidden):
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def steer_hook(row):
+        return lambda _m, _a, out: replaced(out, hidden_of(out) + -40.0 * row / row.norm())
+
+    def floor_hook(unit, tau):
+        def hook(_m, _a, out):
+            h = hidden_of(out)
+            below = (h @ unit - tau).clamp(max=0)
+            return replaced(out, h - below[..., None] * unit)
+
+        return hook
+
+    def record(layer):
+        return lambda _m, _a, out: seen.__setitem__(layer, hidden_of(out)[0].clone())
+
+    try:
+        for k, layer in enumerate(range(8, 26)):
+            handles.append(blocks[layer].register_forward_hook(steer_hook(axis[8 + k].float())))
+        for k, layer in enumerate(CAPPED):
+            unit = config.vectors[k] / config.vectors[k].norm()
+            handles.append(blocks[layer].register_forward_hook(floor_hook(unit, float(config.thresholds[k]))))
+            handles.append(blocks[layer].register_forward_hook(record(layer)))
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([full]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    span = slice(len(prefix), len(prefix) + len(reply_ids))
+    axis_rows = {layer: axis[layer].float() for layer in CAPPED}  # row i is block i
+    expected = [float(seen[layer][span].mean(0) @ (axis_rows[layer] / axis_rows[layer].norm())) for layer in CAPPED]
+    assert high.projection == pytest.approx(expected, rel=1e-4, abs=1e-3)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assistant_axis.axis import load_axis, project, unit_rows
+from assistant_axis.axis import load_axis, unit_rows
 from assistant_axis.backends import Sampling, TransformersBackend
 from assistant_axis.cap import CappingConfig, cap, layer_range, load_capping, percentile_thresholds
 from assistant_axis.errors import InputError
+from assistant_axis.interventions import install
 from assistant_axis.models import find_blocks
 from assistant_axis.project import conversation_projections, turn_activations
 from assistant_axis.steer import steer
@@ -145,7 +146,8 @@ def test_projections_equal_the_activations_stage(tiny_run, bundled, axis):
     frame = conversation_projections(model, tokenizer, messages, tensor, layers, [5, 15, 25])
     reply = frame[frame["turn"] == len(messages) - 1].set_index("layer")["projection"]
     for layer in (5, 15, 25):
-        expected = float(project(stored[1, layers.index(layer)], tensor[layers.index(layer)]))
+        row = tensor[layers.index(layer)].float()
+        expected = float(stored[1, layers.index(layer)].float() @ row / row.norm())  # by hand, not axis.project
         assert reply[layer] == pytest.approx(expected, rel=1e-5, abs=1e-4)
     assert list(frame.columns) == ["turn", "role", "layer", "projection", "n_chars"]
     assert set(frame["role"]) == {"system", "user", "assistant"}
@@ -199,3 +201,40 @@ def test_capping_config_round_trip_and_refusals(tmp_path, bundled, capping):
     with pytest.raises(InputError, match="hidden_size"), steer(model, torch.ones(4096), [3], 1.0):
         pass
     assert layer_range([0.7, 0.85], 30) == [21, 22, 23, 24, 25]
+
+
+class _Halve:
+    """A made-up intervention, to show that any object of this shape runs wherever capping and steering do."""
+
+    layers, hidden_size, source = [22], 576, "halve"
+
+    def edit(self, k, hidden):
+        return hidden * 0.5
+
+
+def test_any_intervention_installs_and_applies_in_the_order_given(bundled, capping):
+    model, tokenizer = bundled
+    blocks = find_blocks(model)
+    floor = CappingConfig([22], capping.vectors[1:2], capping.thresholds[1:2], MODEL)  # block 22 only
+    plain, outputs = {}, {}
+    handles = _recorders(blocks, [22], plain)
+    _forward(model, tokenizer)
+    for h in handles:
+        h.remove()
+    h = plain[22]
+    for order in ((_Halve(), floor), (floor, _Halve())):
+        seen = {}
+        with install(model, *order):
+            handles = _recorders(blocks, [22], seen)  # after the interventions' hooks: sees their output
+            _forward(model, tokenizer)
+        for handle in handles:
+            handle.remove()
+        expected = h
+        for intervention in order:
+            expected = intervention.edit(0, expected)
+        torch.testing.assert_close(seen[22], expected, rtol=1e-5, atol=1e-5)
+        outputs[type(order[0]).__name__] = seen[22]
+    assert not torch.allclose(outputs["_Halve"], outputs["CappingConfig"])  # the order matters, and was kept
+    # The same edit on an engine's flat [tokens, hidden] layout (vLLM's) as on [batch, tokens, hidden].
+    assert torch.equal(floor.edit(0, h[0]), floor.edit(0, h)[0])
+    assert (floor.edit(0, h) @ floor.vectors[0] >= floor.thresholds[0] - 1e-4 * floor.thresholds[0].abs()).all()

@@ -24,7 +24,8 @@ import torch
 from assistant_axis.artifacts import read_tensors, write_tensors
 from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import InputError
-from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size, with_block_hidden
+from assistant_axis.interventions import install
+from assistant_axis.models import check_layers
 
 __all__ = [
     "CALIBRATION_PERCENTILES",
@@ -68,6 +69,21 @@ class CappingConfig:
 
     def with_upper(self, upper: torch.Tensor) -> CappingConfig:
         return CappingConfig(self.layers, self.vectors, self.thresholds, self.model, upper, self.source, self.metadata)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.vectors.shape[-1])
+
+    def edit(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """`h - v * min(<h, v> - tau, 0)` (and `- v * max(<h, v> - ceiling, 0)` for a band) at the k-th
+        capped layer, computed in float32; an intervention (see `interventions`)."""
+        unit = self.vectors[k].to(hidden.device)
+        h = hidden.float()
+        proj = h @ unit  # [..., tokens]
+        shift = (proj - float(self.thresholds[k])).clamp(max=0)  # negative below the floor, else 0
+        if self.upper is not None:
+            shift = shift + (proj - float(self.upper[k])).clamp(min=0)
+        return (h - shift.unsqueeze(-1) * unit).to(hidden.dtype)
 
     def normalized(self) -> CappingConfig:
         """The same config with unit vectors (how `cap` uses them)."""
@@ -165,35 +181,7 @@ def percentile_thresholds(projections: torch.Tensor, percentiles: Sequence[float
 
 @contextmanager
 def cap(model, config: CappingConfig, blocks_path: str | None = None) -> Iterator[CappingConfig]:
-    """Cap the listed blocks' outputs while the block is active; hooks are removed on exit, also on error."""
-    blocks = find_blocks(model, blocks_path)
-    if config.vectors.shape[1] != hidden_size(model):
-        raise InputError(
-            config.source,
-            "hidden_size",
-            f"vectors have size {config.vectors.shape[1]}, the model's hidden size is {hidden_size(model)}",
-        )
-    check_layers(config.layers, len(blocks), config.source, "layers")
-
-    def hook_for(k: int):
-        v, tau = config.vectors[k], float(config.thresholds[k])
-        ceiling = None if config.upper is None else float(config.upper[k])
-
-        def hook(_module, _args, output):
-            h = block_hidden(output)
-            unit = v.to(h.device)
-            hf = h.float()
-            proj = hf @ unit  # [batch, tokens]
-            shift = (proj - tau).clamp(max=0)  # negative below the floor, else 0
-            if ceiling is not None:
-                shift = shift + (proj - ceiling).clamp(min=0)
-            return with_block_hidden(output, (hf - shift.unsqueeze(-1) * unit).to(h.dtype))
-
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(hook_for(k)) for k, layer in enumerate(config.layers)]
-    try:
+    """Cap a transformers model's listed blocks while active (`CappingConfig.edit` says how); hooks are removed
+    on exit, also on error."""
+    with install(model, config, blocks_path=blocks_path):
         yield config
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -28,15 +28,15 @@ import torch
 from assistant_axis.activations import mean_activations
 from assistant_axis.axis import load_axis, unit_rows
 from assistant_axis.backends import Sampling, sample_batch
-from assistant_axis.cap import CappingConfig, cap, load_capping
+from assistant_axis.cap import CappingConfig, load_capping
 from assistant_axis.errors import InputError
+from assistant_axis.interventions import install
 from assistant_axis.models import check_layers, config_dims, hidden_size
 from assistant_axis.project import conversation_projections
-from assistant_axis.steer import steer
+from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate, split_reasoning
 
 __all__ = [
-    "Steering",
     "TokenLogprob",
     "Reply",
     "ChatSession",
@@ -48,15 +48,6 @@ __all__ = [
 
 BUNDLED_DEFAULT = "bundled:smollm2-135m-instruct"
 PREPARED_DEFAULT = "results/models/smollm2-135m-instruct"
-
-
-@dataclass(frozen=True)
-class Steering:
-    directions: torch.Tensor  # [len(layers), hidden], the axis rows
-    layers: list[int]
-    coefficient: float
-    positions: str = "all"
-    unit: str = "unit"  # "unit": coefficient x unit axis; "raw": coefficient x the axis row (the paper code's)
 
 
 @dataclass(frozen=True)
@@ -107,29 +98,14 @@ class ChatSession:
         self.template = ChatTemplate(
             self.tokenizer, self.template_options, getattr(self.tokenizer, "name_or_path", "") or "model"
         )
-        with self.hooks():  # cap() and steer() check sizes and layers on entry: fail now, not mid-chat
+        with self.hooks():  # install() checks sizes and layers on entry: fail now, not mid-chat
             pass
         self.reset()
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
         """Steering first, then capping: the cap floors the already-steered stream."""
-        with ExitStack() as stack:
-            if self.steering is not None:
-                s = self.steering
-                stack.enter_context(
-                    steer(
-                        self.model,
-                        s.directions,
-                        s.layers,
-                        s.coefficient,
-                        s.positions,
-                        source="--steer-layers",
-                        unit=s.unit,
-                    )
-                )
-            if self.capping is not None:
-                stack.enter_context(cap(self.model, self.capping))
+        with install(self.model, *(i for i in (self.steering, self.capping) if i is not None)):
             yield
 
     # ------------------------------------------------------------------ conversation state (chat)
@@ -286,7 +262,9 @@ def load_session(
     if steer_coefficient is not None:
         chosen = list(steer_layers) if steer_layers else middle
         _check_layers(chosen, axis_layers, n_layers, "--steer-layers")
-        steering = Steering(axis[chosen].float(), chosen, float(steer_coefficient), steer_positions, steer_unit)
+        steering = Steering.along(
+            axis[chosen], chosen, float(steer_coefficient), steer_positions, steer_unit, source="--steer-layers"
+        )
     if template_options is None:
         recorded = meta.get("chat_template_kwargs")  # load_axis decodes it
         template_options = recorded if isinstance(recorded, dict) else {}
