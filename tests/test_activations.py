@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from assistant_axis.activations import mean_activations, resolve_layers, token_budget_batches
-from assistant_axis.errors import InputError
-from assistant_axis.models import find_blocks
+from assistant_axis.errors import ArgumentError, InputError, renamed
+from assistant_axis.judge import make_judge
+from assistant_axis.models import find_blocks, load_model
 from assistant_axis.templates import ChatTemplate
 
 CASES = [
@@ -101,8 +102,23 @@ def test_empty_span_gives_nan_row(bundled, batch):
 def test_layers_are_checked_against_the_model():
     assert resolve_layers("all", 4) == [0, 1, 2, 3]
     assert resolve_layers([-1, 0], 30) == [0, 29]
-    with pytest.raises(InputError, match="activations.layers: layer 30 is outside the model's 30 layers"):
+    # The library names its own argument; the workflow and the CLI name their key or flag instead.
+    with pytest.raises(InputError, match="^resolve_layers: layers: layer 30 is outside the model's 30 layers"):
         resolve_layers([30], 30)
+    with pytest.raises(InputError, match="^config: activations.layers: layer 30 is outside") as caught:
+        with renamed("config", {"resolve_layers.layers": "activations.layers"}):
+            resolve_layers([30], 30)
+    assert isinstance(caught.value.__cause__, ArgumentError)
+    with pytest.raises(InputError, match="^command line: --dtype: unknown dtype 'fp8'"):
+        with renamed("command line", {"load_model.dtype": "--dtype", "resolve_layers.layers": "--layers"}):
+            load_model("bundled:smollm2-135m-instruct", "fp8")
+    # A settings argument keeps its key; an argument the caller did not name stays the library's.
+    with pytest.raises(InputError, match="^config: judge.local.model: the local judge needs a model"):
+        with renamed("config", {"make_judge.settings": "judge.local"}):
+            make_judge("local", {})
+    with pytest.raises(InputError, match="^make_judge: backend: unknown judge backend 'gpt4'"):
+        with renamed("config", {"make_judge.settings": "judge.local"}):
+            make_judge("gpt4", {})
 
 
 def test_token_budget_batches_sort_and_bound():

@@ -48,7 +48,7 @@ def test_percentile_thresholds_match_numpy_and_layer_ranges():
     ours = percentile_thresholds(x, [1, 25, 50])
     assert np.allclose(ours.numpy(), np.percentile(x.numpy(), [1, 25, 50], axis=0), atol=1e-5)
     assert layer_range([0.5, 0.6], 30) == [15, 16, 17]
-    with pytest.raises(InputError, match="capping.ranges"):
+    with pytest.raises(InputError, match="^layer_range: fractions: .* selects no layers of 30"):
         layer_range([0.9, 0.91], 30)
 
 

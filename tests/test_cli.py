@@ -155,3 +155,10 @@ def test_layers_outside_the_model_and_axes_of_another_size_are_one_line(tiny_run
     model_dir, _ = tiny_paths(tiny_run)
     line = one_error_line(cli("serve", "--model", str(model_dir), "--axis", str(wrong), "--port", "1", timeout=120))
     assert line.startswith(f"error: {wrong}: hidden_size: axis has hidden size 64") and "576" in line, line
+
+
+def test_a_library_error_names_the_flag_that_set_the_value(tiny_run):
+    """The library names its own argument (`bundled_gguf: source: ...`); the CLI names the flag instead."""
+    _, axis = tiny_paths(tiny_run)
+    line = one_error_line(cli("chat", "--model", "bundled:no-such-model", "--axis", str(axis), stdin="/quit\n"))
+    assert line.startswith("error: command line: --model: unknown bundled model 'no-such-model'"), line

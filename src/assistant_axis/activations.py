@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from assistant_axis.errors import InputError
+from assistant_axis.errors import ArgumentError
 from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size
 
 __all__ = ["resolve_layers", "token_budget_batches", "mean_activations", "token_projections"]
@@ -32,13 +32,13 @@ def resolve_layers(layers: str | Sequence[int], n_layers: int) -> list[int]:
     if layers == "all":
         return list(range(n_layers))
     if isinstance(layers, str):
-        raise InputError("config", "activations.layers", f"expected 'all' or a list of integers, got {layers!r}")
+        raise ArgumentError("resolve_layers", "layers", f"expected 'all' or a list of integers, got {layers!r}")
     resolved = [layer + n_layers if layer < 0 else layer for layer in layers]
     for layer, index in zip(layers, resolved, strict=True):
         if not 0 <= index < n_layers:
-            raise InputError("config", "activations.layers", f"layer {layer} is outside the model's {n_layers} layers")
+            raise ArgumentError("resolve_layers", "layers", f"layer {layer} is outside the model's {n_layers} layers")
     if len(set(resolved)) != len(resolved):
-        raise InputError("config", "activations.layers", f"repeated layer in {list(layers)}")
+        raise ArgumentError("resolve_layers", "layers", f"repeated layer in {list(layers)}")
     return sorted(resolved)
 
 
@@ -75,8 +75,8 @@ def _forward_batches(
     blocks = find_blocks(model, blocks_path)
     layers = list(layers)
     if not layers:
-        raise InputError("config", "activations.layers", "no layers to read")
-    check_layers(layers, len(blocks), "config", "activations.layers")
+        raise ArgumentError("mean_activations", "layers", "no layers to read")
+    check_layers(layers, len(blocks), "mean_activations", "layers")
     device = next(model.parameters()).device
 
     def hook_for(slot: int, last: bool):

@@ -1,7 +1,8 @@
 """Generation backends: every backend turns conversations into replies behind one small interface.
 
 `transformers` runs here (CPU or GPU); `vllm` and `openai` serve the paper-scale run and plug in
-behind the same `generate()` call.
+behind the same `generate()` call. In-process generation, whoever asks for it (the stages, chat, serve),
+is one loop: `sample_batch`. Where to add an engine: a class with `generate`, created in `make_backend`.
 
 >>> backend = TransformersBackend(model, ChatTemplate(tokenizer), batch_size=32)
 >>> replies = backend.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_tokens=16))
@@ -17,7 +18,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from assistant_axis.errors import InputError
+from assistant_axis.errors import ArgumentError, InputError
 from assistant_axis.templates import ChatTemplate, split_reasoning
 
 __all__ = [
@@ -172,7 +173,7 @@ class TransformersBackend:
 
     def __init__(self, model, template: ChatTemplate, batch_size: int = 32, progress: bool = True):
         if batch_size < 1:
-            raise InputError("config", "generate.batch_size", f"must be >= 1, got {batch_size}")
+            raise ArgumentError("TransformersBackend", "batch_size", f"must be >= 1, got {batch_size}")
         self.model, self.template, self.batch_size, self.progress = model, template, batch_size, progress
         self.tokenizer = template.tokenizer
 
@@ -401,7 +402,7 @@ def make_backend(
     """Build the configured backend, rendering with the model's template and `template_options`; heavy
     imports happen only for the chosen one."""
     if name not in BACKENDS:
-        raise InputError("config", "generate.backend", f"unknown backend {name!r} (allowed: {', '.join(BACKENDS)})")
+        raise ArgumentError("make_backend", "name", f"unknown backend {name!r} (allowed: {', '.join(BACKENDS)})")
     from assistant_axis.models import load_model, load_tokenizer
 
     if name == "transformers":

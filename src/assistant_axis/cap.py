@@ -23,7 +23,7 @@ import torch
 
 from assistant_axis.artifacts import read_tensors, write_tensors
 from assistant_axis.axis import unit_vectors
-from assistant_axis.errors import InputError
+from assistant_axis.errors import ArgumentError, InputError
 from assistant_axis.interventions import install
 from assistant_axis.models import check_layers
 
@@ -166,7 +166,7 @@ def layer_range(fractions: Sequence[float], n_layers: int) -> list[int]:
     start, end = fractions
     first, stop = round(start * n_layers), round(end * n_layers)
     if not 0 <= first < stop <= n_layers:
-        raise InputError("config", "capping.ranges", f"{list(fractions)} selects no layers of {n_layers}")
+        raise ArgumentError("layer_range", "fractions", f"{list(fractions)} selects no layers of {n_layers}")
     return list(range(first, stop))
 
 

@@ -10,7 +10,7 @@ import json
 import random
 import sys
 
-from assistant_axis.errors import AxisError, InputError
+from assistant_axis.errors import AxisError, InputError, renamed
 
 __all__ = ["main"]
 
@@ -80,21 +80,24 @@ def _session(args: argparse.Namespace):
             raise InputError("command line", "--chat-template-kwargs", f"not JSON ({exc})") from exc
         if not isinstance(options, dict):
             raise InputError("command line", "--chat-template-kwargs", "must be a JSON object")
-    return load_session(
-        args.model,
-        args.axis,
-        args.cap,
-        args.steer,
-        args.steer_layers,
-        args.steer_positions,
-        args.layers,
-        args.dtype,
-        sampling,
-        getattr(args, "system", None),
-        template_options=options,
-        cap_experiment=args.experiment,
-        steer_unit=args.steer_unit,
-    )
+    # The library names its own arguments in errors; here they came from these flags.
+    flags = {"load_model.dtype": "--dtype", "bundled_gguf.source": "--model", "find_blocks.path": "--model"}
+    with renamed("command line", flags):
+        return load_session(
+            args.model,
+            args.axis,
+            args.cap,
+            args.steer,
+            args.steer_layers,
+            args.steer_positions,
+            args.layers,
+            args.dtype,
+            sampling,
+            getattr(args, "system", None),
+            template_options=options,
+            cap_experiment=args.experiment,
+            steer_unit=args.steer_unit,
+        )
 
 
 def _project(args: argparse.Namespace) -> None:

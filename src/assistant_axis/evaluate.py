@@ -12,14 +12,27 @@ adoption (share of replies scored 3), mean persona score, accuracy and mean proj
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from assistant_axis.errors import InputError
 
-__all__ = ["EvalPrompt", "load_eval_prompts", "first_of_each_kind", "is_correct", "summarize", "UNCAPPED", "KINDS"]
+__all__ = [
+    "EvalPrompt",
+    "load_eval_prompts",
+    "first_of_each_kind",
+    "is_correct",
+    "answer_every_setting",
+    "summarize",
+    "UNCAPPED",
+    "KINDS",
+]
+
+log = logging.getLogger(__name__)
 
 UNCAPPED = "uncapped"
 KINDS = {
@@ -103,6 +116,65 @@ def first_of_each_kind(prompts: list[EvalPrompt], n: int | None) -> list[EvalPro
 def is_correct(reply: str, answers: tuple[str, ...]) -> bool:
     text = reply.lower()
     return any(answer in text for answer in answers)
+
+
+def answer_every_setting(
+    model, template, backend, prompts: list[EvalPrompt], configs: dict, axis: torch.Tensor, layer: int, sampling, judge
+) -> pd.DataFrame:
+    """Every prompt answered uncapped and then under each capping config (`configs`, by name): one row per
+    setting and prompt with the reply, its judge score (persona prompts) or correctness (plain ones), and
+    its projection on the unit axis (`axis`, row i for block i) at `layer` and over the capped layers, read
+    under the same cap, as the model sees them. `backend` generates with `model`, rendering with `template`."""
+    from assistant_axis.activations import mean_activations
+    from assistant_axis.axis import unit_vectors
+    from assistant_axis.interventions import install
+    from assistant_axis.judge import JudgeItem
+
+    cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
+    watched = sorted({layer, *cap_layers})
+    units = unit_vectors(axis[watched])
+    conversations = [template.conversation("", p.prompt) for p in prompts]
+    persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
+    frames = []
+    for setting in [UNCAPPED, *configs]:
+        with install(model, *([configs[setting]] if setting in configs else [])):
+            replies = backend.generate(conversations, sampling)
+            spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
+            acts = mean_activations(model, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
+        projections = torch.einsum("nlh,lh->nl", acts, units)
+        items = [
+            JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text) for i in persona
+        ]
+        scores = dict(zip(persona, judge.score(items), strict=True))
+        on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
+        frames.append(
+            pd.DataFrame(
+                {
+                    "setting": setting,
+                    "id": [p.id for p in prompts],
+                    "kind": [p.kind for p in prompts],
+                    "category": [p.category for p in prompts],
+                    "prompt": [p.prompt for p in prompts],
+                    "response": [r.text for r in replies],
+                    "n_response_tokens": [r.n_tokens for r in replies],
+                    "score": pd.array(
+                        [scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"
+                    ),
+                    "correct": pd.array(
+                        [
+                            is_correct(r.text, p.answers) if p.kind == "plain" else None
+                            for p, r in zip(prompts, replies, strict=True)
+                        ],
+                        dtype="boolean",
+                    ),
+                    "projection": projections[:, watched.index(layer)].numpy(),
+                    "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
+                    "judge": judge.name,
+                }
+            )
+        )
+        log.info("setting %s done", setting)
+    return pd.concat(frames, ignore_index=True)
 
 
 def summarize(frame: pd.DataFrame, settings: list[str]) -> pd.DataFrame:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from assistant_axis.errors import InputError, JudgeError
+from assistant_axis.errors import ArgumentError, InputError, JudgeError
 
 __all__ = [
     "make_judge",
@@ -366,7 +366,7 @@ class VLLMJudge(Judge):
         )
         source = settings.get("model") or ""
         if not source and llm is None:
-            raise InputError("config", "judge.vllm.model", "the vllm judge needs a model")
+            raise ArgumentError("VLLMJudge", "settings.model", "the vllm judge needs a model")
         self.template = template
         self.system = settings.get("system", DEFAULT_SYSTEM)
         self.top_logprobs = int(settings.get("top_logprobs", 20))
@@ -428,7 +428,9 @@ class OpenAIJudge(Judge):
         self.template = template
         self.scoring = settings.get("scoring", "logprobs")
         if self.scoring not in ("logprobs", "parse"):
-            raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {self.scoring!r}")
+            raise ArgumentError(
+                "OpenAIJudge", "settings.scoring", f"expected 'logprobs' or 'parse', got {self.scoring!r}"
+            )
         self.top_logprobs = int(settings.get("top_logprobs", 20))
         self.system = settings.get("system", DEFAULT_SYSTEM)
         api_settings = {k: v for k, v in settings.items() if k not in ("scoring", "top_logprobs", "system")}
@@ -518,7 +520,7 @@ def make_judge(backend: str, settings: dict, template: str = DEFAULT_TEMPLATE) -
 
         source = settings.get("model", "")
         if not source:
-            raise InputError("config", "judge.local.model", "the local judge needs a model")
+            raise ArgumentError("make_judge", "settings.model", "the local judge needs a model")
         net, tokenizer = load_model(source, settings.get("dtype", "float32"))
         return LocalJudge(
             net,
@@ -533,4 +535,4 @@ def make_judge(backend: str, settings: dict, template: str = DEFAULT_TEMPLATE) -
         return VLLMJudge(settings, template=template)
     if backend == "openai":
         return OpenAIJudge(settings, template)
-    raise InputError("config", "judge.backend", f"unknown judge backend {backend!r}")
+    raise ArgumentError("make_judge", "backend", f"unknown judge backend {backend!r}")

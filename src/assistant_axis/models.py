@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from assistant_axis.errors import InputError
+from assistant_axis.errors import ArgumentError, InputError
 
 log = logging.getLogger("assistant_axis")
 
@@ -72,7 +72,7 @@ def bundled_gguf(source: str) -> Path:
     """Locate the GGUF file of a `bundled:` source without importing its package."""
     key = source.removeprefix("bundled:")
     if key not in BUNDLED:
-        raise InputError("config", "model.source", f"unknown bundled model {key!r} (known: {', '.join(BUNDLED)})")
+        raise ArgumentError("bundled_gguf", "source", f"unknown bundled model {key!r} (known: {', '.join(BUNDLED)})")
     package, filename = BUNDLED[key]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -154,7 +154,7 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None, tru
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
-        raise InputError("config", "model.dtype", f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
+        raise ArgumentError("load_model", "dtype", f"unknown dtype {dtype!r} (allowed: {', '.join(DTYPES)})")
     where = device_map(device)
     if path.startswith("bundled:"):
         model, tokenizer = _load_gguf(bundled_gguf(path), DTYPES[dtype])
@@ -200,7 +200,7 @@ def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:
         if isinstance(module, torch.nn.ModuleList):
             return module
     tried = path or ", ".join(BLOCK_PATHS)
-    raise InputError("config", "model.blocks", f"no decoder block list found at {tried}")
+    raise ArgumentError("find_blocks", "path", f"no decoder block list found at {tried}")
 
 
 def config_dims(config) -> tuple[int, int]:

@@ -6,6 +6,7 @@ stage can also be run and tested from Python.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -26,7 +27,7 @@ from assistant_axis.artifacts import (
     write_tensors,
 )
 from assistant_axis.axis import unit_vectors
-from assistant_axis.errors import AxisError, InputError
+from assistant_axis.errors import AxisError, InputError, renamed
 from assistant_axis.models import DTYPES
 from assistant_axis.provenance import describe_model, provenance
 
@@ -89,6 +90,36 @@ def logged(log_path: str | None) -> Iterator[None]:
             handle.close()
 
 
+# The config keys that set the library's arguments, so that an error names the key a user edits (the
+# library's own errors name its arguments: errors.ArgumentError).
+MODEL_KEYS = {
+    "load_model.dtype": "model.dtype",
+    "bundled_gguf.source": "model.source",
+    "find_blocks.path": "model.blocks",
+}
+JUDGE_KEYS = {
+    "make_judge.backend": "judge.backend",
+    "make_judge.settings": "judge.local",
+    "VLLMJudge.settings": "judge.vllm",
+    "OpenAIJudge.settings": "judge.openai",
+}
+LAYER_KEYS = {"resolve_layers.layers": "activations.layers", "mean_activations.layers": "activations.layers"}
+
+
+def config_keys(names: dict[str, str]):
+    """Run the stage with its library errors renamed to the config keys in `names` (see errors.renamed)."""
+
+    def wrap(stage):
+        @functools.wraps(stage)
+        def run(*args, **kwargs):
+            with renamed("config", names):
+                return stage(*args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 def _model_info(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -99,6 +130,7 @@ def _model_info(path: str | Path) -> dict:
 # ------------------------------------------------------------------------------------------------ stages
 
 
+@config_keys(MODEL_KEYS)
 def prepare_model(output: str, name: str, source: str, models_dir: str, trust_remote_code: bool = False) -> None:
     from assistant_axis.models import prepare_model as prepare
 
@@ -107,6 +139,9 @@ def prepare_model(output: str, name: str, source: str, models_dir: str, trust_re
     write_json(asdict(info), output)
 
 
+@config_keys(
+    {**MODEL_KEYS, "make_backend.name": "generate.backend", "TransformersBackend.batch_size": "generate.batch_size"}
+)
 def generate(
     model: str,
     outputs: list[str],
@@ -190,6 +225,7 @@ def _rendered_replies(
     return sequences, spans
 
 
+@config_keys({**MODEL_KEYS, **LAYER_KEYS})
 def activations(
     model: str,
     responses: list[str],
@@ -240,6 +276,7 @@ def activations(
         )
 
 
+@config_keys({**JUDGE_KEYS, "load_model.dtype": "judge.local.dtype"})
 def judge(
     responses: str, output: str, role: str, description: str, template: str, backend: str, settings: dict
 ) -> None:
@@ -568,6 +605,7 @@ def stability(
     figures.stability(table, axis_rows, sizes, layer, plot)
 
 
+@config_keys({**MODEL_KEYS, **LAYER_KEYS, "layer_range.fractions": "capping.ranges"})
 def calibrate(
     default_activations: str,
     axis_file: str,
@@ -700,6 +738,7 @@ def calibrate(
     figures.thresholds(frame, capped, plot)
 
 
+@config_keys({**MODEL_KEYS, **JUDGE_KEYS, "TransformersBackend.batch_size": "evaluate.batch_size"})
 def evaluate(
     model: str,
     axis_file: str,
@@ -718,14 +757,11 @@ def evaluate(
     template_options: dict | None = None,
 ) -> None:
     """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
-    from contextlib import nullcontext
-
     from assistant_axis import plots as figures
-    from assistant_axis.activations import mean_activations
     from assistant_axis.backends import Sampling, TransformersBackend
-    from assistant_axis.cap import cap, load_capping
-    from assistant_axis.evaluate import UNCAPPED, first_of_each_kind, is_correct, load_eval_prompts, summarize
-    from assistant_axis.judge import JudgeItem, make_judge
+    from assistant_axis.cap import load_capping
+    from assistant_axis.evaluate import UNCAPPED, answer_every_setting, first_of_each_kind, load_eval_prompts, summarize
+    from assistant_axis.judge import make_judge
     from assistant_axis.models import load_model
     from assistant_axis.templates import ChatTemplate
 
@@ -746,60 +782,12 @@ def evaluate(
         )
         for p in capping_files
     }
-    cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
-    watched = sorted({layer, *cap_layers})
-    units = unit_vectors(axis_tensor[watched])
     net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
     template = ChatTemplate(tokenizer, template_options, info["name"])
     backend = TransformersBackend(net, template, batch_size)
-    conversations = [template.conversation("", p.prompt) for p in prompts]
     engine = make_judge(judge["backend"], judge["settings"], judge["template"])
-    frames = []
-    for setting in [UNCAPPED, *configs]:
-        hooks = cap(net, configs[setting]) if setting in configs else nullcontext()
-        with hooks:
-            replies = backend.generate(
-                conversations,
-                Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"]),
-            )
-            spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
-            # Projections as the model sees them: under the same cap, so capped layers read post-cap.
-            acts = mean_activations(net, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
-        projections = torch.einsum("nlh,lh->nl", acts, units)
-        persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
-        items = [
-            JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text) for i in persona
-        ]
-        scores = dict(zip(persona, engine.score(items), strict=True))
-        on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
-        frames.append(
-            pd.DataFrame(
-                {
-                    "setting": setting,
-                    "id": [p.id for p in prompts],
-                    "kind": [p.kind for p in prompts],
-                    "category": [p.category for p in prompts],
-                    "prompt": [p.prompt for p in prompts],
-                    "response": [r.text for r in replies],
-                    "n_response_tokens": [r.n_tokens for r in replies],
-                    "score": pd.array(
-                        [scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"
-                    ),
-                    "correct": pd.array(
-                        [
-                            is_correct(r.text, p.answers) if p.kind == "plain" else None
-                            for p, r in zip(prompts, replies, strict=True)
-                        ],
-                        dtype="boolean",
-                    ),
-                    "projection": projections[:, watched.index(layer)].numpy(),
-                    "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
-                    "judge": engine.name,
-                }
-            )
-        )
-        log.info("setting %s done", setting)
-    table = pd.concat(frames, ignore_index=True)
+    replies = Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"])
+    table = answer_every_setting(net, template, backend, prompts, configs, axis_tensor, layer, replies, engine)
     result = summarize(table, [UNCAPPED, *configs])
     result["monitor_layer"] = layer
     log.info("evaluation:\n%s", result.to_string(index=False))

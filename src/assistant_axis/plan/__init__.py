@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant_axis.api import APISettings
-from assistant_axis.errors import InputError
+from assistant_axis.errors import InputError, renamed
 from assistant_axis.plan.bank import Bank, select_bank
 from assistant_axis.plan.config import canonical, config_source, in_config_file, validate_config
 from assistant_axis.plan.jobs import DEFAULT_API_JOBS, DEFAULT_RESOURCES, Jobs
@@ -62,7 +62,8 @@ class Plan:
 
         dims = self.jobs.model_dims()
         if dims is not None:
-            resolve_layers(self.config["activations"]["layers"], dims[0])
+            with renamed("config", {"resolve_layers.layers": "activations.layers"}):
+                resolve_layers(self.config["activations"]["layers"], dims[0])
         for section in ("generate", "judge"):
             jobs = (self.config[section].get("openai") or {}).get("jobs", DEFAULT_API_JOBS)
             if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
