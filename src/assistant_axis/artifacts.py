@@ -109,6 +109,17 @@ def read_tensors(
     return tensors, metadata
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata (what the file says it holds), without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (OSError, SafetensorError) as exc:
+        raise InputError(path, "file", f"not a readable safetensors file ({exc})") from exc
+
+
 def read_layer(path: str | Path, name: str, index: int) -> torch.Tensor:
     """Row `index` of dimension 1 of tensor `name` ([n, layers, hidden] -> [n, hidden]), reading only that slice."""
     from safetensors import safe_open

@@ -549,7 +549,7 @@ def pca(
 
 def stability(
     activation_files: list[str],
-    score_files: list[str | None],
+    score_files: list[str],
     vector_files: list[str],
     axis_file: str,
     layer: int | None,
@@ -564,23 +564,32 @@ def stability(
     """How many rollouts a role vector needs, and how stable the axis is across role halves."""
     from assistant_axis import plots as figures
     from assistant_axis.analysis import axis_split_cosines, split_cosines
-    from assistant_axis.artifacts import read_layer
+    from assistant_axis.artifacts import read_layer, read_metadata
 
     _, layers, layer, _ = _axis_and_layer(axis_file, layer)
     index = layers.index(layer)
     generator = torch.Generator().manual_seed(seed)
     names, vecs, default = _included_vectors(vector_files)
+    # Each file says whose it is: activations in their metadata, scores in their `role` column.
+    scores_of = {}
+    for path in score_files:
+        frame = read_parquet(path, SCORE_COLUMNS)
+        if frame["role"].nunique() != 1:
+            raise InputError(path, "role", f"expected one role's scores, got {sorted(set(frame['role']))}")
+        scores_of[str(frame["role"].iloc[0])] = (path, frame)
     rows = []
-    for acts_path, scores_path in zip(activation_files, score_files, strict=True):
-        if scores_path is None:  # the default role: the reference, not a subject
+    for acts_path in activation_files:
+        role = read_metadata(acts_path).get("role")
+        if role == "default":  # the reference, not a subject
             continue
+        if role not in scores_of:
+            raise InputError(acts_path, "role", f"no scores among the inputs for role {role!r}")
+        scores_path, scores = scores_of[role]
         acts = read_layer(acts_path, "activations", index).float()
-        scores = read_parquet(scores_path, SCORE_COLUMNS)
         if len(scores) != len(acts):
             raise InputError(acts_path, "activations", f"{len(acts)} rows but {scores_path} has {len(scores)}")
         keep = torch.as_tensor((scores["score"].astype("Float64") >= min_score).fillna(False).to_numpy(dtype=bool))
         keep &= torch.isfinite(acts).all(dim=1)
-        role = str(scores["role"].iloc[0]) if len(scores) else Path(acts_path).stem
         for n, r, cos, raw in split_cosines(acts[keep], default[index], sizes, repeats, generator):
             rows.append(
                 {"role": role, "n_available": int(keep.sum()), "n": n, "repeat": r, "cosine": cos, "cosine_raw": raw}
@@ -759,7 +768,7 @@ def evaluate(
     """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
     from assistant_axis import plots as figures
     from assistant_axis.backends import Sampling, TransformersBackend
-    from assistant_axis.cap import load_capping
+    from assistant_axis.cap import CapSetting, load_capping
     from assistant_axis.evaluate import UNCAPPED, answer_every_setting, first_of_each_kind, load_eval_prompts, summarize
     from assistant_axis.judge import make_judge
     from assistant_axis.models import load_model
@@ -776,12 +785,12 @@ def evaluate(
         )
     info = _model_info(model)
     prompts = first_of_each_kind(load_eval_prompts(prompts_file), n_prompts)
-    configs = {
-        Path(p).name.removesuffix(".safetensors"): load_capping(
-            p, model_name=info["name"], hidden_size=info["hidden_size"], n_layers=info["n_layers"]
-        )
-        for p in capping_files
-    }
+    configs = {}
+    for path in capping_files:
+        config = load_capping(path, model_name=info["name"], hidden_size=info["hidden_size"], n_layers=info["n_layers"])
+        if not {"range", "percentile"} <= config.metadata.keys():
+            raise InputError(path, "range", "not a capping config of the calibrate stage (no range and percentile)")
+        configs[CapSetting(config.metadata["range"], float(config.metadata["percentile"])).name] = config
     net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
     template = ChatTemplate(tokenizer, template_options, info["name"])
     backend = TransformersBackend(net, template, batch_size)
