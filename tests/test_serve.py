@@ -204,11 +204,17 @@ def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
     assert any(v < t for v, t in zip(low.projection, config.thresholds.tolist(), strict=True)), low
     assert all(v >= t - 1e-4 * abs(t) for v, t in zip(high.projection, high.tau, strict=True)), high
     # The reference, written here from the formulas with plain forward hooks (not the package's): the reply's
-    # tokens run through the model steered at 8-25 and then floored at tau at the capped layers, their block
-    # outputs averaged over the reply and projected on the unit axis.
-    reply_ids = tokenizer(capped.messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    prefix = tokenizer.apply_chat_template(capped.messages[:-1], add_generation_prompt=True)["input_ids"]
-    full = tokenizer.apply_chat_template(capped.messages)["input_ids"]
+    # tokens run through the model steered at 8-25 (and, capped, then floored at tau at the capped layers),
+    # their block outputs averaged over the reply and projected on the unit axis.
+    for session, reply, floors in ((steered, low, False), (capped, high, True)):
+        expected = _by_hand(model, tokenizer, session.messages, axis, config, floors)
+        assert reply.projection == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def _by_hand(model, tokenizer, messages, axis, config, floors: bool) -> list[float]:
+    reply_ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    prefix = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)["input_ids"]
+    full = tokenizer.apply_chat_template(messages)["input_ids"]
     assert full[len(prefix) : len(prefix) + len(reply_ids)] == reply_ids
     blocks, seen, handles = model.model.layers, {}, []
 
@@ -233,11 +239,12 @@ def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
         return lambda _m, _a, out: seen.__setitem__(layer, hidden_of(out)[0].clone())
 
     try:
-        for k, layer in enumerate(range(8, 26)):
-            handles.append(blocks[layer].register_forward_hook(steer_hook(axis[8 + k].float())))
+        for layer in range(8, 26):
+            handles.append(blocks[layer].register_forward_hook(steer_hook(axis[layer].float())))  # row i: block i
         for k, layer in enumerate(CAPPED):
-            unit = config.vectors[k] / config.vectors[k].norm()
-            handles.append(blocks[layer].register_forward_hook(floor_hook(unit, float(config.thresholds[k]))))
+            if floors:
+                unit = config.vectors[k] / config.vectors[k].norm()
+                handles.append(blocks[layer].register_forward_hook(floor_hook(unit, float(config.thresholds[k]))))
             handles.append(blocks[layer].register_forward_hook(record(layer)))
         with torch.inference_mode():
             model(input_ids=torch.tensor([full]))
@@ -245,6 +252,5 @@ def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
         for handle in handles:
             handle.remove()
     span = slice(len(prefix), len(prefix) + len(reply_ids))
-    axis_rows = {layer: axis[layer].float() for layer in CAPPED}  # row i is block i
-    expected = [float(seen[layer][span].mean(0) @ (axis_rows[layer] / axis_rows[layer].norm())) for layer in CAPPED]
-    assert high.projection == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    units = {layer: axis[layer].float() / axis[layer].float().norm() for layer in CAPPED}
+    return [float(seen[layer][span].mean(0) @ units[layer]) for layer in CAPPED]
