@@ -9,9 +9,9 @@ import json
 import pytest
 import yaml
 
-from assistant_axis.cap import CapSetting
 from assistant_axis.errors import InputError
 from assistant_axis.plan import DEFAULT_RESOURCES, Plan, validate_config
+from assistant_axis.plan.params import CapSetting
 
 from workflow_helpers import ROOT
 

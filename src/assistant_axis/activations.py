@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from assistant_axis.errors import ArgumentError
+from assistant_axis.layers import resolve_layers
 from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size
 
 __all__ = ["resolve_layers", "token_budget_batches", "mean_activations", "token_projections"]
@@ -25,21 +26,6 @@ __all__ = ["resolve_layers", "token_budget_batches", "mean_activations", "token_
 
 class _StopForward(Exception):
     """Raised from the last requested block's hook to skip the rest of the model."""
-
-
-def resolve_layers(layers: str | Sequence[int], n_layers: int) -> list[int]:
-    """`"all"` or a list of block indices (negative counts from the end), checked against the model."""
-    if layers == "all":
-        return list(range(n_layers))
-    if isinstance(layers, str):
-        raise ArgumentError("resolve_layers", "layers", f"expected 'all' or a list of integers, got {layers!r}")
-    resolved = [layer + n_layers if layer < 0 else layer for layer in layers]
-    for layer, index in zip(layers, resolved, strict=True):
-        if not 0 <= index < n_layers:
-            raise ArgumentError("resolve_layers", "layers", f"layer {layer} is outside the model's {n_layers} layers")
-    if len(set(resolved)) != len(resolved):
-        raise ArgumentError("resolve_layers", "layers", f"repeated layer in {list(layers)}")
-    return sorted(resolved)
 
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

@@ -11,7 +11,6 @@ is one loop: `sample_batch`. Where to add an engine: a class with `generate`, cr
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from assistant_axis.errors import ArgumentError, InputError
+from assistant_axis.roles import stable_seed
 from assistant_axis.templates import ChatTemplate, split_reasoning
 
 __all__ = [
@@ -76,11 +76,6 @@ class GenerationBackend(Protocol):
     def generate(
         self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int] | None = None
     ) -> list[Generation]: ...
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed derived from names (stable across processes, unlike `hash`)."""
-    return zlib.crc32("\x1f".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -30,7 +30,6 @@ from assistant_axis.models import check_layers
 __all__ = [
     "CALIBRATION_PERCENTILES",
     "CappingConfig",
-    "CapSetting",
     "read_capping",
     "load_capping",
     "layer_range",
@@ -141,24 +140,6 @@ def load_capping(
     if not checked:
         warn_unchecked(path)
     return config.normalized()
-
-
-@dataclass(frozen=True)
-class CapSetting:
-    """One capping config the workflow calibrates: a named layer range (`capping.ranges`) and a percentile of
-    the default replies' projections. Its `name` (`late-p25`) names its file and its evaluation setting."""
-
-    range_name: str
-    percentile: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.range_name}-p{self.percentile:g}"
-
-    @classmethod
-    def parse(cls, name: str) -> CapSetting:
-        range_name, percentile = name.rsplit("-p", 1)
-        return cls(range_name, float(percentile))
 
 
 def layer_range(fractions: Sequence[float], n_layers: int) -> list[int]:

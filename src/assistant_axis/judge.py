@@ -25,10 +25,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from assistant_axis.errors import ArgumentError, InputError, JudgeError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "make_judge",
@@ -199,6 +201,8 @@ class EmbeddingJudge(Judge):
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings [n, 384]."""
+        import torch
+
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
@@ -308,6 +312,8 @@ class LocalJudge(Judge):
         self.digit_ids = digit_tokens(tokenizer, "judge.local.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
+        import torch
+
         rows = [
             self.chat.ids(self.chat.fit(judge_messages(p, self.system)), add_generation_prompt=True) for p in prompts
         ]

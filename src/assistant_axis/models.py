@@ -14,13 +14,13 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from assistant_axis.errors import ArgumentError, InputError
+from assistant_axis.layers import check_layers, config_dims
 
 log = logging.getLogger("assistant_axis")
 
@@ -203,25 +203,8 @@ def find_blocks(model, path: str | None = None) -> torch.nn.ModuleList:
     raise ArgumentError("find_blocks", "path", f"no decoder block list found at {tried}")
 
 
-def config_dims(config) -> tuple[int, int]:
-    """(n_layers, hidden_size) of a transformers config, or of a config.json read as a dict; a multimodal
-    model's are those of its text model."""
-    if isinstance(config, dict):
-        text = config.get("text_config", config)
-        return int(text["num_hidden_layers"]), int(text["hidden_size"])
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers), int(text.hidden_size)
-
-
 def hidden_size(model) -> int:
     return config_dims(model.config)[1]
-
-
-def check_layers(layers: Sequence[int], n_layers: int, source: str | Path, key: str) -> None:
-    """One error for a layer outside the model, naming `source` and `key`."""
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise InputError(source, key, f"layer {layer} is outside the model's {n_layers} layers (0..{n_layers - 1})")
 
 
 def block_hidden(output) -> torch.Tensor:

@@ -15,6 +15,7 @@ import difflib
 import itertools
 import json
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,3 +266,8 @@ def lint(roles_dir: str | Path, questions_file: str | Path) -> str:
     categories = Counter(q.category for q in questions)
     lines += [f"  {cat or '(none)':<11} {n}" for cat, n in sorted(categories.items())]
     return "\n".join(lines)
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed derived from names (stable across processes, unlike `hash`)."""
+    return zlib.crc32("\x1f".join(map(str, parts)).encode()) & 0x7FFFFFFF

@@ -641,13 +641,8 @@ def calibrate(
     reply's mean activation from `default_activations`, one per reply, without the model.
     """
     from assistant_axis import plots as figures
-    from assistant_axis.cap import (
-        CALIBRATION_PERCENTILES,
-        CappingConfig,
-        CapSetting,
-        layer_range,
-        percentile_thresholds,
-    )
+    from assistant_axis.cap import CALIBRATION_PERCENTILES, CappingConfig, layer_range, percentile_thresholds
+    from assistant_axis.plan.params import CapSetting
 
     if calibration not in ("token", "reply"):
         raise InputError("config", "capping.calibration", f"expected 'token' or 'reply', got {calibration!r}")
@@ -768,10 +763,11 @@ def evaluate(
     """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
     from assistant_axis import plots as figures
     from assistant_axis.backends import Sampling, TransformersBackend
-    from assistant_axis.cap import CapSetting, load_capping
+    from assistant_axis.cap import load_capping
     from assistant_axis.evaluate import UNCAPPED, answer_every_setting, first_of_each_kind, load_eval_prompts, summarize
     from assistant_axis.judge import make_judge
     from assistant_axis.models import load_model
+    from assistant_axis.plan.params import CapSetting
     from assistant_axis.templates import ChatTemplate
 
     axis_tensor, layers, layer, meta = _axis_and_layer(axis_file, layer)

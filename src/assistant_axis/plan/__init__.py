@@ -58,7 +58,7 @@ class Plan:
     def check(self) -> None:
         """Semantic checks of a schema-valid config: layers against the model (when its size is known),
         API settings, and judge prompts that show the judge the response."""
-        from assistant_axis.activations import resolve_layers
+        from assistant_axis.layers import resolve_layers
 
         dims = self.jobs.model_dims()
         if dims is not None:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant_axis.api import APISettings
-from assistant_axis.backends import stable_seed
 from assistant_axis.errors import InputError
-from assistant_axis.models import DTYPES
+from assistant_axis.roles import stable_seed
 
 __all__ = ["Jobs", "DEFAULT_RESOURCES", "MODEL_STAGES", "DEFAULT_API_JOBS"]
 
@@ -163,7 +162,7 @@ class Jobs:
             return model["n_layers"], model["hidden_size"]
         config_file = Path(model["source"]) / "config.json"
         if config_file.is_file():
-            from assistant_axis.models import config_dims
+            from assistant_axis.layers import config_dims
 
             return config_dims(json.loads(config_file.read_text()))
         return None
@@ -176,5 +175,6 @@ class Jobs:
         n_layers, hidden = dims
         layers = self.config["activations"]["layers"]
         n = n_layers if layers == "all" else len(layers)
-        size = DTYPES[self.config["activations"]["dtype"]].itemsize
+        dtype = self.config["activations"]["dtype"]  # float32, bfloat16 or float16 (the schema's)
+        size = int(dtype.removeprefix("b").removeprefix("float")) // 8
         return n_responses * n * hidden * size

@@ -6,13 +6,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from assistant_axis.cap import CapSetting
 from assistant_axis.judge import DEFAULT_TEMPLATE
 from assistant_axis.plan.bank import Bank
 from assistant_axis.plan.config import sections_hash
 from assistant_axis.plan.jobs import Jobs
 
 __all__ = ["Params"]
+
+
+@dataclass(frozen=True)
+class CapSetting:
+    """One capping config the workflow calibrates: a named layer range (`capping.ranges`) and a percentile of
+    the default replies' projections. Its `name` (`late-p25`) names its file and its evaluation setting."""
+
+    range_name: str
+    percentile: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.range_name}-p{self.percentile:g}"
+
+    @classmethod
+    def parse(cls, name: str) -> CapSetting:
+        range_name, percentile = name.rsplit("-p", 1)
+        return cls(range_name, float(percentile))
 
 
 @dataclass
