@@ -12,6 +12,11 @@ Two judges run in-process:
   description and with assistant-style and refusal prototypes, plus explicit patterns for AI
   self-reference and refusals; thresholds map that to 0-3. It is calibrated on a small hand-labelled
   set (tests/data/judge_labels.jsonl); see `calibrate`.
+`VLLMJudge` and `OpenAIJudge` read the same prompt through vLLM and an OpenAI-compatible server.
+
+Where to add a judge: a subclass of `Judge` that implements `score_prompts` (it reads rendered prompts)
+or `_score_present` and `basis` (it reads the items); `Judge.score` keeps the order, gives empty replies
+a null score without asking, and records each verdict's basis. Create it in `make_judge`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """One function per workflow stage: read the inputs, call the library, write the outputs atomically.
 
 The Snakemake scripts in `workflow/scripts/` only unpack `snakemake.*` into these calls, so every
-stage can also be run and tested from Python.
+stage can also be run and tested from Python. Where to add a stage: a function here, a script, a rules
+file included by the Snakefile, and its default resources in `plan.DEFAULT_RESOURCES`; `config_keys`
+names the config keys that set the library arguments it passes, for its error messages.
 """
 
 from __future__ import annotations
