@@ -93,11 +93,8 @@ def read_tensors(
     path: str | Path, names: Iterable[str] = (), check: Callable[[dict], None] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file (never pickle) and its metadata; a missing tensor is reported by name."""
-    from safetensors import safe_open
-
+    metadata = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise InputError(path, "file", f"not a readable safetensors file ({exc})") from exc

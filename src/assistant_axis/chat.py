@@ -136,9 +136,9 @@ class ChatSession:
         shown = self.template.fit(list(messages))
         prompt = self.template.ids(shown, add_generation_prompt=True)
         with self.hooks():
-            out = sample_batch(self.model, self.tokenizer, [prompt], sampling, sampling.seed, top_logprobs is not None)[
-                0
-            ]
+            (out,) = sample_batch(
+                self.model, self.tokenizer, [prompt], sampling, sampling.seed, top_logprobs is not None
+            )
             new = out.tokens
             reasoning, text = split_reasoning(self.tokenizer.decode(new, skip_special_tokens=True))
             values = self._reply_projection(shown, text, reasoning)

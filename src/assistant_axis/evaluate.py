@@ -119,17 +119,18 @@ def is_correct(reply: str, answers: tuple[str, ...]) -> bool:
 
 
 def answer_every_setting(
-    model, template, backend, prompts: list[EvalPrompt], configs: dict, axis: torch.Tensor, layer: int, sampling, judge
+    backend, prompts: list[EvalPrompt], configs: dict, axis: torch.Tensor, layer: int, sampling, judge
 ) -> pd.DataFrame:
     """Every prompt answered uncapped and then under each capping config (`configs`, by name): one row per
     setting and prompt with the reply, its judge score (persona prompts) or correctness (plain ones), and
     its projection on the unit axis (`axis`, row i for block i) at `layer` and over the capped layers, read
-    under the same cap, as the model sees them. `backend` generates with `model`, rendering with `template`."""
+    under the same cap, as the model sees them. `backend` is a `TransformersBackend`: its model is capped and read."""
     from assistant_axis.activations import mean_activations
     from assistant_axis.axis import unit_vectors
     from assistant_axis.interventions import install
     from assistant_axis.judge import JudgeItem
 
+    model, template = backend.model, backend.template
     cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
     watched = sorted({layer, *cap_layers})
     units = unit_vectors(axis[watched])

@@ -793,8 +793,8 @@ def evaluate(
     template = ChatTemplate(tokenizer, template_options, info["name"])
     backend = TransformersBackend(net, template, batch_size)
     engine = make_judge(judge["backend"], judge["settings"], judge["template"])
-    replies = Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"])
-    table = answer_every_setting(net, template, backend, prompts, configs, axis_tensor, layer, replies, engine)
+    reply_sampling = Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"])
+    table = answer_every_setting(backend, prompts, configs, axis_tensor, layer, reply_sampling, engine)
     result = summarize(table, [UNCAPPED, *configs])
     result["monitor_layer"] = layer
     log.info("evaluation:\n%s", result.to_string(index=False))
