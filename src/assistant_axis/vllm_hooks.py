@@ -1,0 +1,261 @@
+"""Interventions and projection telemetry inside a vLLM engine, per request, under continuous batching.
+
+vLLM runs every scheduled request's tokens through the model as one flattened batch `[tokens, hidden]`,
+and a decoder layer returns the residual stream in two parts, `(hidden_states, residual)`, whose sum
+is the stream (the add is deferred into the next layer's fused norm). `EngineHooks` therefore:
+
+- wraps the model runner's forward so that, before each step, it knows which rows belong to which
+  request (the runner's `query_start_loc`), which setting each request asked for (its
+  `SamplingParams.extra_args`) and which rows are reply tokens (position past the prompt);
+- hooks the decoder layers: on a layer some setting edits it forms the stream, applies the same
+  `Intervention.edit` the transformers path applies (`interventions`) to that setting's rows only, and
+  returns `(stream, 0)`, which the next layer's fused add turns back into exactly that stream; rows it
+  does not edit keep their values bit for bit;
+- sums, per request, each monitored layer's post-intervention projection on the unit axis over the
+  reply's tokens, and where the projection was changed (the cap fired) the change.
+
+A reply's tokens, as measured here, are the generated tokens fed back into the model: all of a reply
+that stopped at its end-of-turn token (which is never fed back), all but the last of one cut by
+`max_tokens`. Capped and uncapped requests share one batch; the cost is one add per edited layer and
+token, and a gather/scatter per setting present in the step.
+
+Needs the engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which `hooked_engine` sets),
+tensor parallel 1, and eager mode: CUDA graphs replay captured kernels and would skip Python hooks
+(capturing the edits into the graph would need them written as custom ops).
+
+>>> llm = hooked_engine(vllm_engine_args("results/models/smollm2-135m-instruct", {}, "serve"))
+>>> hooks = EngineHooks(llm, units, [20, 24], {"none": [], "late-p25": [capping]})
+>>> out = llm.generate(prompts, [hooks.sampling_params("late-p25", key, max_tokens=64) for key in keys])
+>>> hooks.pop(keys[0]).projection
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from assistant_axis.errors import InputError
+from assistant_axis.interventions import Intervention
+from assistant_axis.models import check_layers, find_blocks
+
+__all__ = ["Telemetry", "EngineHooks", "hooked_engine", "EXTRA_ARGS_KEY"]
+
+EXTRA_ARGS_KEY = "assistant_axis"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"setting": ..., "key": ...}
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """One reply's numbers, per monitored layer (`layers`); None where the reply fed back no token."""
+
+    layers: list[int]
+    projection: list[float | None]  # mean post-intervention projection on the unit axis
+    fired: list[float | None]  # share of the reply's tokens whose projection an intervention changed
+    correction: list[float | None]  # mean change of the projection over those tokens (0 when none)
+    tokens: int  # reply tokens measured
+
+    def as_dict(self) -> dict:
+        return {
+            "layers": self.layers,
+            "values": self.projection,
+            "fired": self.fired,
+            "correction": self.correction,
+            "tokens": self.tokens,
+        }
+
+
+def hooked_engine(args: dict, key: str = "engine"):
+    """A vLLM `LLM` whose model lives in this process, eager, tensor parallel 1: what `EngineHooks` needs."""
+    from assistant_axis.backends import vllm_engine
+
+    if int(args.get("tensor_parallel_size", 1) or 1) != 1:
+        raise InputError("config", f"{key}.tensor_parallel_size", "interventions inside vLLM need tensor parallel 1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return vllm_engine({**args, "enforce_eager": True}, key)
+
+
+@dataclass
+class _Step:
+    """Who owns which rows of one engine step."""
+
+    n_tokens: int
+    keys: list[str]  # one per request slot
+    slot: torch.Tensor  # [n_tokens] request slot of each row
+    reply: torch.Tensor  # [n_tokens] bool: the row is a reply token
+    rows: dict[str, torch.Tensor]  # setting -> its rows
+    segments: dict[str, list[tuple[int, int]]]  # setting -> its requests' (start, end) rows
+    sums: torch.Tensor | None = None  # [slots, layers, 3]: projection, fired, correction sums
+
+
+class EngineHooks:
+    """Per-request interventions (`settings`: name -> interventions, applied in order) and telemetry on
+    `layers` (unit axis rows `units` [len(layers), hidden]) in one in-process vLLM engine."""
+
+    def __init__(
+        self,
+        llm,
+        units: torch.Tensor,
+        layers: Sequence[int],
+        settings: Mapping[str, Sequence[Intervention]],
+        source: str = "axis",
+    ):
+        self.llm, self.layers, self.settings = llm, list(layers), {k: list(v) for k, v in settings.items()}
+        if len(units) != len(self.layers):
+            raise InputError(source, "layers", f"{len(units)} axis rows for {len(self.layers)} layers")
+        self.units = units.float()
+        self.step: _Step | None = None
+        self.totals: dict[str, torch.Tensor] = {}  # key -> [layers, 4]: sums and the token count
+        self.handles: list = []
+        (self.n_blocks,) = llm.collective_rpc(self._install)
+
+    # ------------------------------------------------------------------ requests
+
+    def sampling_params(self, setting: str, key: str, **sampling):
+        """`SamplingParams` for one request under `setting`, its telemetry filed under `key`."""
+        from vllm import SamplingParams
+
+        if setting not in self.settings:
+            raise InputError("request", "capping", f"unknown setting {setting!r} (known: {', '.join(self.settings)})")
+        return SamplingParams(**sampling, extra_args={EXTRA_ARGS_KEY: {"setting": setting, "key": key}})
+
+    def pop(self, key: str) -> Telemetry:
+        """The telemetry of the request filed under `key` (forgotten afterwards)."""
+        total = self.totals.pop(key, None)
+        n = 0 if total is None else int(total[0, 3])
+        if n == 0:
+            none = [None] * len(self.layers)
+            return Telemetry(list(self.layers), none, none, none, 0)
+        proj, fired, corr = total[:, 0] / n, total[:, 1], total[:, 2]
+        correction = torch.where(fired > 0, corr / fired.clamp(min=1), torch.zeros_like(corr))
+        return Telemetry(list(self.layers), _floats(proj), _floats(fired / n), _floats(correction), n)
+
+    def remove(self) -> None:
+        self.llm.collective_rpc(self._uninstall)
+
+    # ------------------------------------------------------------------ inside the worker
+
+    def _install(self, worker) -> int:
+        runner = worker.model_runner
+        blocks = find_blocks(runner.get_model())
+        check_layers(self.layers, len(blocks), "layers", "layers")
+        size = int(self.units.shape[-1])
+        for name, interventions in self.settings.items():
+            for intervention in interventions:
+                if intervention.hidden_size != size:
+                    raise InputError(
+                        intervention.source,
+                        "hidden_size",
+                        f"vectors have size {intervention.hidden_size}, the axis has {size} ({name})",
+                    )
+                check_layers(intervention.layers, len(blocks), intervention.source, "layers")
+        edits: dict[int, list[tuple[str, Intervention, int]]] = {}
+        for name, interventions in self.settings.items():
+            for intervention in interventions:
+                for k, layer in enumerate(intervention.layers):
+                    edits.setdefault(layer, []).append((name, intervention, k))
+        for layer in sorted(set(self.layers) | set(edits)):
+            monitored = self.layers.index(layer) if layer in self.layers else None
+            hook = self._hook(layer, edits.get(layer, []), monitored)
+            self.handles.append(blocks[layer].register_forward_hook(hook))
+        forward = runner._model_forward
+        runner._axis_forward = forward  # the original, restored by _uninstall
+
+        def routed_forward(*args, **kwargs):
+            self.step = self._route(runner, kwargs.get("positions"))
+            try:
+                out = forward(*args, **kwargs)
+                self._file(self.step)
+                return out
+            finally:
+                self.step = None
+
+        runner._model_forward = routed_forward
+        return len(blocks)
+
+    def _uninstall(self, worker) -> None:
+        runner = worker.model_runner
+        if hasattr(runner, "_axis_forward"):
+            runner._model_forward = runner._axis_forward
+            del runner._axis_forward
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _route(self, runner, positions: torch.Tensor | None) -> _Step | None:
+        batch = runner.input_batch
+        n_reqs = batch.num_reqs
+        if n_reqs == 0 or positions is None:
+            return None
+        starts = runner.query_start_loc.np[: n_reqs + 1].tolist()
+        n_tokens = int(starts[-1])
+        device = positions.device
+        keys, prompt_lens, rows, segments = [], [], {}, {}
+        for i, req_id in enumerate(batch.req_ids[:n_reqs]):
+            state = runner.requests[req_id]
+            extra = ((state.sampling_params.extra_args or {}) if state.sampling_params else {}).get(EXTRA_ARGS_KEY)
+            setting, key = (extra["setting"], extra["key"]) if extra else (None, req_id)
+            keys.append(key)
+            prompt_lens.append(len(state.prompt_token_ids or ()))
+            if setting in self.settings and self.settings[setting]:
+                segments.setdefault(setting, []).append((starts[i], starts[i + 1]))
+        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:], strict=False)])
+        slot = torch.repeat_interleave(torch.arange(n_reqs), counts).to(device)
+        prompt = torch.repeat_interleave(torch.tensor(prompt_lens), counts).to(device)
+        reply = positions[:n_tokens] >= prompt
+        for setting, spans in segments.items():
+            rows[setting] = torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
+        return _Step(n_tokens, keys, slot, reply, rows, segments)
+
+    def _hook(self, layer: int, edits: list[tuple[str, Intervention, int]], monitored: int | None):
+        unit = self.units[monitored] if monitored is not None else None
+
+        def hook(_module, _args, output):
+            step = self.step
+            if step is None:
+                return None
+            hidden, residual = output
+            n = step.n_tokens
+            acting = [(name, iv, k) for name, iv, k in edits if name in step.rows]
+            stream = hidden + residual if residual is not None else hidden
+            before = stream[:n].float() @ unit.to(stream.device) if unit is not None else None
+            if acting:
+                stream = stream.clone()
+                for name, intervention, k in acting:
+                    if getattr(intervention, "positions", "all") == "all":
+                        rows = step.rows[name]
+                        stream[rows] = intervention.edit(k, stream[rows])
+                    else:  # an edit that depends on the request's own token order (steering the last token)
+                        for a, b in step.segments[name]:
+                            stream[a:b] = intervention.edit(k, stream[a:b])
+            if unit is not None:
+                after = stream[:n].float() @ unit.to(stream.device)
+                change = (after - before) * step.reply
+                values = torch.stack([after * step.reply, (change != 0).float(), change], dim=-1)
+                if step.sums is None:
+                    step.sums = torch.zeros(len(step.keys), len(self.layers), 3, device=stream.device)
+                step.sums[:, monitored].index_add_(0, step.slot, values)
+            if not acting:
+                return None
+            return stream, torch.zeros_like(residual) if residual is not None else None
+
+        return hook
+
+    def _file(self, step: _Step | None) -> None:
+        """Add one step's sums to each request's totals (on the CPU: one copy per step)."""
+        if step is None:
+            return
+        replies = torch.zeros(len(step.keys)).index_add_(0, step.slot.cpu(), step.reply.cpu().float())
+        sums = step.sums.cpu() if step.sums is not None else torch.zeros(len(step.keys), len(self.layers), 3)
+        for i, key in enumerate(step.keys):
+            if replies[i] == 0:
+                continue
+            total = self.totals.setdefault(key, torch.zeros(len(self.layers), 4, dtype=torch.float64))
+            total[:, :3] += sums[i].double()
+            total[:, 3] += float(replies[i])
+
+
+def _floats(values: torch.Tensor) -> list[float | None]:
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
