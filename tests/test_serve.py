@@ -134,15 +134,32 @@ def test_unsupported_requests_get_a_400_naming_the_field(plain_url):
 
     client = _client(plain_url)
     for extra, field in (
-        ({"n": 2}, "n"),
-        ({"stream": True}, "stream"),
+        ({"n": 17}, "n"),
+        ({"stream": True, "n": 2}, "n"),
         ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+        ({"extra_body": {"capping": "late-p25"}}, "capping"),  # the plain server has no capping loaded
     ):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=4, **extra)
         assert caught.value.body["param"] == field and field in caught.value.body["message"]
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=4)
+
+
+def test_streaming_gives_the_same_reply_and_n_gives_seeded_choices(plain_url):
+    client = _client(plain_url)
+    ask = dict(model=MODEL, messages=PIRATE, max_tokens=8, temperature=1.0, seed=11)
+    plain = client.chat.completions.create(**ask).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **ask))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].model_extra["projection"]["layers"] == [15]
+    two = client.chat.completions.create(n=2, **ask)
+    assert [c.message.content for c in two.choices][0] == plain  # choice i samples with seed + i
+    assert (
+        two.choices[1].message.content
+        == client.chat.completions.create(**{**ask, "seed": 12}).choices[0].message.content
+    )
 
 
 def test_capped_replies_stay_at_or_above_tau(capped_url, tiny_run):

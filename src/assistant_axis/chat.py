@@ -39,6 +39,7 @@ from assistant_axis.templates import ChatTemplate, split_reasoning
 __all__ = [
     "TokenLogprob",
     "Reply",
+    "Conversation",
     "ChatSession",
     "load_session",
     "format_projection",
@@ -69,6 +70,9 @@ class Reply:
     projection: list[float | None]  # mean projection per layer; None for an empty reply
     tau: list[float | None] | None  # the capping floor per layer (None where uncapped); None without capping
     reasoning: str = ""  # a thinking model's think block, kept out of `text` and of the projection
+    fired: list[float | None] | None = None  # per layer, share of tokens the cap changed (vLLM engine only)
+    correction: list[float | None] | None = None  # per layer, mean projection change where it did
+    setting: str | None = None  # the capping setting it was generated under ("none" or a config's name)
 
 
 def default_model() -> str:
@@ -76,9 +80,36 @@ def default_model() -> str:
     return PREPARED_DEFAULT if (Path(PREPARED_DEFAULT) / "config.json").is_file() else BUNDLED_DEFAULT
 
 
+class Conversation:
+    """The state `chat` keeps, a system prompt and the turns so far, over any engine's `complete`."""
+
+    system: str | None
+    messages: list[dict]
+
+    def complete(self, messages: Sequence[dict], sampling: Sampling | None = None, **options) -> Reply:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+        self.reset()
+
+    def send(self, text: str, sampling: Sampling | None = None) -> Reply:
+        """Add a user turn, generate the reply, keep both in the history."""
+        reply = self.complete([*self.messages, {"role": "user", "content": text}], sampling)
+        answer = {"role": "assistant", "content": reply.text}
+        if reply.reasoning:
+            answer["reasoning_content"] = reply.reasoning
+        self.messages += [{"role": "user", "content": text}, answer]
+        return reply
+
+
 @dataclass
-class ChatSession:
-    """One model with its axis, optional steering and capping, sampling defaults, and one conversation."""
+class ChatSession(Conversation):
+    """One transformers model with its axis, optional steering and capping, sampling defaults, and one
+    conversation; it generates one reply at a time."""
 
     model: object
     tokenizer: object
@@ -102,40 +133,35 @@ class ChatSession:
             pass
         self.reset()
 
+    @property
+    def settings(self) -> list[str]:
+        """The capping settings a request may name: "none", and the loaded config's file stem."""
+        return ["none"] + ([Path(self.capping.source).stem] if self.capping is not None else [])
+
     @contextmanager
-    def hooks(self) -> Iterator[None]:
-        """Steering first, then capping: the cap floors the already-steered stream."""
-        with install(self.model, *(i for i in (self.steering, self.capping) if i is not None)):
+    def hooks(self, setting: str | None = None) -> Iterator[None]:
+        """Steering first, then capping (unless `setting` is "none"): the cap floors the steered stream."""
+        if setting is not None and setting not in self.settings:
+            raise InputError("request", "capping", f"unknown setting {setting!r} (known: {', '.join(self.settings)})")
+        capping = None if setting == "none" else self.capping
+        with install(self.model, *(i for i in (self.steering, capping) if i is not None)):
             yield
-
-    # ------------------------------------------------------------------ conversation state (chat)
-
-    def reset(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-
-    def set_system(self, text: str | None) -> None:
-        self.system = text or None
-        self.reset()
-
-    def send(self, text: str, sampling: Sampling | None = None) -> Reply:
-        """Add a user turn, generate the reply, keep both in the history."""
-        reply = self.complete([*self.messages, {"role": "user", "content": text}], sampling)
-        answer = {"role": "assistant", "content": reply.text}
-        if reply.reasoning:
-            answer["reasoning_content"] = reply.reasoning
-        self.messages += [{"role": "user", "content": text}, answer]
-        return reply
 
     # ------------------------------------------------------------------ stateless (serve, project)
 
     def complete(
-        self, messages: Sequence[dict], sampling: Sampling | None = None, top_logprobs: int | None = None
+        self,
+        messages: Sequence[dict],
+        sampling: Sampling | None = None,
+        top_logprobs: int | None = None,
+        setting: str | None = None,
     ) -> Reply:
-        """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs."""
+        """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs;
+        `setting` "none" leaves the capping out."""
         sampling = sampling or self.sampling
         shown = self.template.fit(list(messages))
         prompt = self.template.ids(shown, add_generation_prompt=True)
-        with self.hooks():
+        with self.hooks(setting):
             (out,) = sample_batch(
                 self.model, self.tokenizer, [prompt], sampling, sampling.seed, top_logprobs is not None
             )
@@ -147,8 +173,18 @@ class ChatSession:
             if top_logprobs is None
             else [self._logprob(token, step, top_logprobs) for token, step in zip(new, out.logits, strict=True)]
         )
+        capped = setting != "none" and self.capping is not None
         return Reply(
-            text, out.finish_reason, len(prompt), new, logprobs, list(self.layers), values, self.tau(), reasoning
+            text,
+            out.finish_reason,
+            len(prompt),
+            new,
+            logprobs,
+            list(self.layers),
+            values,
+            self.tau() if capped else None,
+            reasoning,
+            setting=self.settings[-1] if capped else "none",
         )
 
     def tau(self) -> list[float | None] | None:

@@ -80,13 +80,18 @@ def _session(args: argparse.Namespace):
             raise InputError("command line", "--chat-template-kwargs", f"not JSON ({exc})") from exc
         if not isinstance(options, dict):
             raise InputError("command line", "--chat-template-kwargs", "must be a JSON object")
+    caps = args.cap or []
+    if getattr(args, "engine", "transformers") == "vllm":
+        return _vllm_session(args, sampling, options)
+    if len(caps) > 1:
+        raise InputError("command line", "--cap", "several capping configs need --engine vllm")
     # The library names its own arguments in errors; here they came from these flags.
     flags = {"load_model.dtype": "--dtype", "bundled_gguf.source": "--model", "find_blocks.path": "--model"}
     with renamed("command line", flags):
         return load_session(
             args.model,
             args.axis,
-            args.cap,
+            caps[0] if caps else None,
             args.steer,
             args.steer_layers,
             args.steer_positions,
@@ -98,6 +103,42 @@ def _session(args: argparse.Namespace):
             cap_experiment=args.experiment,
             steer_unit=args.steer_unit,
         )
+
+
+def _vllm_session(args: argparse.Namespace, sampling, options: dict | None):
+    from assistant_axis.axis import load_axis
+    from assistant_axis.steer import Steering
+    from assistant_axis.vllm_chat import load_vllm_session
+
+    if args.experiment is not None:
+        raise InputError("command line", "--experiment", "import the capping_config.pt first (convert), then --cap it")
+    engine = {}
+    if args.engine_args:
+        try:
+            engine = json.loads(args.engine_args)
+        except json.JSONDecodeError as exc:
+            raise InputError("command line", "--engine-args", f"not JSON ({exc})") from exc
+        if not isinstance(engine, dict):
+            raise InputError("command line", "--engine-args", "must be a JSON object")
+    steering = None
+    if args.steer is not None:
+        axis, axis_layers, _ = load_axis(args.axis)
+        chosen = args.steer_layers or [axis_layers[len(axis_layers) // 2]]
+        steering = Steering.along(
+            axis[chosen], chosen, args.steer, args.steer_positions, args.steer_unit, source="--steer-layers"
+        )
+    return load_vllm_session(
+        args.model,
+        args.axis,
+        args.cap or [],
+        steering,
+        args.layers,
+        args.dtype,
+        sampling,
+        getattr(args, "system", None),
+        options,
+        engine,
+    )
 
 
 def _project(args: argparse.Namespace) -> None:
@@ -166,8 +207,10 @@ def _model_options() -> argparse.ArgumentParser:
     shared.add_argument(
         "--cap",
         metavar="CAPPING",
+        action="append",
         help="capping config: ours (results/<model>/capping/*.safetensors) "
-        "or the paper code's capping_config.pt with --experiment",
+        "or the paper code's capping_config.pt with --experiment; with --engine vllm, repeat it to load "
+        "several (a request picks one by its file stem, the first is the default)",
     )
     shared.add_argument(
         "--experiment", metavar="ID", help="the experiment of a capping_config.pt, e.g. layers_46:54-p0.25"
@@ -236,10 +279,25 @@ def main(argv: list[str] | None = None) -> int:
     proj.add_argument("--out", metavar="TABLE.parquet", help="write the table (turn, role, layer, projection)")
     proj.add_argument("--plot", metavar="PLOT.png", help="write the trajectory plot")
     proj.set_defaults(func=_project)
-    chat = sub.add_parser("chat", parents=[shared], help="chat in the terminal, showing each reply's projection")
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers: one reply at a time; vllm: many at once (continuous batching), every "
+        "capping setting loaded in one engine",
+    )
+    engine.add_argument(
+        "--engine-args",
+        metavar="JSON",
+        help='vLLM settings, e.g. \'{"max_model_len": 4096, "gpu_memory_utilization": 0.8}\'',
+    )
+    chat = sub.add_parser(
+        "chat", parents=[shared, engine], help="chat in the terminal, showing each reply's projection"
+    )
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(func=_chat)
-    serve = sub.add_parser("serve", parents=[shared], help="OpenAI-compatible /v1/chat/completions server")
+    serve = sub.add_parser("serve", parents=[shared, engine], help="OpenAI-compatible /v1/chat/completions server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the `model` in replies (default: the axis's model)")

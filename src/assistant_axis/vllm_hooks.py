@@ -12,7 +12,8 @@ is the stream (the add is deferred into the next layer's fused norm). `EngineHoo
   returns `(stream, 0)`, which the next layer's fused add turns back into exactly that stream; rows it
   does not edit keep their values bit for bit;
 - sums, per request, each monitored layer's post-intervention projection on the unit axis over the
-  reply's tokens, and where the projection was changed (the cap fired) the change.
+  reply's tokens, and where a cap changed it (the cap fired) the change (steering before it is not
+  counted as firing).
 
 A reply's tokens, as measured here, are the generated tokens fed back into the model: all of a reply
 that stopped at its end-of-turn token (which is never fed back), all but the last of one cut by
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from assistant_axis.cap import CappingConfig
 from assistant_axis.errors import InputError
 from assistant_axis.interventions import Intervention
 from assistant_axis.models import check_layers, find_blocks
@@ -53,7 +55,7 @@ class Telemetry:
 
     layers: list[int]
     projection: list[float | None]  # mean post-intervention projection on the unit axis
-    fired: list[float | None]  # share of the reply's tokens whose projection an intervention changed
+    fired: list[float | None]  # share of the reply's tokens whose projection a cap changed
     correction: list[float | None]  # mean change of the projection over those tokens (0 when none)
     tokens: int  # reply tokens measured
 
@@ -123,7 +125,13 @@ class EngineHooks:
 
     def pop(self, key: str) -> Telemetry:
         """The telemetry of the request filed under `key` (forgotten afterwards)."""
-        total = self.totals.pop(key, None)
+        return self._telemetry(self.totals.pop(key, None))
+
+    def peek(self, key: str) -> Telemetry:
+        """The telemetry so far of a request still running."""
+        return self._telemetry(self.totals.get(key))
+
+    def _telemetry(self, total: torch.Tensor | None) -> Telemetry:
         n = 0 if total is None else int(total[0, 3])
         if n == 0:
             none = [None] * len(self.layers)
@@ -220,10 +228,12 @@ class EngineHooks:
             n = step.n_tokens
             acting = [(name, iv, k) for name, iv, k in edits if name in step.rows]
             stream = hidden + residual if residual is not None else hidden
-            before = stream[:n].float() @ unit.to(stream.device) if unit is not None else None
+            before = None  # the projection before the first cap: what a cap's firing is measured against
             if acting:
                 stream = stream.clone()
                 for name, intervention, k in acting:
+                    if before is None and unit is not None and isinstance(intervention, CappingConfig):
+                        before = stream[:n].float() @ unit.to(stream.device)
                     if getattr(intervention, "positions", "all") == "all":
                         rows = step.rows[name]
                         stream[rows] = intervention.edit(k, stream[rows])
@@ -232,7 +242,7 @@ class EngineHooks:
                             stream[a:b] = intervention.edit(k, stream[a:b])
             if unit is not None:
                 after = stream[:n].float() @ unit.to(stream.device)
-                change = (after - before) * step.reply
+                change = ((after - before) if before is not None else torch.zeros_like(after)) * step.reply
                 values = torch.stack([after * step.reply, (change != 0).float(), change], dim=-1)
                 if step.sums is None:
                     step.sums = torch.zeros(len(step.keys), len(self.layers), 3, device=stream.device)
