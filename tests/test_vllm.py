@@ -20,11 +20,10 @@ from safetensors import safe_open
 from assistant_axis.backends import Generation, Sampling, VLLMBackend, stable_seed, vllm_engine, vllm_engine_args
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, VLLMJudge, render_prompt
-from assistant_axis.models import find_blocks, load_tokenizer
+from assistant_axis.models import load_tokenizer
 from assistant_axis.roles import load_bank, load_questions
 from assistant_axis.stages import OPTIONAL_RESPONSE_COLUMNS, RESPONSE_COLUMNS, SCORE_COLUMNS
 from assistant_axis.templates import ChatTemplate, build_messages
-from assistant_axis.vllm_hooks import EngineHooks, hooked_engine
 
 from conftest import need, tokenizer_with_template
 from workflow_helpers import make_workspace, planned_jobs, snakemake, tiny_config
@@ -60,8 +59,7 @@ def _stop(llm) -> None:
 @pytest.fixture(scope="module")
 def llm(model_dir):
     _need_vllm()
-    # In this process, so that the interventions tests can hook its model (what `serve --engine vllm` runs).
-    engine = hooked_engine({**vllm_engine_args(str(model_dir), ENGINE, "test", "float32"), "max_logprobs": 20})
+    engine = _start(model_dir, max_logprobs=20)
     yield engine
     _stop(engine)
 
@@ -308,109 +306,3 @@ def test_tiny_run_with_vllm_generation(tmp_path, model_dir, tiny_run):
     assert after.loc[kept, columns].equals(old.loc[kept, columns])  # a new process, the same replies
     assert (after.loc[changed, "system_prompt"] == data["prompts"][1]).all()
     assert not after.loc[changed, "response"].equals(old.loc[changed, "response"])
-
-
-# ---------------------------------------------------------------------------------- interventions in vLLM
-
-
-@pytest.fixture(scope="module")
-def capped_setting(tiny_run):
-    """The tiny run's axis, and its late-p25 capping config (unit vectors), as the server loads them."""
-    from assistant_axis.axis import load_axis, unit_rows
-    from assistant_axis.cap import load_capping
-
-    results = tiny_run / "results/smollm2-135m-instruct"
-    axis, axis_layers, _ = load_axis(results / "axis.safetensors")
-    capping = load_capping(results / "capping/late-p25.safetensors").normalized()
-    return unit_rows(axis, axis_layers, capping.layers, 576), capping
-
-
-def _stream_recorder(ref: dict, layers, store):
-    """Forward hooks keeping each layer's residual stream (hidden + residual) over every step's real rows
-    (`ref["hooks"].step` says how many rows are real)."""
-
-    def install(worker):
-        blocks = find_blocks(worker.model_runner.get_model())
-
-        def hook_for(layer):
-            def hook(_m, _a, output):
-                step = ref["hooks"].step
-                if step is not None:
-                    hidden, residual = output
-                    store.setdefault(layer, []).append((hidden + residual)[: step.n_tokens].detach().clone())
-
-            return hook
-
-        return [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
-
-    return install
-
-
-def test_vllm_cap_floors_exactly_what_is_below_tau_and_nothing_else(llm, capped_setting):
-    units, capping = capped_setting
-    before, after, ref, handles = {}, {}, {}, []
-    try:
-        # Registered before the hooks, a recorder sees the block's own output; registered after, the capped one.
-        handles += llm.collective_rpc(_stream_recorder(ref, capping.layers, before))[0]
-        ref["hooks"] = EngineHooks(llm, units, capping.layers, {"cap": [capping]})
-        handles += llm.collective_rpc(_stream_recorder(ref, capping.layers, after))[0]
-        params = [ref["hooks"].sampling_params("cap", f"x{i}", temperature=0, max_tokens=16) for i in range(4)]
-        llm.chat(_conversations(4), params, use_tqdm=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        if "hooks" in ref:
-            ref["hooks"].remove()
-    n_capped = n_kept = 0
-    for k, layer in enumerate(capping.layers):
-        v, tau = capping.vectors[k], float(capping.thresholds[k])
-        pre, post = torch.cat(before[layer]), torch.cat(after[layer])
-        assert pre.shape == post.shape and len(pre) > 4 * 16
-        proj, proj_post = pre @ v, post @ v
-        above = proj >= tau
-        assert torch.equal(post[above], pre[above])  # untouched, bit for bit
-        below = ~above
-        n_capped, n_kept = n_capped + int(below.sum()), n_kept + int(above.sum())
-        # float32 rounding of a dot product grows with the row's norm (the first token's is in the thousands)
-        slack = 1e-6 * pre.norm(dim=-1) + 1e-4
-        assert bool((proj_post >= tau - slack).all())
-        assert bool(((proj_post[below] - tau).abs() <= slack[below]).all())
-        orth_pre = pre[below] - (pre[below] @ v)[:, None] * v
-        orth_post = post[below] - (post[below] @ v)[:, None] * v
-        torch.testing.assert_close(orth_post, orth_pre, rtol=1e-5, atol=1e-4 * float(pre.norm(dim=-1).max()))
-    assert n_capped > 0 and n_kept > 0
-
-
-def test_vllm_telemetry_of_a_request_does_not_depend_on_its_batch(llm, capped_setting):
-    """8 requests of different lengths, capped and not, in one batch: each one's tokens and telemetry are
-    those of the same request served alone."""
-    units, capping = capped_setting
-    hooks = EngineHooks(llm, units, capping.layers, {"none": [], "late-p25": [capping]})
-    try:
-        convs = _conversations(8)
-        settings = ["late-p25" if i % 2 else "none" for i in range(8)]
-        lengths = [8 + 5 * i for i in range(8)]
-
-        def params(i, key):
-            return hooks.sampling_params(settings[i], key, temperature=0, max_tokens=lengths[i])
-
-        together = llm.chat(convs, [params(i, f"b{i}") for i in range(8)], use_tqdm=False)
-        batched = [hooks.pop(f"b{i}") for i in range(8)]
-        for i in range(8):
-            (alone,) = llm.chat([convs[i]], [params(i, f"a{i}")], use_tqdm=False)
-            single = hooks.pop(f"a{i}")
-            assert list(alone.outputs[0].token_ids) == list(together[i].outputs[0].token_ids)
-            assert batched[i].tokens == single.tokens == len(alone.outputs[0].token_ids) - 1
-            torch.testing.assert_close(
-                torch.tensor(batched[i].projection), torch.tensor(single.projection), rtol=1e-4, atol=1e-3
-            )
-            assert batched[i].fired == single.fired
-            if settings[i] == "none":
-                assert set(single.fired) == {0.0}
-        capped = [t for t, s in zip(batched, settings, strict=True) if s != "none"]
-        assert all(0 < max(t.fired) <= 1 for t in capped)
-        # The floor holds on average too: no capped layer's mean projection is below its tau.
-        taus = capping.thresholds.tolist()
-        assert all(p >= tau - 1e-3 for t in capped for p, tau in zip(t.projection, taus, strict=True))
-    finally:
-        hooks.remove()

@@ -1,4 +1,5 @@
-"""`assistant-axis serve --engine vllm` on 127.0.0.1 (vLLM's CPU build here), called concurrently.
+"""Capping inside vLLM (its CPU build here): the hooks in an in-process engine, and
+`assistant-axis serve --engine vllm` / `chat --engine vllm` on 127.0.0.1, called concurrently.
 
 One server serves the whole module, with the tiny run's late-p25 capping config loaded and steering
 away from the Assistant (-40 at layers 8-25, as test_serve.py), so capped replies would fall below tau
@@ -15,10 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_vllm import _need_vllm
+import torch
+from test_vllm import ENGINE as ENGINE_IN_PROCESS
+from test_vllm import _conversations, _need_vllm
 
 from assistant_axis.axis import load_axis
-from assistant_axis.backends import Sampling
+from assistant_axis.backends import Sampling, vllm_engine_args
+from assistant_axis.models import find_blocks
+from assistant_axis.vllm_hooks import EngineHooks, hooked_engine
 
 from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
@@ -53,6 +58,17 @@ def url(tiny_run, tmp_path_factory, capping_file):
     log = tmp_path_factory.mktemp("serve") / "vllm.log"
     with _serve(command, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    """An engine in this process, for the interventions tests (its hooks live in this process). The only
+    in-process engine of the session: shutting down another one in this process would take the
+    distributed state this one runs on."""
+    _need_vllm()
+    engine = hooked_engine(vllm_engine_args(str(model_dir), ENGINE_IN_PROCESS, "test", "float32"))
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
 
 
 def _client(url: str):
@@ -147,8 +163,6 @@ def test_n_choices_and_logprobs(url):
 def test_greedy_replies_and_telemetry_equal_the_transformers_session(url, bundled, tiny_run):
     """The same steered (and capped) greedy requests in process through transformers: the same tokens and,
     over the tokens vLLM measures (the fed-back ones: all but the last generated), the same projections."""
-    import torch
-
     from assistant_axis.activations import mean_activations
     from assistant_axis.axis import unit_rows
     from assistant_axis.chat import ChatSession
@@ -183,3 +197,129 @@ def test_greedy_replies_and_telemetry_equal_the_transformers_session(url, bundle
     # float32 on both sides: greedy paths may part only where two tokens are within rounding of each other
     print(f"greedy: {sum(same)}/{len(same)} replies the same text")
     assert sum(same) >= len(same) - 1, same
+
+
+def test_chat_on_the_vllm_engine_keeps_the_conversation_and_shows_the_capped_projection(tiny_run, capping_file):
+    import subprocess
+
+    model_dir, axis = tiny_paths(tiny_run)
+    command = [
+        *(sys.executable, "-m", "assistant_axis.cli", "chat", "--engine", "vllm", "--engine-args", json.dumps(ENGINE)),
+        *("--model", str(model_dir), "--axis", str(axis), "--cap", str(capping_file), *STEER),
+        *("--temperature", "0", "--max-tokens", "12"),
+    ]
+    stdin = "/system You are a pirate.\nWho are you?\nAnd your ship?\n/quit\n"
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.splitlines()
+    assert "capped at layers 21 22 23 24 25" in result.stdout and "(new conversation; system prompt set)" in out
+    replies = [line for line in out if line.startswith("assistant> ")]
+    projections = [line for line in out if line.startswith("[projection L21 ")]
+    assert len(replies) == 2 and len(projections) == 2, result.stdout
+    assert all("(tau " in p and " !)" not in p for p in projections), projections  # steered down, capped back up
+
+
+# ---------------------------------------------------------------------------------- interventions in vLLM
+
+
+@pytest.fixture(scope="module")
+def capped_setting(tiny_run):
+    """The tiny run's axis, and its late-p25 capping config (unit vectors), as the server loads them."""
+    from assistant_axis.axis import load_axis, unit_rows
+    from assistant_axis.cap import load_capping
+
+    results = tiny_run / "results/smollm2-135m-instruct"
+    axis, axis_layers, _ = load_axis(results / "axis.safetensors")
+    capping = load_capping(results / "capping/late-p25.safetensors").normalized()
+    return unit_rows(axis, axis_layers, capping.layers, 576), capping
+
+
+def _stream_recorder(ref: dict, layers, store):
+    """Forward hooks keeping each layer's residual stream (hidden + residual) over every step's real rows
+    (`ref["hooks"].step` says how many rows are real)."""
+
+    def install(worker):
+        blocks = find_blocks(worker.model_runner.get_model())
+
+        def hook_for(layer):
+            def hook(_m, _a, output):
+                step = ref["hooks"].step
+                if step is not None:
+                    hidden, residual = output
+                    store.setdefault(layer, []).append((hidden + residual)[: step.n_tokens].detach().clone())
+
+            return hook
+
+        return [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+
+    return install
+
+
+def test_vllm_cap_floors_exactly_what_is_below_tau_and_nothing_else(llm, capped_setting):
+    units, capping = capped_setting
+    before, after, ref, handles = {}, {}, {}, []
+    try:
+        # Registered before the hooks, a recorder sees the block's own output; registered after, the capped one.
+        handles += llm.collective_rpc(_stream_recorder(ref, capping.layers, before))[0]
+        ref["hooks"] = EngineHooks(llm, units, capping.layers, {"cap": [capping]})
+        handles += llm.collective_rpc(_stream_recorder(ref, capping.layers, after))[0]
+        params = [ref["hooks"].sampling_params("cap", f"x{i}", temperature=0, max_tokens=16) for i in range(4)]
+        llm.chat(_conversations(4), params, use_tqdm=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if "hooks" in ref:
+            ref["hooks"].remove()
+    n_capped = n_kept = 0
+    for k, layer in enumerate(capping.layers):
+        v, tau = capping.vectors[k], float(capping.thresholds[k])
+        pre, post = torch.cat(before[layer]), torch.cat(after[layer])
+        assert pre.shape == post.shape and len(pre) > 4 * 16
+        proj, proj_post = pre @ v, post @ v
+        above = proj >= tau
+        assert torch.equal(post[above], pre[above])  # untouched, bit for bit
+        below = ~above
+        n_capped, n_kept = n_capped + int(below.sum()), n_kept + int(above.sum())
+        # float32 rounding of a dot product grows with the row's norm (the first token's is in the thousands)
+        slack = 1e-6 * pre.norm(dim=-1) + 1e-4
+        assert bool((proj_post >= tau - slack).all())
+        assert bool(((proj_post[below] - tau).abs() <= slack[below]).all())
+        orth_pre = pre[below] - (pre[below] @ v)[:, None] * v
+        orth_post = post[below] - (post[below] @ v)[:, None] * v
+        torch.testing.assert_close(orth_post, orth_pre, rtol=1e-5, atol=1e-4 * float(pre.norm(dim=-1).max()))
+    assert n_capped > 0 and n_kept > 0
+
+
+def test_vllm_telemetry_of_a_request_does_not_depend_on_its_batch(llm, capped_setting):
+    """8 requests of different lengths, capped and not, in one batch: each one's tokens and telemetry are
+    those of the same request served alone."""
+    units, capping = capped_setting
+    hooks = EngineHooks(llm, units, capping.layers, {"none": [], "late-p25": [capping]})
+    try:
+        convs = _conversations(8)
+        settings = ["late-p25" if i % 2 else "none" for i in range(8)]
+        lengths = [8 + 5 * i for i in range(8)]
+
+        def params(i, key):
+            return hooks.sampling_params(settings[i], key, temperature=0, max_tokens=lengths[i])
+
+        together = llm.chat(convs, [params(i, f"b{i}") for i in range(8)], use_tqdm=False)
+        batched = [hooks.pop(f"b{i}") for i in range(8)]
+        for i in range(8):
+            (alone,) = llm.chat([convs[i]], [params(i, f"a{i}")], use_tqdm=False)
+            single = hooks.pop(f"a{i}")
+            assert list(alone.outputs[0].token_ids) == list(together[i].outputs[0].token_ids)
+            assert batched[i].tokens == single.tokens == len(alone.outputs[0].token_ids) - 1
+            torch.testing.assert_close(
+                torch.tensor(batched[i].projection), torch.tensor(single.projection), rtol=1e-4, atol=1e-3
+            )
+            assert batched[i].fired == single.fired
+            if settings[i] == "none":
+                assert set(single.fired) == {0.0}
+        capped = [t for t, s in zip(batched, settings, strict=True) if s != "none"]
+        assert all(0 < max(t.fired) <= 1 for t in capped)
+        # The floor holds on average too: no capped layer's mean projection is below its tau.
+        taus = capping.thresholds.tolist()
+        assert all(p >= tau - 1e-3 for t in capped for p, tau in zip(t.projection, taus, strict=True))
+    finally:
+        hooks.remove()

@@ -75,8 +75,17 @@ def hooked_engine(args: dict, key: str = "engine"):
 
     if int(args.get("tensor_parallel_size", 1) or 1) != 1:
         raise InputError("config", f"{key}.tensor_parallel_size", "interventions inside vLLM need tensor parallel 1")
+    # Only this engine: another one started later in this process (a test's, say) keeps its own process,
+    # so that shutting it down does not take this process's distributed state with it.
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return vllm_engine({**args, "enforce_eager": True}, key)
+    try:
+        return vllm_engine({**args, "enforce_eager": True}, key)
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 @dataclass
