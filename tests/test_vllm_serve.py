@@ -323,3 +323,39 @@ def test_vllm_telemetry_of_a_request_does_not_depend_on_its_batch(llm, capped_se
         assert all(p >= tau - 1e-3 for t in capped for p, tau in zip(t.projection, taus, strict=True))
     finally:
         hooks.remove()
+
+
+def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, tmp_path):
+    """evaluate.backend: vllm on a copy of the tiny run: only the evaluate job runs again, and its greedy
+    replies are the transformers evaluation's, setting by setting."""
+    import shutil
+
+    import pandas as pd
+    import yaml
+
+    from workflow_helpers import planned_jobs, snakemake
+
+    _need_vllm()
+    work = tmp_path / "work"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "Snakefile", work / "Snakefile")  # the workflow as it is (a reused tiny run may be older)
+    shutil.copytree(
+        root / "workflow", work / "workflow", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    config_file = work / "config/config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.setdefault("evaluate", {}).update({"backend": "vllm", "vllm": ENGINE})
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    target = "results/smollm2-135m-instruct/evaluation/responses.parquet"
+    assert {job[0] for job in planned_jobs(work, target)} == {"evaluate"}
+    snakemake(work, target)
+    ours = pd.read_parquet(work / target).set_index(["setting", "id"]).sort_index()
+    reference = pd.read_parquet(tiny_run / target).set_index(["setting", "id"]).sort_index()
+    assert list(ours.index) == list(reference.index) and tuple(ours.columns) == tuple(reference.columns)
+    same = ours["response"] == reference["response"]
+    print(f"evaluate in vLLM: {int(same.sum())}/{len(same)} replies as with transformers")
+    assert same.mean() >= 0.9, ours.loc[~same, "response"]
+    plain = same & reference["correct"].notna()
+    assert (ours.loc[plain, "correct"] == reference.loc[plain, "correct"]).all()
+    assert "in one vLLM engine" in (work / "logs/smollm2-135m-instruct/evaluate.log").read_text()

@@ -27,6 +27,7 @@ __all__ = [
     "first_of_each_kind",
     "is_correct",
     "answer_every_setting",
+    "answer_every_setting_vllm",
     "summarize",
     "UNCAPPED",
     "KINDS",
@@ -128,14 +129,11 @@ def answer_every_setting(
     from assistant_axis.activations import mean_activations
     from assistant_axis.axis import unit_vectors
     from assistant_axis.interventions import install
-    from assistant_axis.judge import JudgeItem
 
     model, template = backend.model, backend.template
-    cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
-    watched = sorted({layer, *cap_layers})
+    cap_layers, watched = _watched(configs, layer)
     units = unit_vectors(axis[watched])
     conversations = [template.conversation("", p.prompt) for p in prompts]
-    persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
     frames = []
     for setting in [UNCAPPED, *configs]:
         with install(model, *([configs[setting]] if setting in configs else [])):
@@ -143,39 +141,80 @@ def answer_every_setting(
             spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
             acts = mean_activations(model, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
         projections = torch.einsum("nlh,lh->nl", acts, units)
-        items = [
-            JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, replies[i].text) for i in persona
-        ]
-        scores = dict(zip(persona, judge.score(items), strict=True))
-        on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
-        frames.append(
-            pd.DataFrame(
-                {
-                    "setting": setting,
-                    "id": [p.id for p in prompts],
-                    "kind": [p.kind for p in prompts],
-                    "category": [p.category for p in prompts],
-                    "prompt": [p.prompt for p in prompts],
-                    "response": [r.text for r in replies],
-                    "n_response_tokens": [r.n_tokens for r in replies],
-                    "score": pd.array(
-                        [scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"
-                    ),
-                    "correct": pd.array(
-                        [
-                            is_correct(r.text, p.answers) if p.kind == "plain" else None
-                            for p, r in zip(prompts, replies, strict=True)
-                        ],
-                        dtype="boolean",
-                    ),
-                    "projection": projections[:, watched.index(layer)].numpy(),
-                    "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
-                    "judge": judge.name,
-                }
-            )
-        )
+        texts, n_tokens = [r.text for r in replies], [r.n_tokens for r in replies]
+        frames.append(_setting_frame(setting, prompts, texts, n_tokens, projections, watched, layer, cap_layers, judge))
         log.info("setting %s done", setting)
     return pd.concat(frames, ignore_index=True)
+
+
+def answer_every_setting_vllm(
+    session, prompts: list[EvalPrompt], layer: int, sampling, judge, cap_layers: list[int]
+) -> pd.DataFrame:
+    """`answer_every_setting` through one vLLM engine (`vllm_chat.VLLMSession`, its settings the uncapped
+    one and the capping configs): every (setting, prompt) pair is submitted at once and generated in
+    shared batches. The projections are the engine's telemetry on `session.layers`: the reply's tokens as
+    fed back while generating (see `vllm_hooks`), not a second pass over the rendered reply."""
+    streams = {
+        setting: [session.submit(session.template.conversation("", p.prompt), sampling, setting=name) for p in prompts]
+        for setting, name in [(UNCAPPED, "none"), *((s, s) for s in session.cappings)]
+    }
+    frames = []
+    for setting, pending in streams.items():
+        replies = [stream.result() for stream in pending]
+        projections = torch.tensor(
+            [[float("nan") if v is None else v for v in r.projection] for r in replies], dtype=torch.float32
+        )
+        texts = [r.text for r in replies]
+        n_tokens = [len(r.token_ids) + (r.finish_reason == "stop") for r in replies]  # as the stages count them
+        frame = _setting_frame(setting, prompts, texts, n_tokens, projections, session.layers, layer, cap_layers, judge)
+        frames.append(frame)
+        log.info("setting %s done", setting)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _watched(configs: dict, layer: int) -> tuple[list[int], list[int]]:
+    """(the capped layers, the layers whose projections the evaluation reads)."""
+    cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
+    return cap_layers, sorted({layer, *cap_layers})
+
+
+def _setting_frame(
+    setting: str,
+    prompts: list[EvalPrompt],
+    texts: list[str],
+    n_tokens: list[int],
+    projections: torch.Tensor,
+    watched: list[int],
+    layer: int,
+    cap_layers: list[int],
+    judge,
+) -> pd.DataFrame:
+    """One setting's rows: each reply judged (persona prompts) or checked (plain ones), and its projections."""
+    from assistant_axis.judge import JudgeItem
+
+    persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
+    items = [JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, texts[i]) for i in persona]
+    scores = dict(zip(persona, judge.score(items), strict=True))
+    on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
+    return pd.DataFrame(
+        {
+            "setting": setting,
+            "id": [p.id for p in prompts],
+            "kind": [p.kind for p in prompts],
+            "category": [p.category for p in prompts],
+            "prompt": [p.prompt for p in prompts],
+            "response": texts,
+            "n_response_tokens": n_tokens,
+            "score": pd.array([scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"),
+            "correct": pd.array(
+                [is_correct(t, p.answers) if p.kind == "plain" else None for p, t in zip(prompts, texts, strict=True)],
+                dtype="boolean",
+            ),
+            "projection": projections[:, watched.index(layer)].numpy(),
+            "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
+            "judge": judge.name,
+        }
+    )
 
 
 def summarize(frame: pd.DataFrame, settings: list[str]) -> pd.DataFrame:

@@ -744,6 +744,47 @@ def calibrate(
     figures.thresholds(frame, capped, plot)
 
 
+def _evaluate_in_vllm(
+    info,
+    axis,
+    axis_layers,
+    configs,
+    prompts,
+    layer,
+    sampling,
+    judge,
+    settings,
+    dtype,
+    trust_remote_code,
+    template_options,
+):
+    from assistant_axis.axis import unit_rows
+    from assistant_axis.backends import vllm_engine_args
+    from assistant_axis.evaluate import _watched, answer_every_setting_vllm
+    from assistant_axis.models import load_tokenizer
+    from assistant_axis.templates import ChatTemplate
+    from assistant_axis.vllm_chat import VLLMSession
+    from assistant_axis.vllm_hooks import hooked_engine
+
+    log.info("evaluate: %d settings in one vLLM engine", len(configs) + 1)
+    cap_layers, watched = _watched(configs, layer)
+    units = unit_rows(axis, axis_layers, watched, int(axis.shape[-1]), "axis")
+    args = vllm_engine_args(info["path"], settings or {}, "evaluate.vllm", dtype, sampling.seed, trust_remote_code)
+    template = ChatTemplate(load_tokenizer(info["path"]), template_options, info["name"])
+    session = VLLMSession(
+        hooked_engine(args, "evaluate.vllm"),
+        template,
+        units,
+        watched,
+        {name: c.normalized() for name, c in configs.items()},
+        sampling=sampling,
+    )
+    try:
+        return answer_every_setting_vllm(session, prompts, layer, sampling, judge, cap_layers)
+    finally:
+        session.close()
+
+
 @config_keys({**MODEL_KEYS, **JUDGE_KEYS, "TransformersBackend.batch_size": "evaluate.batch_size"})
 def evaluate(
     model: str,
@@ -761,8 +802,11 @@ def evaluate(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     template_options: dict | None = None,
+    backend: str = "transformers",
+    vllm: dict | None = None,
 ) -> None:
-    """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections."""
+    """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections.
+    `backend` "vllm" runs every setting through one vLLM engine (`vllm` its settings)."""
     from assistant_axis import plots as figures
     from assistant_axis.backends import Sampling, TransformersBackend
     from assistant_axis.cap import load_capping
@@ -789,12 +833,28 @@ def evaluate(
         if not {"range", "percentile"} <= config.metadata.keys():
             raise InputError(path, "range", "not a capping config of the calibrate stage (no range and percentile)")
         configs[CapSetting(config.metadata["range"], float(config.metadata["percentile"])).name] = config
-    net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
-    template = ChatTemplate(tokenizer, template_options, info["name"])
-    backend = TransformersBackend(net, template, batch_size)
     engine = make_judge(judge["backend"], judge["settings"], judge["template"])
     reply_sampling = Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"])
-    table = answer_every_setting(backend, prompts, configs, axis_tensor, layer, reply_sampling, engine)
+    if backend == "vllm":
+        table = _evaluate_in_vllm(
+            info,
+            axis_tensor,
+            layers,
+            configs,
+            prompts,
+            layer,
+            reply_sampling,
+            engine,
+            vllm,
+            dtype,
+            trust_remote_code,
+            template_options,
+        )
+    else:
+        net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
+        template = ChatTemplate(tokenizer, template_options, info["name"])
+        generator = TransformersBackend(net, template, batch_size)
+        table = answer_every_setting(generator, prompts, configs, axis_tensor, layer, reply_sampling, engine)
     result = summarize(table, [UNCAPPED, *configs])
     result["monitor_layer"] = layer
     log.info("evaluation:\n%s", result.to_string(index=False))

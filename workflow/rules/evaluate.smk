@@ -19,6 +19,8 @@ rule evaluate:
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
         template_options=config["model"]["chat_template_kwargs"],
+        backend=config["evaluate"]["backend"],
+        vllm=config["evaluate"]["vllm"],
     threads: 2
     resources:
         **PLAN.jobs.resources("evaluate"),

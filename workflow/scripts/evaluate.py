@@ -21,4 +21,6 @@ with stages.logged(sm.log[0]):
         sm.params.dtype,
         sm.params.trust_remote_code,
         sm.params.template_options,
+        sm.params.backend,
+        sm.params.vllm,
     )
