@@ -73,6 +73,11 @@ class CappingConfig:
     def hidden_size(self) -> int:
         return int(self.vectors.shape[-1])
 
+    def floors(self, layers: list[int]) -> list[float | None]:
+        """The threshold at each of `layers`; None where a layer is not capped."""
+        by_layer = dict(zip(self.layers, self.thresholds.tolist(), strict=True))
+        return [by_layer.get(layer) for layer in layers]
+
     def edit(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """`h - v * min(<h, v> - tau, 0)` (and `- v * max(<h, v> - ceiling, 0)` for a band) at the k-th
         capped layer, computed in float32; an intervention (see `interventions`)."""

@@ -188,10 +188,7 @@ class ChatSession(Conversation):
         )
 
     def tau(self) -> list[float | None] | None:
-        if self.capping is None:
-            return None
-        floors = dict(zip(self.capping.layers, self.capping.thresholds.tolist(), strict=True))
-        return [floors.get(layer) for layer in self.layers]
+        return None if self.capping is None else self.capping.floors(self.layers)
 
     def conversation_projections(self, messages: list[dict]) -> pd.DataFrame:
         """Per-turn projections (see `project.conversation_projections`) under this session's hooks."""

@@ -58,6 +58,19 @@ def _calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def _json_object(value: str | None, flag: str) -> dict | None:
+    """A flag's JSON object (None when the flag is not given)."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InputError("command line", flag, f"not JSON ({exc})") from exc
+    if not isinstance(parsed, dict):
+        raise InputError("command line", flag, "must be a JSON object")
+    return parsed
+
+
 def _session(args: argparse.Namespace):
     """Check the inputs (cheap), then load the model with its axis, capping and steering."""
     from assistant_axis.backends import Sampling
@@ -72,14 +85,7 @@ def _session(args: argparse.Namespace):
         if not ok:
             raise InputError("command line", name, f"out of range: {getattr(args, name[2:].replace('-', '_'))}")
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
-    options = None
-    if args.chat_template_kwargs is not None:
-        try:
-            options = json.loads(args.chat_template_kwargs)
-        except json.JSONDecodeError as exc:
-            raise InputError("command line", "--chat-template-kwargs", f"not JSON ({exc})") from exc
-        if not isinstance(options, dict):
-            raise InputError("command line", "--chat-template-kwargs", "must be a JSON object")
+    options = _json_object(args.chat_template_kwargs, "--chat-template-kwargs")
     caps = args.cap or []
     if getattr(args, "engine", "transformers") == "vllm":
         return _vllm_session(args, sampling, options)
@@ -112,14 +118,7 @@ def _vllm_session(args: argparse.Namespace, sampling, options: dict | None):
 
     if args.experiment is not None:
         raise InputError("command line", "--experiment", "import the capping_config.pt first (convert), then --cap it")
-    engine = {}
-    if args.engine_args:
-        try:
-            engine = json.loads(args.engine_args)
-        except json.JSONDecodeError as exc:
-            raise InputError("command line", "--engine-args", f"not JSON ({exc})") from exc
-        if not isinstance(engine, dict):
-            raise InputError("command line", "--engine-args", "must be a JSON object")
+    engine = _json_object(args.engine_args, "--engine-args") or {}
     steering = None
     if args.steer is not None:
         axis, axis_layers, _ = load_axis(args.axis)

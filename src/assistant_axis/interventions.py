@@ -22,7 +22,7 @@ import torch
 from assistant_axis.errors import InputError
 from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size, with_block_hidden
 
-__all__ = ["Intervention", "install"]
+__all__ = ["Intervention", "install", "check_fit"]
 
 
 class Intervention(Protocol):
@@ -43,15 +43,7 @@ def install(model, *interventions: Intervention, blocks_path: str | None = None)
     on, in the order given. Sizes and layers are checked before any hook is placed, and the hooks are
     removed on exit, also on error."""
     blocks = find_blocks(model, blocks_path)
-    size = hidden_size(model)
-    for intervention in interventions:
-        if intervention.hidden_size != size:
-            raise InputError(
-                intervention.source,
-                "hidden_size",
-                f"vectors have size {intervention.hidden_size}, the model's hidden size is {size}",
-            )
-        check_layers(intervention.layers, len(blocks), intervention.source, "layers")
+    check_fit(interventions, len(blocks), hidden_size(model))
     handles = []
     try:
         for intervention in interventions:
@@ -61,6 +53,19 @@ def install(model, *interventions: Intervention, blocks_path: str | None = None)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_fit(interventions, n_blocks: int, size: int) -> None:
+    """Each intervention's vectors have the model's hidden size and its layers are among the model's blocks
+    (every engine's installer checks this before it places a hook)."""
+    for intervention in interventions:
+        if intervention.hidden_size != size:
+            raise InputError(
+                intervention.source,
+                "hidden_size",
+                f"vectors have size {intervention.hidden_size}, the model's hidden size is {size}",
+            )
+        check_layers(intervention.layers, n_blocks, intervention.source, "layers")
 
 
 def _hook(intervention: Intervention, k: int):

@@ -131,10 +131,7 @@ class VLLMSession(Conversation):
 
     def tau(self, setting: str | None = None) -> list[float | None] | None:
         capping = self.cappings.get(setting or self.default_setting)
-        if capping is None:
-            return None
-        floors = dict(zip(capping.layers, capping.thresholds.tolist(), strict=True))
-        return [floors.get(layer) for layer in self.layers]
+        return None if capping is None else capping.floors(self.layers)
 
     # ------------------------------------------------------------------ requests
 

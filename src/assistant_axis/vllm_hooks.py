@@ -41,7 +41,7 @@ import torch
 
 from assistant_axis.cap import CappingConfig
 from assistant_axis.errors import InputError
-from assistant_axis.interventions import Intervention
+from assistant_axis.interventions import Intervention, check_fit
 from assistant_axis.models import check_layers, find_blocks
 
 __all__ = ["Telemetry", "EngineHooks", "hooked_engine", "EXTRA_ARGS_KEY"]
@@ -158,16 +158,12 @@ class EngineHooks:
         runner = worker.model_runner
         blocks = find_blocks(runner.get_model())
         check_layers(self.layers, len(blocks), "layers", "layers")
-        size = int(self.units.shape[-1])
-        for name, interventions in self.settings.items():
-            for intervention in interventions:
-                if intervention.hidden_size != size:
-                    raise InputError(
-                        intervention.source,
-                        "hidden_size",
-                        f"vectors have size {intervention.hidden_size}, the axis has {size} ({name})",
-                    )
-                check_layers(intervention.layers, len(blocks), intervention.source, "layers")
+        size = int(runner.model_config.get_hidden_size())
+        if self.units.shape[-1] != size:
+            raise InputError(
+                "axis", "hidden_size", f"axis has hidden size {self.units.shape[-1]}, the model has {size}"
+            )
+        check_fit([i for ivs in self.settings.values() for i in ivs], len(blocks), int(self.units.shape[-1]))
         edits: dict[int, list[tuple[str, Intervention, int]]] = {}
         for name, interventions in self.settings.items():
             for intervention in interventions:
