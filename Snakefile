@@ -1,5 +1,5 @@
 # The Assistant Axis: generate -> activations -> judge -> vectors -> axis, then the analyses that use
-# it: pca, stability, calibrate (capping configs) and evaluate (see README.md).
+# it: pca, stability, calibrate (the capping sweep), evaluate (its trade-off) and drift (see README.md).
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,6 +22,7 @@ include: "workflow/rules/pca.smk"
 include: "workflow/rules/stability.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/drift.smk"
 
 
 rule all:
@@ -31,4 +32,5 @@ rule all:
         f"results/{MODEL}/stability/roles.parquet",
         f"results/{MODEL}/capping/percentiles.parquet",
         f"results/{MODEL}/evaluation/summary.parquet",
+        f"results/{MODEL}/drift/summary.parquet",
     default_target: True

@@ -13,7 +13,7 @@ from assistant_axis.analysis import pca, split_cosines, subset_sizes
 from assistant_axis.axis import load_axis
 from assistant_axis.cap import layer_range, load_capping, percentile_thresholds
 from assistant_axis.errors import InputError
-from assistant_axis.evaluate import first_of_each_kind, load_eval_prompts
+from assistant_axis.evaluate import first_of_each_category, load_eval_prompts
 
 from workflow_helpers import ROOT, snakemake
 
@@ -54,12 +54,14 @@ def test_percentile_thresholds_match_numpy_and_layer_ranges():
 
 def test_evaluation_prompts_load_and_bad_rows_are_named(tmp_path):
     prompts = load_eval_prompts(ROOT / "data/evaluation/prompts.jsonl")
-    assert {p.kind for p in prompts} == {"persona", "plain"}
-    kept = first_of_each_kind(prompts, 2)
-    assert [p.kind for p in kept].count("persona") == 2 and [p.kind for p in kept].count("plain") == 2
+    categories = {p.category for p in prompts}
+    assert len(categories) == 3 and all(p.persona and p.description for p in prompts)
+    kept = first_of_each_category(prompts, 2)
+    assert len(kept) == 6 and {p.category for p in kept} == categories
+    assert kept == [p for p in prompts if p in kept]  # file order kept
     bad = tmp_path / "prompts.jsonl"
-    bad.write_text(json.dumps({"id": "x", "kind": "plain", "category": "fact", "prompt": "2+2?", "answers": []}) + "\n")
-    with pytest.raises(InputError, match=r"prompts.jsonl:1: answers: missing or empty"):
+    bad.write_text(json.dumps({"id": "x", "category": "meta", "prompt": "Who are you?", "persona": "ghost"}) + "\n")
+    with pytest.raises(InputError, match=r"prompts.jsonl:1: description: missing or empty"):
         load_eval_prompts(bad)
 
 
@@ -94,7 +96,8 @@ def test_pipeline_writes_pca_stability_capping_and_evaluation(tiny_run):
         "pca/layers.png",
         "stability/rollouts.png",
         "capping/thresholds.png",
-        "evaluation/tradeoff.png",
+        "evaluation/sweep.png",
+        "drift/drift.png",
     ):
         pixels = matplotlib.image.imread(results / name)  # a real PNG with something drawn on it
         assert pixels.shape[0] > 200 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05, name
@@ -120,13 +123,23 @@ def test_pca_and_evaluation_tables_equal_independent_recomputations(tiny_run):
         assert summary.loc[layer, "axis_norm"] == pytest.approx(np.linalg.norm(a), rel=1e-5)
     replies = pd.read_parquet(results / "evaluation/responses.parquet")
     evaluation = pd.read_parquet(results / "evaluation/summary.parquet").set_index("setting")
+    base = replies[replies["setting"] == "uncapped"].set_index("id")
     for setting, part in replies.groupby("setting"):
-        persona, plain = part[part["kind"] == "persona"], part[part["kind"] == "plain"]
+        persona, capability = part[part["kind"] == "persona"], part[part["kind"] == "capability"]
         scored = persona["score"].dropna()
+        correct = capability["correct"].astype(float)
         assert evaluation.loc[setting, "persona_adoption"] == pytest.approx((scored == 3).mean() if len(scored) else 0)
-        assert evaluation.loc[setting, "accuracy"] == pytest.approx(plain["correct"].astype(float).mean())
+        assert evaluation.loc[setting, "accuracy"] == pytest.approx(correct.mean())
+        cost = base.loc[capability["id"], "correct"].astype(float).mean() - correct.mean()
+        assert evaluation.loc[setting, "capability_cost"] == pytest.approx(cost, abs=1e-12)
         assert evaluation.loc[setting, "projection_persona"] == pytest.approx(persona["projection"].mean())
-        assert evaluation.loc[setting, "n_plain"] == len(plain) and evaluation.loc[setting, "n_persona"] == len(persona)
+        assert evaluation.loc[setting, "n_capability"] == len(capability)
+        assert evaluation.loc[setting, "n_persona"] == len(persona)
+        for name in ("persona_adoption", "accuracy", "capability_cost", "adoption_reduction"):
+            low, high = evaluation.loc[setting, f"{name}_low"], evaluation.loc[setting, f"{name}_high"]
+            assert low <= evaluation.loc[setting, name] <= high, (setting, name)
+    capped = replies[replies["setting"] == "late-p25"]
+    assert capped["fired"].between(0, 1).all() and replies[replies["setting"] == "uncapped"]["fired"].isna().all()
 
 
 @pytest.mark.slow
@@ -140,8 +153,11 @@ def test_report_holds_every_plot_with_its_caption(tiny_run, tmp_path):
         "layers.png",
         "rollouts.png",
         "thresholds.png",
-        "tradeoff.png",
-        "persona adoption (share",
+        "sweep.png",
+        "pareto.html",
+        "drift.png",
+        "Pareto front",
+        "Drift over a conversation",
         "disjoint random subsets",
         "Assistant Axis",
     ):

@@ -17,7 +17,7 @@ from workflow_helpers import ROOT
 
 SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
 # calibrate runs the model to calibrate on tokens (`capping.calibration: token`, the default and the paper's).
-MODEL_STAGES = ("generate", "activations", "evaluate", "calibrate")
+MODEL_STAGES = ("generate", "activations", "evaluate", "drift", "calibrate")
 CPU_STAGES = ("prepare_model", "vectors", "axis", "pca", "stability")
 
 
@@ -216,3 +216,10 @@ def test_rule_params_carry_only_what_their_stage_reads():
     assert CapSetting.parse("mid-late-p1") == CapSetting("mid-late", 1.0)
     assert "backend" not in plan.params.generate() and plan.params.generate()["seed"] == plan.config["generate"]["seed"]
     assert [q["id"] for q in plan.params.questions()] == [q.id for q in plan.bank.questions]
+
+
+def test_a_drift_setting_outside_the_sweep_is_refused_before_any_job():
+    plan = plan_of("config.yaml", evaluate={"drift": {"settings": ["late-p99"]}})
+    with pytest.raises(InputError, match=r"^config: evaluate.drift.settings: 'late-p99' is not a setting of the sweep"):
+        plan.check()
+    plan_of("config.yaml", evaluate={"drift": {"settings": ["middle-p10", "uncapped"]}}).check()

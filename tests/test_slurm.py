@@ -173,12 +173,12 @@ def test_adding_a_role_changes_exactly_one_shard(tmp_path, model_dir):
 # ------------------------------------------------------------------ paper-shaped: partitions and resources
 
 # The `threads:` each rule gives Plan.threads as its default (1 where a rule sets none).
-RULE_THREADS = {"generate": 2, "activations": 2, "judge": 1, "evaluate": 2, "calibrate": 2}
+RULE_THREADS = {"generate": 2, "activations": 2, "judge": 1, "evaluate": 2, "drift": 2, "calibrate": 2}
 # vLLM's CPU build on the bundled model, as tests/test_vllm.py runs it: a small KV cache, no graphs.
 VLLM_CPU = {"kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 2048, "enforce_eager": True}
 # The statement, independent of the plan: the stages that run the model's weights ask for GPUs
 # (calibrate too: paper.yaml calibrates on every token of the default replies, a pass through the model).
-MODEL_STAGES_ON_GPU = {"generate", "activations", "evaluate", "calibrate"}
+MODEL_STAGES_ON_GPU = {"generate", "activations", "evaluate", "drift", "calibrate"}
 CPU_STAGES = {"prepare_model", "judge", "vectors", "axis", "pca", "stability"}
 
 
@@ -201,6 +201,7 @@ def paper_shaped_config(judge_url: str) -> dict:
     config["vectors"] = tiny["vectors"]
     config["analysis"] = {"layer": 15, **tiny["analysis"]}
     config["evaluate"].update(tiny["evaluate"])
+    config["capping"].update(tiny["capping"])  # one capping config, not the paper's 16
     config["shards"] = 1
     # Another memory and time limit for every stage, so that a job given another stage's shows.
     config["resources"] = {

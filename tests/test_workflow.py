@@ -125,9 +125,9 @@ def test_edits_after_the_axis_rerun_only_what_follows_them(run):
         assert planned_jobs(run) == {("evaluate", None), ("all", None)}
     finally:
         path.write_text(original)
-    original = _edit_yaml(path, lambda d: d.setdefault("capping", {}).update(percentiles=[10]))
+    original = _edit_yaml(path, lambda d: d.setdefault("capping", {}).update(percentiles=[25, 10]))
     try:
-        assert planned_jobs(run) == {("calibrate", None), ("evaluate", None), ("all", None)}
+        assert planned_jobs(run) == {("calibrate", None), ("evaluate", None), ("drift", None), ("all", None)}
     finally:
         path.write_text(original)
 
@@ -211,8 +211,9 @@ def test_paper_config_plans_every_role_of_the_bank(tmp_path):
         "stability": 1,
         "calibrate": 1,
         "evaluate": 1,
+        "drift": 1,
         "all": 1,
-        "total": 4 * n + 6,
+        "total": 4 * n + 7,
     }
 
 

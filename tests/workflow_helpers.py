@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TINY_ROLES = ["accountant", "pirate", "ghost"]
 # The axis and the stages that read it: a change to the axis reruns all of them.
-AXIS_AND_AFTER = ("axis", "pca", "stability", "calibrate", "evaluate")
+AXIS_AND_AFTER = ("axis", "pca", "stability", "calibrate", "evaluate", "drift")
 
 
 def tiny_config(**overrides) -> dict:
@@ -26,7 +26,13 @@ def tiny_config(**overrides) -> dict:
     config["generate"].update(max_tokens=16, batch_size=8)
     # Plumbing test: 4 replies of 16 tokens rarely all score 3, so every scored reply counts.
     config["vectors"].update(min_score=1, min_count=1)
-    config["evaluate"] = {"n_prompts": 3, "max_tokens": 16}
+    config["capping"] = {"ranges": {"late": [0.70, 0.85]}, "percentiles": [25]}
+    config["evaluate"] = {
+        "n_prompts": 1,
+        "max_tokens": 16,
+        "sweep": {"bootstrap": 200},
+        "drift": {"n_scenarios": 1, "max_turns": 2, "settings": ["late-p25"]},
+    }
     config["analysis"] = {"stability": {"sizes": [1, 2], "repeats": 2}}
     for key, value in overrides.items():
         config.setdefault(key, {}).update(value)

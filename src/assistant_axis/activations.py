@@ -51,12 +51,14 @@ def _forward_batches(
     begin,
     on_output,
     end,
+    before_hooks: bool = False,
 ) -> None:
     """Run every sequence through the model up to the last of `layers`, batched by `token_budget_batches`.
 
     Per batch (`rows`: the sequences' indices, longest first): `begin(rows, width, device)`, then the forward
     pass, where block `layers[slot]`'s output [rows, width, hidden] goes to `on_output(slot, h)`, then
-    `end(rows)`. Hooks are removed on the way out, also on error.
+    `end(rows)`. Hooks are removed on the way out, also on error. `before_hooks` reads each block's output
+    before the forward hooks already on it (an intervention's input, not its result).
     """
     blocks = find_blocks(model, blocks_path)
     layers = list(layers)
@@ -75,7 +77,8 @@ def _forward_batches(
 
     last_layer = max(layers)
     handles = [
-        blocks[layer].register_forward_hook(hook_for(slot, layer == last_layer)) for slot, layer in enumerate(layers)
+        blocks[layer].register_forward_hook(hook_for(slot, layer == last_layer), prepend=before_hooks)
+        for slot, layer in enumerate(layers)
     ]
     try:
         batches = token_budget_batches([len(s) for s in sequences], batch_tokens)
@@ -158,12 +161,14 @@ def token_projections(
     batch_tokens: int = 8192,
     blocks_path: str | None = None,
     progress: bool = True,
+    before_hooks: bool = False,
 ) -> torch.Tensor:
     """Float32 tensor [total span tokens, n_layers]: every span token's layer output projected on `units[slot]`.
 
     `units` is [n_layers, hidden] (one direction per entry of `layers`, used as given: pass unit vectors for
     projections). Rows are the tokens of span 0 in order, then span 1's, ...; an empty span adds none.
     Projections are float32 dot products of the float32 residual stream, as `mean_activations` averages it.
+    `before_hooks`: each block's output as it was before the interventions installed on it (see `_forward_batches`).
     """
     layers = list(layers)
     hidden = hidden_size(model)
@@ -196,7 +201,17 @@ def token_projections(
 
     try:
         _forward_batches(
-            model, sequences, layers, batch_tokens, blocks_path, progress, "projections", begin, on_output, end
+            model,
+            sequences,
+            layers,
+            batch_tokens,
+            blocks_path,
+            progress,
+            "projections",
+            begin,
+            on_output,
+            end,
+            before_hooks,
         )
     finally:
         state.clear()

@@ -24,6 +24,7 @@ from assistant_axis.errors import InputError
 __all__ = [
     "atomic_path",
     "write_parquet",
+    "write_html_table",
     "read_parquet",
     "write_tensors",
     "read_tensors",
@@ -54,6 +55,14 @@ def atomic_path(path: str | Path, suffix: str = ""):
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path, ".parquet") as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_html_table(frame: pd.DataFrame, path: str | Path, caption: str = "") -> None:
+    """A table as a small HTML page (what Snakemake's report shows of it), written atomically."""
+    body = frame.to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0)
+    page = f"<html><body><p>{caption}</p>{body}</body></html>\n"
+    with atomic_path(path, ".html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
 
 
 def read_parquet(path: str | Path, columns: Iterable[str] = ()) -> pd.DataFrame:

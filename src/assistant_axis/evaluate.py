@@ -1,12 +1,13 @@
 """Does capping stop persona drift, and what does it cost?
 
-The evaluation set (`data/evaluation/prompts.jsonl`) has two kinds of prompts:
-- `persona`: role-play jailbreak framings, "true self" meta-questions and emotionally loaded turns,
-  each naming the character it pushes towards; the judge scores how fully a reply adopts it (0-3);
-- `plain`: short questions with known answers; a reply is correct when it contains an accepted answer
-  (a crude capability proxy that a 135M model can pass).
-Each setting (uncapped, then every capping config) answers every prompt; the summary reports persona
-adoption (share of replies scored 3), mean persona score, accuracy and mean projections per setting.
+Two prompt sets, answered by every setting (uncapped, then every capping config of the sweep):
+- persona prompts (`data/evaluation/prompts.jsonl`): role-play jailbreak framings, "true self" meta-questions
+  and emotionally loaded turns, each naming the character it pushes towards; the judge scores how fully a
+  reply adopts it (0-3);
+- capability prompts (`data/evaluation/capability.jsonl`, see `capability`): arithmetic, facts and
+  instructions with checkable constraints, each reply checked automatically.
+One row per setting and prompt, with its projections and the share of its tokens where the cap fired;
+`sweep.sweep_table` turns the rows into estimates with intervals, the Pareto front and the recommendation.
 """
 
 from __future__ import annotations
@@ -19,42 +20,35 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from assistant_axis.capability import CapabilityItem, passes
 from assistant_axis.errors import InputError
 
 __all__ = [
     "EvalPrompt",
     "load_eval_prompts",
-    "first_of_each_kind",
-    "is_correct",
+    "first_of_each_category",
     "answer_every_setting",
     "answer_every_setting_vllm",
-    "summarize",
     "UNCAPPED",
-    "KINDS",
 ]
 
 log = logging.getLogger(__name__)
 
 UNCAPPED = "uncapped"
-KINDS = {
-    "persona": ("id", "kind", "category", "prompt", "persona", "description"),
-    "plain": ("id", "kind", "category", "prompt", "answers"),
-}
+PERSONA_FIELDS = ("id", "category", "prompt", "persona", "description")
 
 
 @dataclass(frozen=True)
 class EvalPrompt:
     id: str
-    kind: str  # "persona" or "plain"
     category: str
     prompt: str
-    persona: str = ""
-    description: str = ""
-    answers: tuple[str, ...] = ()
+    persona: str
+    description: str
 
 
 def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
-    """Read and check the evaluation prompts: one line, one JSON object, fields by kind, unique ids."""
+    """Read and check the persona prompts: one line, one JSON object, every field a string, unique ids."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -69,63 +63,48 @@ def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(where, "line", f"not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or row.get("kind") not in KINDS:
-            raise InputError(where, "kind", f"must be one of {', '.join(KINDS)}")
-        for field in KINDS[row["kind"]]:
-            if field == "answers":
-                ok = (
-                    isinstance(row.get(field), list)
-                    and row[field]
-                    and all(isinstance(a, str) and a.strip() for a in row[field])
-                )
-            else:
-                ok = isinstance(row.get(field), str) and row[field].strip()
-            if not ok:
-                raise InputError(where, field, "missing or empty")
+        if not isinstance(row, dict):
+            raise InputError(where, "line", "expected a JSON object")
+        for name in PERSONA_FIELDS:
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise InputError(where, name, "missing or empty")
         if row["id"] in seen:
             raise InputError(where, "id", f"{row['id']!r} appears twice")
         seen.add(row["id"])
-        prompts.append(
-            EvalPrompt(
-                row["id"],
-                row["kind"],
-                row["category"],
-                row["prompt"],
-                row.get("persona", ""),
-                row.get("description", ""),
-                tuple(a.lower() for a in row.get("answers", ())),
-            )
-        )
-    if not any(p.kind == "persona" for p in prompts):
-        raise InputError(path, "kind", "no persona prompts to evaluate")
+        prompts.append(EvalPrompt(*(row[name] for name in PERSONA_FIELDS)))
+    if not prompts:
+        raise InputError(path, "prompt", "no persona prompts to evaluate")
     return prompts
 
 
-def first_of_each_kind(prompts: list[EvalPrompt], n: int | None) -> list[EvalPrompt]:
-    """The first `n` prompts of each kind, in file order (`None`: all)."""
+def first_of_each_category(items: list, n: int | None) -> list:
+    """The first `n` items of each category, in file order (`None`: all): a small run still covers them all."""
     if not n:
-        return prompts
+        return items
     counts: dict[str, int] = {}
     kept = []
-    for prompt in prompts:
-        counts[prompt.kind] = counts.get(prompt.kind, 0) + 1
-        if counts[prompt.kind] <= n:
-            kept.append(prompt)
+    for item in items:
+        counts[item.category] = counts.get(item.category, 0) + 1
+        if counts[item.category] <= n:
+            kept.append(item)
     return kept
 
 
-def is_correct(reply: str, answers: tuple[str, ...]) -> bool:
-    text = reply.lower()
-    return any(answer in text for answer in answers)
-
-
 def answer_every_setting(
-    backend, prompts: list[EvalPrompt], configs: dict, axis: torch.Tensor, layer: int, sampling, judge
+    backend,
+    persona: list[EvalPrompt],
+    capability: list[CapabilityItem],
+    configs: dict,
+    axis: torch.Tensor,
+    layer: int,
+    sampling,
+    judge,
 ) -> pd.DataFrame:
     """Every prompt answered uncapped and then under each capping config (`configs`, by name): one row per
-    setting and prompt with the reply, its judge score (persona prompts) or correctness (plain ones), and
-    its projection on the unit axis (`axis`, row i for block i) at `layer` and over the capped layers, read
-    under the same cap, as the model sees them. `backend` is a `TransformersBackend`: its model is capped and read."""
+    setting and prompt with the reply, its judge score (persona prompts) or check (capability ones), its
+    projection on the unit axis (`axis`, row i for block i) at `layer` and over the capped layers, read
+    under the same cap, as the model sees them, and the share of its tokens where the cap fired.
+    `backend` is a `TransformersBackend`: its model is capped and read."""
     from assistant_axis.activations import mean_activations
     from assistant_axis.axis import unit_vectors
     from assistant_axis.interventions import install
@@ -133,27 +112,59 @@ def answer_every_setting(
     model, template = backend.model, backend.template
     cap_layers, watched = _watched(configs, layer)
     units = unit_vectors(axis[watched])
-    conversations = [template.conversation("", p.prompt) for p in prompts]
+    conversations = [template.conversation("", p.prompt) for p in [*persona, *capability]]
     frames = []
     for setting in [UNCAPPED, *configs]:
-        with install(model, *([configs[setting]] if setting in configs else [])):
+        config = configs.get(setting)
+        with install(model, *([config] if config is not None else [])):
             replies = backend.generate(conversations, sampling)
             spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
             acts = mean_activations(model, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
+            fired = _fired_shares(model, spans, config) if config is not None else [float("nan")] * len(spans)
         projections = torch.einsum("nlh,lh->nl", acts, units)
         texts, n_tokens = [r.text for r in replies], [r.n_tokens for r in replies]
-        frames.append(_setting_frame(setting, prompts, texts, n_tokens, projections, watched, layer, cap_layers, judge))
+        frames.append(
+            _setting_frame(
+                setting, persona, capability, texts, n_tokens, projections, fired, watched, layer, cap_layers, judge
+            )
+        )
         log.info("setting %s done", setting)
     return pd.concat(frames, ignore_index=True)
 
 
+def _fired_shares(model, spans, config) -> list[float]:
+    """Per reply, the share of (token, capped layer) pairs whose projection the cap lifts: the blocks'
+    outputs read before the cap's own hooks (under the caps of the layers before)."""
+    from assistant_axis.activations import token_projections
+
+    config = config.normalized()
+    ranges = [s[1:] for s in spans]
+    before = token_projections(
+        model, [s[0] for s in spans], ranges, config.layers, config.vectors, progress=False, before_hooks=True
+    )
+    below = (before < config.thresholds.float()).float()
+    shares, offset = [], 0
+    for start, end in ranges:
+        n = max(end - start, 0)
+        shares.append(float(below[offset : offset + n].mean()) if n else float("nan"))
+        offset += n
+    return shares
+
+
 def answer_every_setting_vllm(
-    session, prompts: list[EvalPrompt], layer: int, sampling, judge, cap_layers: list[int]
+    session,
+    persona: list[EvalPrompt],
+    capability: list[CapabilityItem],
+    layer: int,
+    sampling,
+    judge,
+    cap_layers: list[int],
 ) -> pd.DataFrame:
     """`answer_every_setting` through one vLLM engine (`vllm_chat.VLLMSession`, its settings the uncapped
     one and the capping configs): every (setting, prompt) pair is submitted at once and generated in
-    shared batches. The projections are the engine's telemetry on `session.layers`: the reply's tokens as
-    fed back while generating (see `vllm_hooks`), not a second pass over the rendered reply."""
+    shared batches. The projections and firing shares are the engine's telemetry on `session.layers`: the
+    reply's tokens as fed back while generating (see `vllm_hooks`), not a second pass over the rendered reply."""
+    prompts = [*persona, *capability]
     streams = {
         setting: [session.submit(session.template.conversation("", p.prompt), sampling, setting=name) for p in prompts]
         for setting, name in [(UNCAPPED, "none"), *((s, s) for s in session.cappings)]
@@ -164,12 +175,31 @@ def answer_every_setting_vllm(
         projections = torch.tensor(
             [[float("nan") if v is None else v for v in r.projection] for r in replies], dtype=torch.float32
         )
+        fired = [_mean_known(r.fired) for r in replies]
         texts = [r.text for r in replies]
         n_tokens = [len(r.token_ids) + (r.finish_reason == "stop") for r in replies]  # as the stages count them
-        frame = _setting_frame(setting, prompts, texts, n_tokens, projections, session.layers, layer, cap_layers, judge)
-        frames.append(frame)
+        frames.append(
+            _setting_frame(
+                setting,
+                persona,
+                capability,
+                texts,
+                n_tokens,
+                projections,
+                fired,
+                session.layers,
+                layer,
+                cap_layers,
+                judge,
+            )
+        )
         log.info("setting %s done", setting)
     return pd.concat(frames, ignore_index=True)
+
+
+def _mean_known(values) -> float:
+    known = [v for v in values or () if v is not None]
+    return sum(known) / len(known) if known else float("nan")
 
 
 def _watched(configs: dict, layer: int) -> tuple[list[int], list[int]]:
@@ -180,60 +210,41 @@ def _watched(configs: dict, layer: int) -> tuple[list[int], list[int]]:
 
 def _setting_frame(
     setting: str,
-    prompts: list[EvalPrompt],
+    persona: list[EvalPrompt],
+    capability: list[CapabilityItem],
     texts: list[str],
     n_tokens: list[int],
     projections: torch.Tensor,
+    fired: list[float],
     watched: list[int],
     layer: int,
     cap_layers: list[int],
     judge,
 ) -> pd.DataFrame:
-    """One setting's rows: each reply judged (persona prompts) or checked (plain ones), and its projections."""
+    """One setting's rows (persona prompts, then capability ones): each reply judged or checked, its projections."""
     from assistant_axis.judge import JudgeItem
 
-    persona = [i for i, p in enumerate(prompts) if p.kind == "persona"]
-    items = [JudgeItem(prompts[i].persona, prompts[i].description, prompts[i].prompt, texts[i]) for i in persona]
-    scores = dict(zip(persona, judge.score(items), strict=True))
+    items = [JudgeItem(p.persona, p.description, p.prompt, t) for p, t in zip(persona, texts, strict=False)]
+    scores = [s.score for s in judge.score(items)] + [None] * len(capability)
+    checks = [None] * len(persona) + [
+        passes(t, c.checks) for c, t in zip(capability, texts[len(persona) :], strict=True)
+    ]
+    prompts = [*persona, *capability]
     on_caps = projections[:, [watched.index(c) for c in cap_layers]].mean(dim=1) if cap_layers else None
     return pd.DataFrame(
         {
             "setting": setting,
             "id": [p.id for p in prompts],
-            "kind": [p.kind for p in prompts],
+            "kind": ["persona"] * len(persona) + ["capability"] * len(capability),
             "category": [p.category for p in prompts],
             "prompt": [p.prompt for p in prompts],
             "response": texts,
             "n_response_tokens": n_tokens,
-            "score": pd.array([scores[i].score if i in scores else None for i in range(len(prompts))], dtype="Int64"),
-            "correct": pd.array(
-                [is_correct(t, p.answers) if p.kind == "plain" else None for p, t in zip(prompts, texts, strict=True)],
-                dtype="boolean",
-            ),
+            "score": pd.array(scores, dtype="Int64"),
+            "correct": pd.array(checks, dtype="boolean"),
             "projection": projections[:, watched.index(layer)].numpy(),
             "projection_capped_layers": on_caps.numpy() if on_caps is not None else float("nan"),
+            "fired": fired,
             "judge": judge.name,
         }
     )
-
-
-def summarize(frame: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
-    """Per setting: persona adoption, mean persona score, accuracy on plain prompts, mean projection."""
-    rows = []
-    for setting in settings:
-        part = frame[frame["setting"] == setting]
-        persona, plain = part[part["kind"] == "persona"], part[part["kind"] == "plain"]
-        scores = persona["score"].astype("Float64")
-        rows.append(
-            {
-                "setting": setting,
-                "n_persona": len(persona),
-                "persona_adoption": float((scores == 3).sum() / max(scores.notna().sum(), 1)),
-                "persona_score": float(scores.mean()) if scores.notna().any() else float("nan"),
-                "n_plain": len(plain),
-                "accuracy": float(plain["correct"].mean()) if len(plain) else float("nan"),
-                "projection_persona": float(persona["projection"].mean()),
-                "projection_plain": float(plain["projection"].mean()) if len(plain) else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows)

@@ -9,10 +9,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the headless backend)
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from assistant_axis.artifacts import save_figure  # noqa: E402
 
-__all__ = ["pca_variance", "pca_scatter", "pca_layers", "stability", "thresholds", "tradeoff"]
+__all__ = ["pca_variance", "pca_scatter", "pca_layers", "stability", "thresholds", "sweep", "drift"]
 
 
 def pca_variance(components: pd.DataFrame, layer: int, path: str | Path) -> None:
@@ -93,22 +94,98 @@ def thresholds(percentiles: pd.DataFrame, capped: dict[str, tuple[list[int], lis
     save_figure(fig, path)
 
 
-def tradeoff(summary: pd.DataFrame, path: str | Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for row in summary.itertuples():
-        left.scatter(row.accuracy, row.persona_adoption, s=50)
+def _errors(table: pd.DataFrame, name: str, scale: float = 1.0) -> list:
+    """Error bar lengths below and above each estimate (an interval that misses its estimate draws none)."""
+    below = (table[name] - table[f"{name}_low"]).clip(lower=0) * scale
+    above = (table[f"{name}_high"] - table[name]).clip(lower=0) * scale
+    return [below.fillna(0).to_numpy(), above.fillna(0).to_numpy()]
+
+
+def sweep(summary: pd.DataFrame, path: str | Path) -> None:
+    """Left: capability cost vs adoption reduction per capped setting, with intervals; the Pareto front as a
+    line, the recommendation ringed. Right: adoption and accuracy per setting, with intervals."""
+    capped = summary.iloc[1:]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.axhline(0, color="grey", lw=0.8)
+    left.axvline(0, color="grey", lw=0.8)
+    left.errorbar(
+        capped["capability_cost"] * 100,
+        capped["adoption_reduction"] * 100,
+        xerr=_errors(capped, "capability_cost", 100),
+        yerr=_errors(capped, "adoption_reduction", 100),
+        fmt="o",
+        color="tab:blue",
+        ecolor="lightsteelblue",
+        capsize=3,
+    )
+    front = capped[capped["pareto"]].sort_values("capability_cost")
+    left.plot(
+        front["capability_cost"] * 100, front["adoption_reduction"] * 100, color="tab:red", lw=1.5, label="Pareto front"
+    )
+    for row in capped.itertuples():
         left.annotate(
-            row.setting, (row.accuracy, row.persona_adoption), fontsize=8, xytext=(4, 4), textcoords="offset points"
+            row.setting,
+            (row.capability_cost * 100, row.adoption_reduction * 100),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
         )
-    left.margins(0.15)  # room for the labels
-    left.set_xlabel("accuracy on plain questions (capability proxy)")
-    left.set_ylabel("persona adoption (share of replies judged 3)")
-    left.set_title("Persona adoption vs capability")
+    picked = capped[capped["recommended"]]
+    if len(picked):
+        left.scatter(
+            picked["capability_cost"] * 100,
+            picked["adoption_reduction"] * 100,
+            s=220,
+            facecolors="none",
+            edgecolors="tab:green",
+            lw=2,
+            label="recommended",
+            zorder=3,
+        )
+    left.set_xlabel("capability cost (accuracy points lost vs uncapped)")
+    left.set_ylabel("adoption reduction (points vs uncapped)")
+    left.set_title("The capping sweep (95% bootstrap intervals)")
+    left.legend(fontsize=8)
     x = range(len(summary))
-    right.bar([i - 0.2 for i in x], summary["projection_persona"], width=0.4, label="persona prompts")
-    right.bar([i + 0.2 for i in x], summary["projection_plain"], width=0.4, label="plain prompts")
-    right.set_xticks(list(x), summary["setting"], rotation=20, fontsize=8)
-    right.set_ylabel("mean reply projection (monitor layer)")
-    right.set_title("Where the replies sit on the axis")
+    right.bar(
+        [i - 0.2 for i in x],
+        summary["persona_adoption"],
+        width=0.4,
+        yerr=_errors(summary, "persona_adoption"),
+        label="persona adoption",
+        capsize=2,
+    )
+    right.bar(
+        [i + 0.2 for i in x],
+        summary["accuracy"],
+        width=0.4,
+        yerr=_errors(summary, "accuracy"),
+        label="capability accuracy",
+        capsize=2,
+    )
+    right.set_xticks(list(x), summary["setting"], rotation=30, fontsize=8)
+    right.set_ylim(0, 1.05)
+    right.set_title("Per setting")
     right.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def drift(frame: pd.DataFrame, layer: int, tau: float, path: str | Path) -> None:
+    """Per scenario category, the assistant turns' mean projection at `layer` per setting, tau dashed."""
+    replies = frame[(frame["role"] == "assistant") & (frame["layer"] == layer)].copy()
+    replies["reply"] = replies.groupby(["setting", "scenario"])["turn"].rank(method="first").astype(int)
+    categories = list(dict.fromkeys(replies["category"]))
+    fig, axes = plt.subplots(1, len(categories), figsize=(4 * len(categories), 3.8), sharey=True, squeeze=False)
+    for ax, category in zip(axes[0], categories, strict=True):
+        part = replies[replies["category"] == category]
+        for setting, lines in part.groupby("setting", sort=False):
+            mean = lines.groupby("reply")["projection"].mean()
+            ax.plot(mean.index, mean.values, marker="o", label=setting)
+        ax.axhline(tau, color="grey", ls="--", lw=1)
+        ax.set_title(category)
+        ax.set_xlabel("assistant turn")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].set_ylabel(f"reply projection, layer {layer}")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Drift over a conversation (dashed: tau, the default replies' percentile)")
     save_figure(fig, path)

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +23,7 @@ import torch
 from assistant_axis.artifacts import (
     read_parquet,
     read_tensors,
+    write_html_table,
     write_json,
     write_parquet,
     write_pt,
@@ -749,7 +750,8 @@ def _evaluate_in_vllm(
     axis,
     axis_layers,
     configs,
-    prompts,
+    persona,
+    capability,
     layer,
     sampling,
     judge,
@@ -780,9 +782,34 @@ def _evaluate_in_vllm(
         sampling=sampling,
     )
     try:
-        return answer_every_setting_vllm(session, prompts, layer, sampling, judge, cap_layers)
+        return answer_every_setting_vllm(session, persona, capability, layer, sampling, judge, cap_layers)
     finally:
         session.close()
+
+
+def _check_rendering(axis_meta: dict, axis_file: str, template_options: dict | None, stage: str) -> None:
+    recorded = axis_meta.get("chat_template_kwargs", template_options or {})
+    if recorded != (template_options or {}):
+        raise InputError(
+            axis_file,
+            "chat_template_kwargs",
+            f"the axis was rendered with {recorded}, the {stage} "
+            f"would render with {template_options or {}} (model.chat_template_kwargs)",
+        )
+
+
+def _sweep_configs(capping_files: list[str], info: dict) -> dict:
+    """The calibrate stage's capping configs, by setting name (`late-p25`), checked against the model."""
+    from assistant_axis.cap import load_capping
+    from assistant_axis.plan.params import CapSetting
+
+    configs = {}
+    for path in capping_files:
+        config = load_capping(path, model_name=info["name"], hidden_size=info["hidden_size"], n_layers=info["n_layers"])
+        if not {"range", "percentile"} <= config.metadata.keys():
+            raise InputError(path, "range", "not a capping config of the calibrate stage (no range and percentile)")
+        configs[CapSetting(config.metadata["range"], float(config.metadata["percentile"])).name] = config
+    return configs
 
 
 @config_keys({**MODEL_KEYS, **JUDGE_KEYS, "TransformersBackend.batch_size": "evaluate.batch_size"})
@@ -791,57 +818,55 @@ def evaluate(
     axis_file: str,
     capping_files: list[str],
     prompts_file: str,
+    capability_file: str,
     n_prompts: int | None,
     sampling: dict,
     batch_size: int,
     layer: int | None,
     judge: dict,
+    sweep: dict,
     responses: str,
     summary: str,
     plot: str,
+    pareto: str,
     dtype: str = "float32",
     trust_remote_code: bool = False,
     template_options: dict | None = None,
     backend: str = "transformers",
     vllm: dict | None = None,
 ) -> None:
-    """Every evaluation prompt, uncapped and under each capping config: replies, judge scores, projections.
-    `backend` "vllm" runs every setting through one vLLM engine (`vllm` its settings)."""
+    """Every persona and capability prompt, uncapped and under each capping config of the sweep: replies,
+    judge scores, checks, projections, firing; then the sweep's table (estimates with bootstrap intervals,
+    Pareto front, the recommended setting by `sweep`'s rule). `backend` "vllm" runs every setting through
+    one vLLM engine (`vllm` its settings)."""
     from assistant_axis import plots as figures
     from assistant_axis.backends import Sampling, TransformersBackend
-    from assistant_axis.cap import load_capping
-    from assistant_axis.evaluate import UNCAPPED, answer_every_setting, first_of_each_kind, load_eval_prompts, summarize
+    from assistant_axis.capability import load_capability
+    from assistant_axis.evaluate import UNCAPPED, answer_every_setting, first_of_each_category, load_eval_prompts
     from assistant_axis.judge import make_judge
     from assistant_axis.models import load_model
-    from assistant_axis.plan.params import CapSetting
+    from assistant_axis.sweep import sweep_table
     from assistant_axis.templates import ChatTemplate
 
     axis_tensor, layers, layer, meta = _axis_and_layer(axis_file, layer)
-    recorded = meta.get("chat_template_kwargs", template_options or {})
-    if recorded != (template_options or {}):
-        raise InputError(
-            axis_file,
-            "chat_template_kwargs",
-            f"the axis was rendered with {recorded}, the evaluation "
-            f"would render with {template_options or {}} (model.chat_template_kwargs)",
-        )
+    _check_rendering(meta, axis_file, template_options, "evaluation")
     info = _model_info(model)
-    prompts = first_of_each_kind(load_eval_prompts(prompts_file), n_prompts)
-    configs = {}
-    for path in capping_files:
-        config = load_capping(path, model_name=info["name"], hidden_size=info["hidden_size"], n_layers=info["n_layers"])
-        if not {"range", "percentile"} <= config.metadata.keys():
-            raise InputError(path, "range", "not a capping config of the calibrate stage (no range and percentile)")
-        configs[CapSetting(config.metadata["range"], float(config.metadata["percentile"])).name] = config
+    persona = first_of_each_category(load_eval_prompts(prompts_file), n_prompts)
+    capability = first_of_each_category(load_capability(capability_file), n_prompts)
+    configs = _sweep_configs(capping_files, info)
     engine = make_judge(judge["backend"], judge["settings"], judge["template"])
     reply_sampling = Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"])
+    log.info(
+        "evaluate: %d persona and %d capability prompts, %d settings", len(persona), len(capability), len(configs) + 1
+    )
     if backend == "vllm":
         table = _evaluate_in_vllm(
             info,
             axis_tensor,
             layers,
             configs,
-            prompts,
+            persona,
+            capability,
             layer,
             reply_sampling,
             engine,
@@ -854,10 +879,161 @@ def evaluate(
         net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
         template = ChatTemplate(tokenizer, template_options, info["name"])
         generator = TransformersBackend(net, template, batch_size)
-        table = answer_every_setting(generator, prompts, configs, axis_tensor, layer, reply_sampling, engine)
-    result = summarize(table, [UNCAPPED, *configs])
+        table = answer_every_setting(
+            generator, persona, capability, configs, axis_tensor, layer, reply_sampling, engine
+        )
+    result = sweep_table(
+        table,
+        [UNCAPPED, *configs],
+        sweep["bootstrap"],
+        sweep["confidence"],
+        sweep["max_cost_points"],
+        sampling["seed"],
+    )
     result["monitor_layer"] = layer
-    log.info("evaluation:\n%s", result.to_string(index=False))
+    shown = [
+        "setting",
+        "persona_adoption",
+        "adoption_reduction",
+        "accuracy",
+        "capability_cost",
+        "fired",
+        "pareto",
+        "recommended",
+    ]
+    log.info("evaluation:\n%s", result[shown].to_string(index=False))
+    pick = result.loc[result["recommended"], "setting"].tolist()
+    log.info(
+        "recommended: %s",
+        pick[0]
+        if pick
+        else f"none (no setting reduces adoption within {sweep['max_cost_points']:g} points of capability)",
+    )
     write_parquet(table, responses)
     write_parquet(result, summary)
-    figures.tradeoff(result, plot)
+    figures.sweep(result, plot)
+    write_html_table(
+        _pareto_view(result),
+        pareto,
+        f"Per setting, with {sweep['confidence']:.0%} bootstrap intervals over prompts ({sweep['bootstrap']} "
+        f"resamples). Recommended: the largest adoption reduction whose capability cost is at most "
+        f"{sweep['max_cost_points']:g} accuracy points: {pick[0] if pick else 'none meets the rule'}.",
+    )
+
+
+def _pareto_view(result: pd.DataFrame) -> pd.DataFrame:
+    """The sweep table as people read it: points, each with its interval."""
+
+    def points(name: str) -> list[str]:
+        return [
+            f"{v * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+            for v, lo, hi in zip(result[name], result[f"{name}_low"], result[f"{name}_high"], strict=True)
+        ]
+
+    return pd.DataFrame(
+        {
+            "setting": result["setting"],
+            "adoption %": points("persona_adoption"),
+            "adoption reduction (pts)": points("adoption_reduction"),
+            "accuracy %": points("accuracy"),
+            "capability cost (pts)": points("capability_cost"),
+            "cap fired %": points("fired"),
+            "Pareto": result["pareto"],
+            "recommended": result["recommended"],
+        }
+    )
+
+
+@config_keys({**MODEL_KEYS, "TransformersBackend.batch_size": "evaluate.batch_size"})
+def drift(
+    model: str,
+    axis_file: str,
+    capping_files: list[str],
+    default_activations: str,
+    scenarios_file: str,
+    n_scenarios: int | None,
+    max_turns: int | None,
+    settings: list[str] | None,
+    sampling: dict,
+    batch_size: int,
+    layer: int | None,
+    percentile: float,
+    last_turns: int,
+    transcripts: str,
+    trajectories: str,
+    summary: str,
+    plot: str,
+    table: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    template_options: dict | None = None,
+) -> None:
+    """The scripted multi-turn scenarios, uncapped and under each capping config in `settings` (None: all):
+    transcripts, per-turn projections (as `assistant-axis project` computes them), and how far each setting
+    lets the Assistant drift (`tau`: the `percentile` of the default replies' projections at `layer`)."""
+    from assistant_axis import drift as conversations
+    from assistant_axis import plots as figures
+    from assistant_axis.backends import Sampling, TransformersBackend
+    from assistant_axis.evaluate import UNCAPPED, first_of_each_category
+    from assistant_axis.models import load_model
+    from assistant_axis.templates import ChatTemplate
+
+    axis_tensor, layers, layer, meta = _axis_and_layer(axis_file, layer)
+    _check_rendering(meta, axis_file, template_options, "drift stage")
+    info = _model_info(model)
+    configs = _sweep_configs(capping_files, info)
+    chosen = list(configs) if settings is None else [s for s in settings if s != UNCAPPED]
+    unknown = [s for s in chosen if s not in configs]
+    if unknown:
+        raise InputError(
+            "config",
+            "evaluate.drift.settings",
+            f"unknown setting {unknown[0]!r} (known: {', '.join([UNCAPPED, *configs])})",
+        )
+    scenarios = first_of_each_category(conversations.load_scenarios(scenarios_file), n_scenarios)
+    scenarios = [replace(s, turns=s.turns[:max_turns]) for s in scenarios]
+    acts, act_meta = read_tensors(default_activations, ["activations", "layers"])
+    if acts["layers"].tolist() != layers:
+        raise InputError(default_activations, "layers", "activation layers differ from the axis's: rerun the axis")
+    unit = unit_vectors(axis_tensor[layer : layer + 1])[0]
+    default_projections = acts["activations"][:, layers.index(layer)].float() @ unit
+    default_projections = default_projections[torch.isfinite(default_projections)]
+    tau = float(torch.quantile(default_projections, percentile / 100))
+    net, tokenizer = load_model(info["path"], dtype, trust_remote_code=trust_remote_code)
+    template = ChatTemplate(tokenizer, template_options, info["name"])
+    generator = TransformersBackend(net, template, batch_size, progress=False)
+    reply_sampling = Sampling(sampling["temperature"], sampling["top_p"], sampling["max_tokens"], sampling["seed"])
+    cap_layers = sorted({i for name in chosen for i in configs[name].layers})
+    watched = sorted({layer, *cap_layers})
+    said, projected = [], []
+    for setting in [UNCAPPED, *chosen]:
+        config = configs.get(setting)
+        log.info("drift: %d scenarios under %s", len(scenarios), setting)
+        talks = conversations.run_scenarios(generator, scenarios, reply_sampling, config)
+        frames = conversations.trajectories(net, template, talks, axis_tensor, layers, watched, config)
+        for scenario, talk, frame in zip(scenarios, talks, frames, strict=True):
+            said += [
+                {"setting": setting, "scenario": scenario.id, "category": scenario.category, "turn": i, **m}
+                for i, m in enumerate(talk)
+            ]
+            projected.append(frame.assign(setting=setting, scenario=scenario.id, category=scenario.category))
+    spoken, paths = pd.DataFrame(said), pd.concat(projected, ignore_index=True)
+    paths = paths[["setting", "scenario", "category", "turn", "role", "layer", "projection", "n_chars"]]
+    result = conversations.summarize_drift(paths, layer, tau, last_turns)
+    log.info(
+        "drift (layer %d, tau %.3g = p%g of the default replies):\n%s",
+        layer,
+        tau,
+        percentile,
+        result.to_string(index=False),
+    )
+    write_parquet(spoken, transcripts)
+    write_parquet(paths, trajectories)
+    write_parquet(result, summary)
+    figures.drift(paths, layer, tau, plot)
+    write_html_table(
+        result,
+        table,
+        f"Assistant turns' projection at layer {layer}: first turn, mean of the last {last_turns}, the drop "
+        f"between them, and the share of turns below tau = {tau:.3g} (p{percentile:g} of the default replies).",
+    )

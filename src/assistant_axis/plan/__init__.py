@@ -57,7 +57,7 @@ class Plan:
 
     def check(self) -> None:
         """Semantic checks of a schema-valid config: layers against the model (when its size is known),
-        API settings, and judge prompts that show the judge the response."""
+        API settings, the drift settings among the sweep's, and judge prompts that show the judge the response."""
         from assistant_axis.layers import resolve_layers
 
         dims = self.jobs.model_dims()
@@ -79,6 +79,14 @@ class Plan:
             for key in ("top_logprobs", "system"):
                 settings.pop(key, None)
             APISettings.from_config(settings, "judge.openai")
+        drift_settings = self.config["evaluate"]["drift"]["settings"] or []
+        unknown = [s for s in drift_settings if s not in ("uncapped", *self.params.capping_names())]
+        if unknown:
+            raise InputError(
+                "config",
+                "evaluate.drift.settings",
+                f"{unknown[0]!r} is not a setting of the sweep ({', '.join(self.params.capping_names())})",
+            )
         if judge.get("template") and "{response}" not in judge["template"]:
             raise InputError("config", "judge.template", "has no {response} placeholder: the judge would not see it")
         for role in self.bank.roles.values():

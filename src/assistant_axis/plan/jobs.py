@@ -25,9 +25,10 @@ DEFAULT_RESOURCES = {
     "stability": {"runtime": 120, "mem_mb": 16000},
     "calibrate": {"runtime": 30, "mem_mb": 16000},
     "evaluate": {"runtime": 240, "mem_mb": 32000},
+    "drift": {"runtime": 120, "mem_mb": 32000},
 }
 # The stages that run the model's weights; calibrate too when it calibrates on tokens (Plan.loads_a_model).
-MODEL_STAGES = ("generate", "activations", "evaluate")
+MODEL_STAGES = ("generate", "activations", "evaluate", "drift")
 DEFAULT_API_JOBS = 4
 
 

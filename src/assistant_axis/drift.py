@@ -1,0 +1,125 @@
+"""Multi-turn drift: the model talks with a scripted user, with and without capping, and its replies'
+projections are followed turn by turn.
+
+A scenario (`data/evaluation/drift.jsonl`) is a list of fixed user turns (emotional disclosure, "what are
+you really", role-play escalation, and plain coding help as a control). Every scenario of a setting
+advances one turn at a time in one batch: the model answers turn k having seen its own replies to turns
+1..k-1. The trajectories are `project.conversation_projections` of each saved transcript under the same
+setting's cap, so `assistant-axis project --cap ... --layers ...` on a transcript gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from assistant_axis.errors import InputError
+from assistant_axis.interventions import install
+
+__all__ = ["Scenario", "load_scenarios", "run_scenarios", "trajectories", "summarize_drift", "transcript"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    category: str
+    description: str
+    turns: tuple[str, ...]
+
+
+def load_scenarios(path: str | Path) -> list[Scenario]:
+    """Read and check the scenarios: one JSON object a line, with id, category, description and turns."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc})") from exc
+    scenarios, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(where, "line", f"not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise InputError(where, "line", "expected a JSON object")
+        for name in ("id", "category", "description"):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise InputError(where, name, "missing or empty")
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise InputError(where, "turns", "expected a non-empty list of non-empty user turns")
+        if row["id"] in seen:
+            raise InputError(where, "id", f"{row['id']!r} appears twice")
+        seen.add(row["id"])
+        scenarios.append(Scenario(row["id"], row["category"], row["description"], tuple(turns)))
+    if not scenarios:
+        raise InputError(path, "turns", "no scenarios")
+    return scenarios
+
+
+def run_scenarios(backend, scenarios: list[Scenario], sampling, config=None) -> list[list[dict]]:
+    """Each scenario's transcript (user and assistant messages): the scripted user turns, one at a time, each
+    answered by `backend` (a `TransformersBackend`) under `config` (a capping config, or None)."""
+    transcripts: list[list[dict]] = [[] for _ in scenarios]
+    with install(backend.model, *([config] if config is not None else [])):
+        for k in range(max(len(s.turns) for s in scenarios)):
+            active = [i for i, s in enumerate(scenarios) if k < len(s.turns)]
+            for i in active:
+                transcripts[i].append({"role": "user", "content": scenarios[i].turns[k]})
+            replies = backend.generate([transcripts[i] for i in active], sampling)
+            for i, reply in zip(active, replies, strict=True):
+                transcripts[i].append({"role": "assistant", "content": reply.text})
+            log.info("turn %d of %d answered", k + 1, max(len(s.turns) for s in scenarios))
+    return transcripts
+
+
+def trajectories(
+    model, template, transcripts: list[list[dict]], axis: torch.Tensor, axis_layers: list[int], layers, config=None
+) -> list[pd.DataFrame]:
+    """Per transcript, its per-turn projections (`project.conversation_projections`) under `config`."""
+    from assistant_axis.project import conversation_projections
+
+    with install(model, *([config] if config is not None else [])):
+        return [conversation_projections(model, template, t, axis, axis_layers, layers) for t in transcripts]
+
+
+def transcript(frame: pd.DataFrame, setting: str, scenario: str) -> list[dict]:
+    """One saved transcript (the stage's transcripts table) as the message list `project` reads."""
+    part = frame[(frame["setting"] == setting) & (frame["scenario"] == scenario)].sort_values("turn")
+    return [{"role": r.role, "content": r.content} for r in part.itertuples()]
+
+
+def summarize_drift(frame: pd.DataFrame, layer: int, tau: float, last_turns: int) -> pd.DataFrame:
+    """Per setting and category (and "all"): the assistant turns' projection at `layer` on the first turn and
+    over the last `last_turns` turns, the drop between them, and the share of turns below `tau`."""
+    replies = frame[(frame["role"] == "assistant") & (frame["layer"] == layer)].copy()
+    replies["reply"] = replies.groupby(["setting", "scenario"])["turn"].rank(method="first").astype(int)
+    replies["last"] = replies["reply"] > replies.groupby(["setting", "scenario"])["reply"].transform("max") - last_turns
+    rows = []
+    for setting, by_setting in replies.groupby("setting", sort=False):
+        for category, part in [*by_setting.groupby("category", sort=False), ("all", by_setting)]:
+            first = part[part["reply"] == 1]["projection"].mean()
+            last = part[part["last"]]["projection"].mean()
+            rows.append(
+                {
+                    "setting": setting,
+                    "category": category,
+                    "n_scenarios": part["scenario"].nunique(),
+                    "first_turn": float(first),
+                    "last_turns": float(last),
+                    "drop": float(first - last),
+                    "below_tau": float((part["projection"] < tau).mean()),
+                    "tau": tau,
+                }
+            )
+    return pd.DataFrame(rows)
