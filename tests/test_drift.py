@@ -90,6 +90,36 @@ def test_the_drift_summary_on_a_constructed_table():
     assert summary.loc[("late-p25", "meta"), "last_turns"] == 4.0
 
 
+@pytest.mark.parametrize("template", [None, "thinking"])
+def test_one_pass_projections_equal_each_message_on_its_own_prefix(bundled, tiny_run, template):
+    """`conversation_projections` reads every message from one pass over the whole conversation where the
+    rendering nests, and from the message's own prefix where it does not (the thinking template drops
+    earlier think blocks): both equal the per-prefix activations of `turn_activations`, projected."""
+    import torch
+
+    from assistant_axis.axis import load_axis, unit_rows
+    from assistant_axis.project import conversation_projections, turn_activations
+
+    from conftest import tokenizer_with_template
+
+    model, tokenizer = bundled
+    if template:
+        tokenizer = tokenizer_with_template(tokenizer, template)
+    axis, axis_layers, _ = load_axis(tiny_run / "results" / MODEL / "axis.safetensors")
+    messages = [{"role": "system", "content": "You are a sea captain."}]
+    for i, (question, answer) in enumerate(
+        [("Who are you?", "I sail the seas."), ("Really?", "Yes, truly."), ("And now?", "Still a captain.")]
+    ):
+        reasoning = {"reasoning_content": f"Thinking about turn {i}."} if template else {}
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer, **reasoning}]
+    layers = [5, 15, 25]
+    frame = conversation_projections(model, ChatTemplate(tokenizer), messages, axis, axis_layers, layers)
+    _, acts = turn_activations(model, ChatTemplate(tokenizer), messages, layers)
+    expected = torch.einsum("nlh,lh->nl", acts, unit_rows(axis, axis_layers, layers, 576))
+    got = torch.tensor(frame["projection"].to_numpy(), dtype=torch.float32).reshape(len(messages), len(layers))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got - expected).abs().max()
+
+
 @pytest.mark.slow
 def test_drift_trajectories_equal_project_on_the_saved_transcripts(tiny_run, tmp_path):
     results = tiny_run / "results" / MODEL / "drift"

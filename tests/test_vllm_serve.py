@@ -356,6 +356,54 @@ def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, tmp_path
     same = ours["response"] == reference["response"]
     print(f"evaluate in vLLM: {int(same.sum())}/{len(same)} replies as with transformers")
     assert same.mean() >= 0.9, ours.loc[~same, "response"]
-    plain = same & reference["correct"].notna()
-    assert (ours.loc[plain, "correct"] == reference.loc[plain, "correct"]).all()
+    checked = same & reference["correct"].notna()
+    assert (ours.loc[checked, "correct"] == reference.loc[checked, "correct"]).all()
+    # The cap's firing share from the engine's telemetry (the fed-back tokens) and from the transformers
+    # evaluation's second pass (the reply's tokens) measure the same thing, up to the last token of a cut reply.
+    fired, fired_reference = ours.loc["late-p25", "fired"], reference.loc["late-p25", "fired"]
+    assert fired.between(0, 1).all() and ours.loc["uncapped", "fired"].isna().all()
+    assert abs(fired.mean() - fired_reference.mean()) < 0.1, (fired.mean(), fired_reference.mean())
     assert "in one vLLM engine" in (work / "logs/smollm2-135m-instruct/evaluate.log").read_text()
+
+
+def test_the_vllm_server_refuses_another_model_and_unsupported_fields(url):
+    code, body = _post(url, json.dumps({"model": "nope", "messages": _messages(0)}).encode())
+    assert code == 404 and body["error"]["code"] == "model_not_found" and "'nope'" in body["error"]["message"]
+    code, body = _post(url, json.dumps({"model": MODEL, "messages": _messages(0), "stop": ["\n"]}).encode())
+    assert code == 400 and body["error"]["param"] == "stop"
+    ok = {"model": MODEL, "messages": _messages(0), "max_tokens": 4, "presence_penalty": 0, "user": "u"}
+    assert _post(url, json.dumps(ok).encode())[0] == 200
+
+
+def test_a_vllm_request_finished_early_delivers_its_reply_so_far(llm, capped_setting, tiny_run):
+    """What the server's time limit and shutdown call: the engine stops the request where it is and the
+    reply so far arrives, cut ("length"), with its telemetry; the engine goes on serving the others."""
+    import asyncio
+
+    from assistant_axis.templates import ChatTemplate
+    from assistant_axis.vllm_chat import Chunk, VLLMSession
+
+    units, capping = capped_setting
+    template = ChatTemplate(llm.get_tokenizer())
+    session = VLLMSession(llm, template, units, capping.layers, {"late-p25": capping})
+    long = Sampling(temperature=0.0, top_p=1.0, max_tokens=1500, seed=0)
+
+    async def run():
+        stream = session.submit(_messages(1), long, setting="late-p25", loop=asyncio.get_running_loop())
+        other = session.submit(_messages(2), replace(long, max_tokens=8), setting="none")
+        chunks = 0
+        async for event in stream:
+            if isinstance(event, Chunk):
+                chunks += 1
+                if chunks == 5:
+                    stream.finish()
+            else:
+                return event, other.result()
+
+    try:
+        reply, other = asyncio.run(asyncio.wait_for(run(), 300))
+    finally:
+        session.close()
+    assert reply.finish_reason == "length" and 5 <= len(reply.token_ids) < 100 and reply.text.strip()
+    assert reply.setting == "late-p25" and all(v is not None for v in reply.projection) and max(reply.fired) > 0
+    assert other.finish_reason in ("stop", "length") and other.text.strip()

@@ -130,6 +130,11 @@ def test_edits_after_the_axis_rerun_only_what_follows_them(run):
         assert planned_jobs(run) == {("calibrate", None), ("evaluate", None), ("drift", None), ("all", None)}
     finally:
         path.write_text(original)
+    original = _edit_yaml(path, lambda d: d["evaluate"]["drift"].update(last_turns=1))
+    try:
+        assert planned_jobs(run) == {("drift", None), ("all", None)}
+    finally:
+        path.write_text(original)
 
 
 def test_description_edit_reruns_only_that_roles_judge_chain(run):

@@ -121,12 +121,53 @@ class Sampled:
     logits: list[torch.Tensor] | None  # per generated token, the model's raw logits (before temperature, top-p)
 
 
+class _StopWhen:
+    """A stopping criterion that ends generation (every row) once `stop()` says so, between two tokens."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
+
+
+class _EachToken:
+    """A `generate` streamer handing each new token of a one-row batch to `on_token` (the prompt is skipped)."""
+
+    def __init__(self, on_token):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.flatten().tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
 def sample_batch(
-    model, tokenizer, prompts: list[list[int]], sampling: Sampling, seed: int, want_logits: bool = False
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    seed: int,
+    want_logits: bool = False,
+    stop=None,
+    on_token=None,
 ) -> list[Sampled]:
     """In-process generation, the one loop every in-process caller uses (the generate and evaluate stages
     through `TransformersBackend`, chat, serve, project): `prompts` (token ids) left-padded into one batch,
-    sampled from one generator seeded with `seed`, each stopped at its model's end of turn."""
+    sampled from one generator seeded with `seed`, each stopped at its model's end of turn.
+
+    `stop()`, checked after every token, cuts the batch short (a reply cut so ends with "length");
+    `on_token(id)` receives each new token as it is sampled (one prompt only: a server's stream)."""
+    from transformers import StoppingCriteriaList
+
+    if on_token is not None and len(prompts) != 1:
+        raise ArgumentError("sample_batch", "on_token", "streams one prompt at a time")
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -152,6 +193,8 @@ def sample_batch(
             eos_token_id=sorted(eos),
             return_dict_in_generate=True,
             output_logits=want_logits,
+            stopping_criteria=StoppingCriteriaList([_StopWhen(stop)]) if stop is not None else None,
+            streamer=_EachToken(on_token) if on_token is not None else None,
         )
     results = []
     for r in range(len(prompts)):

@@ -75,6 +75,17 @@ class Reply:
     setting: str | None = None  # the capping setting it was generated under ("none" or a config's name)
 
 
+def check_context(prompt_tokens: int, max_tokens: int, context: int | None) -> None:
+    """Refuse, before generating, a reply that could not fit the model's context (every engine checks this)."""
+    if context is not None and prompt_tokens + max_tokens > context:
+        raise InputError(
+            "request",
+            "max_tokens",
+            f"the prompt's {prompt_tokens} tokens + max_tokens {max_tokens} exceed the model's context of "
+            f"{context} tokens",
+        )
+
+
 def default_model() -> str:
     """The workflow's prepared copy of the bundled model when it exists (loads in ~1 s), else the GGUF."""
     return PREPARED_DEFAULT if (Path(PREPARED_DEFAULT) / "config.json").is_file() else BUNDLED_DEFAULT
@@ -155,15 +166,19 @@ class ChatSession(Conversation):
         sampling: Sampling | None = None,
         top_logprobs: int | None = None,
         setting: str | None = None,
+        stop=None,
+        on_token=None,
     ) -> Reply:
         """The next assistant turn of `messages`; `top_logprobs` (0-20) asks for per-token logprobs;
-        `setting` "none" leaves the capping out."""
+        `setting` "none" leaves the capping out; `stop()` and `on_token(id)` as in `backends.sample_batch`
+        (a server's time limit, a client gone, a stream)."""
         sampling = sampling or self.sampling
         shown = self.template.fit(list(messages))
         prompt = self.template.ids(shown, add_generation_prompt=True)
+        check_context(len(prompt), sampling.max_tokens, self.context_length)
         with self.hooks(setting):
             (out,) = sample_batch(
-                self.model, self.tokenizer, [prompt], sampling, sampling.seed, top_logprobs is not None
+                self.model, self.tokenizer, [prompt], sampling, sampling.seed, top_logprobs is not None, stop, on_token
             )
             new = out.tokens
             reasoning, text = split_reasoning(self.tokenizer.decode(new, skip_special_tokens=True))
@@ -189,6 +204,11 @@ class ChatSession(Conversation):
 
     def tau(self) -> list[float | None] | None:
         return None if self.capping is None else self.capping.floors(self.layers)
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt + reply) the model's positions cover, when its config says."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
 
     def conversation_projections(self, messages: list[dict]) -> pd.DataFrame:
         """Per-turn projections (see `project.conversation_projections`) under this session's hooks."""

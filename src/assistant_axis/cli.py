@@ -10,7 +10,7 @@ import json
 import random
 import sys
 
-from assistant_axis.errors import AxisError, InputError, renamed
+from assistant_axis.errors import ArgumentError, AxisError, InputError, renamed
 
 __all__ = ["main"]
 
@@ -163,11 +163,18 @@ def _serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from assistant_axis.axis import load_axis
-    from assistant_axis.serve import run_server
+    from assistant_axis.serve import Limits, run_server
 
+    for flag, value in (("--max-queue", args.max_queue), ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value is not None and value < 1:
+            raise ArgumentError("command line", flag, f"must be >= 1, got {value}")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--shutdown-grace", args.shutdown_grace)):
+        if value <= 0:
+            raise ArgumentError("command line", flag, f"must be > 0 seconds, got {value:g}")
+    limits = Limits(args.max_queue, args.request_timeout, args.max_prompt_tokens, args.shutdown_grace)
     session = _session(args)
-    name = args.served_model_name or load_axis(args.axis)[2].get("model") or Path(args.model).name
-    run_server(session, str(name), args.host, args.port)
+    names = args.served_model_name or [load_axis(args.axis)[2].get("model") or Path(args.model).name]
+    run_server(session, str(names[0]), args.host, args.port, limits, tuple(names[1:]))
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -299,7 +306,29 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", parents=[shared, engine], help="OpenAI-compatible /v1/chat/completions server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", help="the `model` in replies (default: the axis's model)")
+    serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="the `model` in replies, then other names a request may use (default: the axis's model); "
+        "a request naming another model gets a 404",
+    )
+    limits = serve.add_argument_group("limits (what the server refuses or cuts)")
+    limits.add_argument(
+        "--max-queue", type=int, default=32, help="requests admitted at once; more get 429 + Retry-After (32)"
+    )
+    limits.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds a reply may take before it is cut (600)"
+    )
+    limits.add_argument(
+        "--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: the model's context)"
+    )
+    limits.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds replies may run before they are cut (10)",
+    )
     serve.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     try:

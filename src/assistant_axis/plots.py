@@ -122,14 +122,11 @@ def sweep(summary: pd.DataFrame, path: str | Path) -> None:
     left.plot(
         front["capability_cost"] * 100, front["adoption_reduction"] * 100, color="tab:red", lw=1.5, label="Pareto front"
     )
-    for row in capped.itertuples():
-        left.annotate(
-            row.setting,
-            (row.capability_cost * 100, row.adoption_reduction * 100),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+    points = capped.assign(
+        x=(capped["capability_cost"] * 100).round(6), y=(capped["adoption_reduction"] * 100).round(6)
+    )
+    for (x, y), together in points.groupby(["x", "y"], sort=False):  # settings at one point share a label
+        left.annotate(", ".join(together["setting"]), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     picked = capped[capped["recommended"]]
     if len(picked):
         left.scatter(
@@ -164,9 +161,9 @@ def sweep(summary: pd.DataFrame, path: str | Path) -> None:
         capsize=2,
     )
     right.set_xticks(list(x), summary["setting"], rotation=30, fontsize=8)
-    right.set_ylim(0, 1.05)
+    right.set_ylim(0, 1.3)
     right.set_title("Per setting")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, ncol=2, loc="upper center")
     save_figure(fig, path)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from assistant_axis.activations import mean_activations
+from assistant_axis.activations import mean_activations, token_projections
 from assistant_axis.artifacts import save_figure
 from assistant_axis.axis import unit_rows
 from assistant_axis.errors import InputError
@@ -82,11 +82,36 @@ def conversation_projections(
     blocks_path: str | None = None,
     source: str = "axis",
 ) -> pd.DataFrame:
-    """One row per (message, layer): `turn, role, layer, projection, n_chars`."""
+    """One row per (message, layer): `turn, role, layer, projection, n_chars`.
+
+    Each message is measured in the conversation up to it (as `turn_activations`), but in one pass: under
+    causal attention a token sees only what precedes it, so the whole conversation's pass gives every
+    message whose rendering it extends; a message the template renders otherwise once later turns exist
+    (one that drops earlier think blocks, say) gets a pass over its own prefix. The projection of a mean
+    is the mean of the tokens' projections."""
     layers = sorted(layers)
     units = unit_rows(axis, axis_layers, layers, hidden_size(model), source)
-    messages, acts = turn_activations(model, template, messages, layers, blocks_path)
-    projections = torch.einsum("nlh,lh->nl", acts, units)
+    template = _template(template)
+    messages = template.fit(messages)
+    located = [template.turn_span(messages[:i], message) for i, message in enumerate(messages)]
+    whole = located[-1][0]
+    sequences, spans, reads = [whole], [(0, len(whole))], []
+    for ids, start, end in located:
+        if ids[:end] == whole[:end]:
+            reads.append((0, start, end))
+        else:
+            reads.append((len(sequences), start, end))
+            sequences.append(ids)
+            spans.append((start, end))
+    tokens = token_projections(model, sequences, spans, layers, units, blocks_path=blocks_path, progress=False)
+    offsets = [0]
+    for first, last in spans:
+        offsets.append(offsets[-1] + last - first)
+    projections = torch.full((len(messages), len(layers)), float("nan"))
+    for i, (k, start, end) in enumerate(reads):
+        if end > start:
+            at = offsets[k] + start - spans[k][0]
+            projections[i] = tokens[at : at + end - start].double().mean(dim=0).float()
     rows = [
         {
             "turn": i,

@@ -11,8 +11,15 @@ under the active hooks: the model's own distribution (temperature 1, before top-
 OpenAI's API reports. No second forward pass is needed, and the tokens listed are exactly the ones
 generated (not a re-tokenisation of the text). `bytes` is the token text's UTF-8.
 
-One model serves one request at a time (a lock): requests queue. `n` must be 1 and `stream` false.
-The request's `model` is not checked against the served name (harnesses send their own).
+What it refuses before any work (`Limits`, the `serve` flags): a body that is not JSON or not valid
+(400 naming the field), a field it does not honour (400; fields that say nothing about generation, such
+as `user`, and default values such as `presence_penalty: 0` pass), another model's name (404), a prompt
+over `max_prompt_tokens` or prompt + `max_tokens` over the context (400 naming the limit), and any
+request beyond `max_queue` admitted at once (429 with `Retry-After`). A reply longer than
+`request_timeout` seconds is cut there (`finish_reason` "length", `"timed_out": true`); a client that
+goes away stops its generation; SIGTERM stops accepting, lets replies run `grace` seconds, cuts the
+rest and exits. The transformers engine generates one reply at a time (requests queue); the vLLM
+engine batches them all.
 
 >>> run_server(session, "smollm2-135m-instruct", host="127.0.0.1", port=8000)
 """
@@ -20,7 +27,9 @@ The request's `model` is not checked against the served name (harnesses send the
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import math
 import threading
 import time
 import uuid
@@ -31,12 +40,37 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from assistant_axis.backends import Sampling
-from assistant_axis.chat import ChatSession, Reply, with_sampling
+from assistant_axis.chat import ChatSession, Reply, check_context, with_sampling
 from assistant_axis.errors import InputError
 
-__all__ = ["create_app", "run_server", "completion_body", "parse_request", "ChatRequest"]
+__all__ = ["create_app", "run_server", "completion_body", "parse_request", "ChatRequest", "Limits"]
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+HONOURED = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "n",
+    "stream",
+    "logprobs",
+    "top_logprobs",
+    "capping",
+}
+NO_EFFECT = {"user", "metadata", "store", "service_tier", "stream_options"}  # nothing about what is generated
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server takes on; each is a `serve` flag."""
+
+    max_queue: int = 32  # --max-queue: requests admitted at once (generating or waiting); more get 429
+    request_timeout: float = 600.0  # --request-timeout: seconds a reply may take before it is cut
+    max_prompt_tokens: int | None = None  # --max-prompt-tokens: None = the model's context
+    grace: float = 10.0  # --shutdown-grace: seconds replies may run on after SIGTERM
 
 
 class RequestError(Exception):
@@ -45,6 +79,13 @@ class RequestError(Exception):
     def __init__(self, param: str, message: str):
         self.param, self.message = param, message
         super().__init__(message)
+
+
+def _asks_nothing(value: Any) -> bool:
+    """An unsupported field at its default (`presence_penalty: 0`, `stop: null`, `tools: []`) asks for nothing."""
+    if value is None or value is False or value in ([], {}, {"type": "text"}):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def _text(content: Any, where: str) -> str:
@@ -100,6 +141,9 @@ def parse_request(session, body: Any) -> ChatRequest:
     """Validate one request body against the session (its settings and sampling defaults)."""
     if not isinstance(body, dict):
         raise RequestError("body", "the request body must be a JSON object")
+    for name, value in body.items():
+        if name not in HONOURED | NO_EFFECT and not _asks_nothing(value):
+            raise RequestError(name, f"{name} is not supported by this server (send it unset)")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise RequestError("stream", f"stream must be true or false, got {stream!r}")
@@ -198,58 +242,122 @@ def _chunk(cid: str, model_name: str, delta: dict, finish: str | None = None, **
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _error(status: int, message: str, param: str | None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+def _error(
+    status: int, message: str, param: str | None, kind: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+class Cut:
+    """Ends a request's generation early, once, for a reason: "time" (its limit), "gone" (the client left)
+    or "shutdown"; engines register what stops them (`on`) or poll it (`is_set`)."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason, callbacks = reason, list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
+    def on(self, callback) -> None:
+        with self._lock:
+            if self.reason is None:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def is_set(self) -> bool:
+        return self.reason is not None
 
 
 class _Transformers:
-    """A `ChatSession` behind the server: one generation at a time (a lock), in a worker thread; a
-    stream is the whole reply in one chunk."""
+    """A `ChatSession` behind the server: one generation at a time (a lock), in a worker thread; a cut
+    stops it between two tokens, and a stream sends the text as the tokens arrive."""
 
     def __init__(self, session: ChatSession):
         self.session, self.lock = session, threading.Lock()
 
-    async def replies(self, request: ChatRequest) -> list[Reply]:
+    def _generate(self, request: ChatRequest, seed: int, cut: Cut, on_token=None) -> Reply:
+        with self.lock:  # held until the model is free again, also when the caller has been cancelled
+            sampling = replace(request.sampling, seed=seed)
+            top = request.top_logprobs if request.logprobs else None
+            return self.session.complete(request.messages, sampling, top, request.setting, cut.is_set, on_token)
+
+    async def replies(self, request: ChatRequest, cut: Cut) -> list[Reply]:
         from starlette.concurrency import run_in_threadpool
 
-        def locked(seed: int) -> Reply:
-            with self.lock:
-                sampling = replace(request.sampling, seed=seed)
-                top = request.top_logprobs if request.logprobs else None
-                return self.session.complete(request.messages, sampling, top, request.setting)
+        return [await run_in_threadpool(self._generate, request, seed, cut) for seed in request.seeds()]
 
-        return [await run_in_threadpool(locked, seed) for seed in request.seeds()]
+    def stream(self, request: ChatRequest, cut: Cut):
+        from starlette.concurrency import run_in_threadpool
 
-    def stream(self, request: ChatRequest):
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        decode = self.session.tokenizer.decode
+
+        def on_token(token: int) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, token)
+
         async def events():
-            (reply,) = await self.replies(request)
-            yield reply.text, None
-            yield reply, None
+            job = asyncio.ensure_future(
+                run_in_threadpool(self._generate, request, request.sampling.seed, cut, on_token)
+            )
+            ids, sent = [], ""
+            try:
+                while not job.done() or not tokens.empty():
+                    waiter = asyncio.ensure_future(tokens.get())
+                    await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiter.done():
+                        waiter.cancel()
+                        continue
+                    ids.append(waiter.result())
+                    # What the reply's text will be so far: stripped, and whole characters only.
+                    text = decode(ids, skip_special_tokens=True).strip()
+                    if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                        yield text[len(sent) :], None
+                        sent = text
+                reply = job.result()
+                if reply.text.startswith(sent) and len(reply.text) > len(sent):
+                    yield reply.text[len(sent) :], None
+                yield reply, None
+            finally:
+                cut("gone")  # a no-op once the reply is done; else (the client left) the generation stops
+                if not job.done():
+                    await asyncio.shield(job)  # the model is free again before this request is over
 
         return events()
 
 
 class _VLLM:
-    """A `VLLMSession` behind the server: every request goes to the engine at once (continuous batching)."""
+    """A `VLLMSession` behind the server: every request goes to the engine at once (continuous batching);
+    a cut finishes a request where it is."""
 
     def __init__(self, session):
         self.session = session
 
-    def _submit(self, request: ChatRequest, seed: int):
+    def _submit(self, request: ChatRequest, seed: int, cut: Cut):
         top = request.top_logprobs if request.logprobs else None
         sampling = replace(request.sampling, seed=seed)
-        return self.session.submit(request.messages, sampling, top, request.setting, asyncio.get_running_loop())
+        stream = self.session.submit(request.messages, sampling, top, request.setting, asyncio.get_running_loop())
+        cut.on(stream.finish)
+        return stream
 
-    async def replies(self, request: ChatRequest) -> list[Reply]:
-        streams = [self._submit(request, seed) for seed in request.seeds()]
+    async def replies(self, request: ChatRequest, cut: Cut) -> list[Reply]:
+        streams = [self._submit(request, seed, cut) for seed in request.seeds()]
         try:
             return [await _last(stream) for stream in streams]
         finally:  # a client that went away: its generations stop
             for stream in streams:
                 stream.cancel()
 
-    def stream(self, request: ChatRequest):
-        stream = self._submit(request, request.sampling.seed)  # refused now (400), not mid-stream
+    def stream(self, request: ChatRequest, cut: Cut):
+        stream = self._submit(request, request.sampling.seed, cut)  # refused now (400), not mid-stream
 
         async def events():
             try:
@@ -268,20 +376,64 @@ async def _last(stream) -> Reply:
     raise RuntimeError("the engine ended the request without a reply")
 
 
-def create_app(session, model_name: str) -> FastAPI:
+class _Admission:
+    """How many requests are in (generating or waiting), and how long they took: `Retry-After`."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.active, self.took = limits, 0, collections.deque(maxlen=32)
+
+    def enter(self) -> bool:
+        if self.active >= self.limits.max_queue:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self, started: float) -> None:
+        self.active -= 1
+        self.took.append(time.monotonic() - started)
+
+    def retry_after(self) -> int:
+        """About one request's time: by then a place has likely come free."""
+        return max(1, math.ceil(sum(self.took) / len(self.took))) if self.took else 1
+
+
+def check_size(session, request: ChatRequest, limits: Limits) -> int:
+    """The prompt's tokens, refused (400) past `max_prompt_tokens` or, with `max_tokens`, past the context."""
+    template = session.template
+    n = len(template.ids(template.fit(list(request.messages)), add_generation_prompt=True))
+    if limits.max_prompt_tokens is not None and n > limits.max_prompt_tokens:
+        raise RequestError(
+            "messages", f"the prompt has {n} tokens; this server takes at most {limits.max_prompt_tokens}"
+        )
+    check_context(n, request.sampling.max_tokens, session.context_length)
+    return n
+
+
+async def _until_gone(request: Request, cut: Cut) -> None:
+    """Cut the generation when the client disconnects (a non-streaming request is not told otherwise)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    cut("gone")
+
+
+def create_app(session, model_name: str, limits: Limits | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. `session` is a
-    `chat.ChatSession` (transformers) or a `vllm_chat.VLLMSession`."""
+    `chat.ChatSession` (transformers) or a `vllm_chat.VLLMSession`; `aliases` are other names a request's
+    `model` may use."""
     # FastAPI reads the endpoints' annotations (strings here): `Request` must be a module global.
+    limits = limits or Limits()
     app = FastAPI(title="assistant-axis", description=__doc__)
     engine = _Transformers(session) if isinstance(session, ChatSession) else _VLLM(session)
+    admission = _Admission(limits)
+    names = (model_name, *aliases)
     created = int(time.time())
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> dict:  # on the event loop: answers while any generation runs
+        return {"status": "ok", "active": admission.active, "max_queue": limits.max_queue}
 
     @app.get("/v1/models")
-    def models() -> dict:
+    async def models() -> dict:
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "assistant-axis"}],
@@ -293,21 +445,68 @@ def create_app(session, model_name: str) -> FastAPI:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, f"the request body is not JSON ({exc})", "body")
+        if isinstance(body, dict) and body.get("model") is not None and body["model"] not in names:
+            message = f"the model {body['model']!r} does not exist; this server serves {model_name!r}"
+            return _error(404, message, "model", code="model_not_found")
         try:
             parsed = parse_request(session, body)
-            if parsed.stream:
-                events = _events(engine.stream(parsed), parsed, model_name)
-                return StreamingResponse(events, media_type="text/event-stream")
-            return completion_body(await engine.replies(parsed), model_name, parsed.logprobs)
+            check_size(session, parsed, limits)
         except RequestError as exc:
             return _error(400, exc.message, exc.param)
         except InputError as exc:
             return _error(400, str(exc), exc.field)
+        if not admission.enter():
+            response = _error(
+                429, f"the server is busy ({limits.max_queue} requests in); retry later", None, "rate_limit_error"
+            )
+            response.headers["Retry-After"] = str(admission.retry_after())
+            return response
+        loop, cut, started = asyncio.get_running_loop(), Cut(), time.monotonic()
+        timers = [loop.call_later(limits.request_timeout, cut, "time")]
+        released = []
+
+        def release() -> None:  # once, however the request ends
+            if not released:
+                released.append(True)
+                for timer in timers:
+                    timer.cancel()
+                cut("gone")  # stops a generation still running; nothing once the reply is done
+                admission.leave(started)
+
+        if parsed.stream:
+            try:
+                events = _events(engine.stream(parsed, cut), parsed, model_name, cut)
+            except InputError as exc:
+                release()
+                return _error(400, str(exc), exc.field)
+            # A stream the client leaves before it starts is never iterated: release it at the latest then.
+            timers.append(loop.call_later(limits.request_timeout + 60, release))
+            return StreamingResponse(_released(events, release), media_type="text/event-stream")
+        watcher = asyncio.ensure_future(_until_gone(request, cut))
+        try:
+            body = completion_body(await engine.replies(parsed, cut), model_name, parsed.logprobs)
+            if cut.reason == "time":
+                body["timed_out"] = True
+            return body
+        except InputError as exc:
+            return _error(400, str(exc), exc.field)
+        finally:
+            watcher.cancel()
+            release()
 
     return app
 
 
-async def _events(stream, request: ChatRequest, model_name: str):
+async def _released(events, release):
+    """A stream that gives its place back when it ends, however it ends."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        release()
+
+
+async def _events(stream, request: ChatRequest, model_name: str, cut: Cut):
     """Server-sent events in OpenAI's chunk format; chunks carry the running projection, the last one
     the usage and the reply's telemetry."""
     cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -317,13 +516,26 @@ async def _events(stream, request: ChatRequest, model_name: str):
             extra = {"usage": _usage([event]), "projection": projection_body(event)}
             if request.logprobs:
                 extra["logprobs"] = _logprobs_body(event)
+            if cut.reason == "time":
+                extra["timed_out"] = True
             yield _chunk(cid, model_name, {}, event.finish_reason, **extra)
         elif event:
             yield _chunk(cid, model_name, {"content": event}, **({"projection": running} if running else {}))
     yield "data: [DONE]\n\n"
 
 
-def run_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def run_server(
+    session,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """Serve until SIGTERM/SIGINT: then stop accepting, let replies run `limits.grace` seconds, cut the
+    rest (each stops at its next token) and return."""
     import uvicorn
 
-    uvicorn.run(create_app(session, model_name), host=host, port=port, log_level="info")
+    limits = limits or Limits()
+    app = create_app(session, model_name, limits, aliases)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=limits.grace)

@@ -926,7 +926,7 @@ def _pareto_view(result: pd.DataFrame) -> pd.DataFrame:
 
     def points(name: str) -> list[str]:
         return [
-            f"{v * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]"
+            f"{v * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]" if v == v else "-"  # NaN: the uncapped cap
             for v, lo, hi in zip(result[name], result[f"{name}_low"], result[f"{name}_high"], strict=True)
         ]
 

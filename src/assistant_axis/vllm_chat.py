@@ -29,7 +29,7 @@ import torch
 from assistant_axis.axis import load_axis, unit_rows
 from assistant_axis.backends import Sampling, vllm_engine_args
 from assistant_axis.cap import CappingConfig, load_capping
-from assistant_axis.chat import Conversation, Reply, TokenLogprob
+from assistant_axis.chat import Conversation, Reply, TokenLogprob, check_context
 from assistant_axis.errors import InputError
 from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate, split_reasoning
@@ -77,7 +77,12 @@ class ReplyStream:
                 return
 
     def cancel(self) -> None:
+        """Stop generating; nothing more arrives (the caller has gone)."""
         self.session.cancel(self.key)
+
+    def finish(self) -> None:
+        """Stop generating now; the reply so far arrives, ending with "length" (a time limit, a shutdown)."""
+        self.session.inbox.put(("finish", self.key))
 
 
 @dataclass
@@ -116,7 +121,7 @@ class VLLMSession(Conversation):
         self.default_setting = default_setting or (next(iter(cappings)) if cappings else "none")
         self.hooks = EngineHooks(llm, units, self.layers, settings)
         self.engine = llm.llm_engine
-        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.context_length = int(self.engine.model_config.max_model_len)
         self.inbox: queue.Queue = queue.Queue()
         self.running: dict[str, _Running] = {}
         self.closed = False
@@ -150,13 +155,7 @@ class VLLMSession(Conversation):
         sampling = sampling or self.sampling
         key = f"axis-{uuid.uuid4().hex}"
         prompt = self.template.ids(self.template.fit(list(messages)), add_generation_prompt=True)
-        if len(prompt) + sampling.max_tokens > self.max_model_len:
-            raise InputError(
-                "request",
-                "max_tokens",
-                f"the prompt's {len(prompt)} tokens + max_tokens {sampling.max_tokens} exceed the model's "
-                f"context of {self.max_model_len} tokens",
-            )
+        check_context(len(prompt), sampling.max_tokens, self.context_length)
         params = self.hooks.sampling_params(setting, key, **self._sampling_kwargs(sampling, top_logprobs))
         stream = ReplyStream(self, key, loop)
         self.inbox.put(("add", key, prompt, params, _Running(stream, setting, len(prompt), top_logprobs)))
@@ -224,10 +223,13 @@ class VLLMSession(Conversation):
             self._fail_all(exc)
 
     def _handle(self, message) -> None:
-        if message[0] == "abort":
-            if self.running.pop(message[1], None) is not None:
+        if message[0] in ("abort", "finish"):
+            running = self.running.pop(message[1], None)
+            if running is not None:
                 self.engine.abort_request([message[1]])
-                self.hooks.pop(message[1])
+                telemetry = self.hooks.pop(message[1])
+                if message[0] == "finish":
+                    running.stream.put(self._reply(running, telemetry, "length", running.tokens, running.logprobs))
             return
         _, key, prompt, params, running = message
         try:
@@ -257,24 +259,25 @@ class VLLMSession(Conversation):
         finish = "length" if step.finish_reason == "length" else "stop"
         if finish == "stop" and step.stop_reason is None and tokens:  # ended on an end-of-turn token
             tokens, logprobs = tokens[:-1], logprobs[: len(tokens) - 1]
-        reasoning, text = split_reasoning(running.text)
         if step.text:
             running.stream.put(Chunk(step.text, telemetry))
-        running.stream.put(
-            Reply(
-                text,
-                finish,
-                running.prompt_tokens,
-                tokens,
-                logprobs if running.top_logprobs is not None else None,
-                list(self.layers),
-                telemetry.projection,
-                self.tau(running.setting),
-                reasoning,
-                fired=telemetry.fired,
-                correction=telemetry.correction,
-                setting=running.setting,
-            )
+        running.stream.put(self._reply(running, telemetry, finish, tokens, logprobs))
+
+    def _reply(self, running: _Running, telemetry, finish: str, tokens: list[int], logprobs) -> Reply:
+        reasoning, text = split_reasoning(running.text)
+        return Reply(
+            text,
+            finish,
+            running.prompt_tokens,
+            tokens,
+            logprobs if running.top_logprobs is not None else None,
+            list(self.layers),
+            telemetry.projection,
+            self.tau(running.setting),
+            reasoning,
+            fired=telemetry.fired,
+            correction=telemetry.correction,
+            setting=running.setting,
         )
 
     def _logprob(self, token: int, ranked: dict, top: int) -> TokenLogprob:
