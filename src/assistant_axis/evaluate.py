@@ -175,7 +175,9 @@ def answer_every_setting_vllm(
         projections = torch.tensor(
             [[float("nan") if v is None else v for v in r.projection] for r in replies], dtype=torch.float32
         )
-        fired = [_mean_known(r.fired) for r in replies]
+        # As the transformers path counts it: over the setting's own capped layers; none uncapped.
+        capped = [session.layers.index(i) for i in session.cappings[setting].layers] if setting != UNCAPPED else []
+        fired = [_mean_known([r.fired[i] for i in capped]) if capped else float("nan") for r in replies]
         texts = [r.text for r in replies]
         n_tokens = [len(r.token_ids) + (r.finish_reason == "stop") for r in replies]  # as the stages count them
         frames.append(

@@ -14,14 +14,14 @@ rule drift:
         plot=report("results/{model}/drift/drift.png", caption="../report/drift.rst", category="Drift"),
         table=report("results/{model}/drift/summary.html", caption="../report/drift_table.rst", category="Drift"),
     params:
-        n_scenarios=config["evaluate"]["drift"]["n_scenarios"],
-        max_turns=config["evaluate"]["drift"]["max_turns"],
-        settings=config["evaluate"]["drift"]["settings"],
+        # One dict, not several numbers: Snakemake compares a rule's params as a set of values, so two
+        # numeric params trading or sharing values (max_turns 2, last_turns 2 -> 1) would rerun nothing.
+        drift={
+            **config["evaluate"]["drift"],
+            "batch_size": config["evaluate"]["batch_size"],
+            "layer": config["analysis"]["layer"],
+        },
         sampling={k: config["evaluate"][k] for k in ("temperature", "top_p", "max_tokens", "seed")},
-        batch_size=config["evaluate"]["batch_size"],
-        layer=config["analysis"]["layer"],
-        percentile=config["evaluate"]["drift"]["percentile"],
-        last_turns=config["evaluate"]["drift"]["last_turns"],
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
         template_options=config["model"]["chat_template_kwargs"],

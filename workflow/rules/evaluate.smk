@@ -15,10 +15,13 @@ rule evaluate:
         pareto=report("results/{model}/evaluation/pareto.html", caption="../report/pareto.rst",
                       category="Evaluation"),
     params:
-        n_prompts=config["evaluate"]["n_prompts"],
+        # One dict, not several numbers: Snakemake compares params as a set of values (see drift.smk).
+        sizes={
+            "n_prompts": config["evaluate"]["n_prompts"],
+            "batch_size": config["evaluate"]["batch_size"],
+            "layer": config["analysis"]["layer"],
+        },
         sampling={k: config["evaluate"][k] for k in ("temperature", "top_p", "max_tokens", "seed")},
-        batch_size=config["evaluate"]["batch_size"],
-        layer=config["analysis"]["layer"],
         # A function: the judge template holds {placeholders} that Snakemake would otherwise expand.
         judge=lambda wc: PLAN.params.evaluation_judge(),
         sweep=config["evaluate"]["sweep"],
