@@ -321,6 +321,7 @@ def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(tmp_path,
             "stability",
             "calibrate",
             "evaluate",
+            "drift",
         ]
     )
     assert {r["job"] for r in rows} >= {"generate_shard0", "activations_shard0"}
