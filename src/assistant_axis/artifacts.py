@@ -26,6 +26,7 @@ __all__ = [
     "write_parquet",
     "write_html_table",
     "read_parquet",
+    "read_jsonl",
     "write_tensors",
     "read_tensors",
     "write_pt",
@@ -63,6 +64,37 @@ def write_html_table(frame: pd.DataFrame, path: str | Path, caption: str = "") -
     page = f"<html><body><p>{caption}</p>{body}</body></html>\n"
     with atomic_path(path, ".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
+
+
+def read_jsonl(path: str | Path, strings: Iterable[str] = ("id",)) -> list[tuple[str, dict]]:
+    """`(where, row)` for each JSON object line of `path` (blank lines skipped; `where` is "path:line"), each
+    with the non-empty string fields `strings` and a unique `id`. Errors name the line and the field."""
+    from assistant_axis.errors import InputError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc})") from exc
+    rows, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(where, "line", f"not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise InputError(where, "line", "expected a JSON object")
+        for name in strings:
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise InputError(where, name, "missing or empty")
+        if row.get("id") in seen:
+            raise InputError(where, "id", f"{row['id']!r} appears twice")
+        seen.add(row.get("id"))
+        rows.append((where, row))
+    return rows
 
 
 def read_parquet(path: str | Path, columns: Iterable[str] = ()) -> pd.DataFrame:

@@ -11,11 +11,11 @@ commas, how it starts and ends, words it must or must not use).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant_axis.artifacts import read_jsonl
 from assistant_axis.errors import InputError
 
 __all__ = ["CapabilityItem", "load_capability", "passes", "normalise", "CHECKS"]
@@ -117,34 +117,14 @@ def _check_error(check) -> str | None:
 
 def load_capability(path: str | Path) -> list[CapabilityItem]:
     """Read and check the capability prompts: one JSON object a line, with id, category, prompt, checks."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(path, "file", f"cannot read ({exc})") from exc
-    items, seen = [], set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(where, "line", f"not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise InputError(where, "line", "expected a JSON object")
-        for name in ("id", "category", "prompt"):
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise InputError(where, name, "missing or empty")
+    items = []
+    for where, row in read_jsonl(path, ("id", "category", "prompt")):
         checks = row.get("checks")
         if not isinstance(checks, list) or not checks:
             raise InputError(where, "checks", "expected a non-empty list of checks")
         for i, check in enumerate(checks):
             if error := _check_error(check):
                 raise InputError(where, f"checks[{i}]", error)
-        if row["id"] in seen:
-            raise InputError(where, "id", f"{row['id']!r} appears twice")
-        seen.add(row["id"])
         items.append(CapabilityItem(row["id"], row["category"], row["prompt"], tuple(checks)))
     if not items:
         raise InputError(path, "checks", "no capability prompts")

@@ -10,7 +10,6 @@ setting's cap, so `assistant-axis project --cap ... --layers ...` on a transcrip
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from assistant_axis.artifacts import read_jsonl
 from assistant_axis.errors import InputError
 from assistant_axis.interventions import install
 
@@ -36,31 +36,11 @@ class Scenario:
 
 def load_scenarios(path: str | Path) -> list[Scenario]:
     """Read and check the scenarios: one JSON object a line, with id, category, description and turns."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(path, "file", f"cannot read ({exc})") from exc
-    scenarios, seen = [], set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(where, "line", f"not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise InputError(where, "line", "expected a JSON object")
-        for name in ("id", "category", "description"):
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise InputError(where, name, "missing or empty")
+    scenarios = []
+    for where, row in read_jsonl(path, ("id", "category", "description")):
         turns = row.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise InputError(where, "turns", "expected a non-empty list of non-empty user turns")
-        if row["id"] in seen:
-            raise InputError(where, "id", f"{row['id']!r} appears twice")
-        seen.add(row["id"])
         scenarios.append(Scenario(row["id"], row["category"], row["description"], tuple(turns)))
     if not scenarios:
         raise InputError(path, "turns", "no scenarios")

@@ -12,7 +12,6 @@ One row per setting and prompt, with its projections and the share of its tokens
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from assistant_axis.artifacts import read_jsonl
 from assistant_axis.capability import CapabilityItem, passes
 from assistant_axis.errors import InputError
 
@@ -49,29 +49,7 @@ class EvalPrompt:
 
 def load_eval_prompts(path: str | Path) -> list[EvalPrompt]:
     """Read and check the persona prompts: one line, one JSON object, every field a string, unique ids."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(path, "file", f"cannot read ({exc})") from exc
-    prompts, seen = [], set()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(where, "line", f"not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise InputError(where, "line", "expected a JSON object")
-        for name in PERSONA_FIELDS:
-            if not isinstance(row.get(name), str) or not row[name].strip():
-                raise InputError(where, name, "missing or empty")
-        if row["id"] in seen:
-            raise InputError(where, "id", f"{row['id']!r} appears twice")
-        seen.add(row["id"])
-        prompts.append(EvalPrompt(*(row[name] for name in PERSONA_FIELDS)))
+    prompts = [EvalPrompt(*(row[name] for name in PERSONA_FIELDS)) for _, row in read_jsonl(path, PERSONA_FIELDS)]
     if not prompts:
         raise InputError(path, "prompt", "no persona prompts to evaluate")
     return prompts
