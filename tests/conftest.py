@@ -82,3 +82,21 @@ def tiny_run(tmp_path_factory, model_dir) -> Path:
     workdir = make_workspace(tmp_path_factory.mktemp("tiny"), model_dir)
     snakemake(workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def inprocess_llm(model_dir):
+    """A vLLM engine in this process, whose hooks (interventions, activation recording) live in this process.
+    The only in-process engine of the session: shutting down another one in this process would take the
+    distributed state this one runs on. Prefix caching off, as the activations stage runs it."""
+    from test_vllm import ENGINE, _need_vllm
+
+    from assistant_axis.backends import vllm_engine_args
+    from assistant_axis.vllm_hooks import hooked_engine
+
+    _need_vllm()
+    engine = hooked_engine(
+        vllm_engine_args(str(model_dir), {**ENGINE, "enable_prefix_caching": False}, "test", "float32")
+    )
+    yield engine
+    engine.llm_engine.engine_core.shutdown()

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vllm import ENGINE as ENGINE_IN_PROCESS
 from test_vllm import _conversations, _need_vllm
 
 from assistant_axis.axis import load_axis
-from assistant_axis.backends import Sampling, vllm_engine_args
+from assistant_axis.backends import Sampling
 from assistant_axis.models import find_blocks
-from assistant_axis.vllm_hooks import EngineHooks, hooked_engine
+from assistant_axis.vllm_hooks import EngineHooks
 
 from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
@@ -61,14 +60,9 @@ def url(tiny_run, tmp_path_factory, capping_file):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    """An engine in this process, for the interventions tests (its hooks live in this process). The only
-    in-process engine of the session: shutting down another one in this process would take the
-    distributed state this one runs on."""
-    _need_vllm()
-    engine = hooked_engine(vllm_engine_args(str(model_dir), ENGINE_IN_PROCESS, "test", "float32"))
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+def llm(inprocess_llm):
+    """The session's in-process engine (conftest), for the interventions tests."""
+    return inprocess_llm
 
 
 def _client(url: str):

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 BACKENDS = ("transformers", "vllm", "openai")
+CAPTURE_CHUNK = 1024  # replies per vLLM call when generation records activations
 
 
 @dataclass(frozen=True)
@@ -315,14 +316,27 @@ class VLLMBackend:
         trust_remote_code: bool = False,
         llm=None,
         progress: bool = True,
+        capture: tuple[list[int], torch.dtype] | None = None,
     ):
         # `template` is the tokenizer as the activations stage loads it, with the same options: the
         # conversations and the check below use the very rendering that stage takes activations over.
         self.template = template
-        self.llm = llm or vllm_engine(
-            self.engine_args(model_path, settings, dtype, trust_remote_code), "generate.backend"
-        )
         self.progress = progress
+        # `capture` (layers, storage dtype): record each reply's mean activations while it is generated.
+        self.recorder, self.captured = None, None
+        if llm is None:
+            args = self.engine_args(model_path, settings, dtype, trust_remote_code)
+            if capture is None:
+                llm = vllm_engine(args, "generate.backend")
+            else:
+                from assistant_axis.vllm_hooks import recording_engine
+
+                llm = recording_engine(args, "generate.capture_activations")
+        self.llm = llm
+        if capture is not None:
+            from assistant_axis.vllm_hooks import ActivationRecorder
+
+            self.recorder, self.capture_dtype = ActivationRecorder(llm, capture[0]), capture[1]
 
     @staticmethod
     def engine_args(model_path: str, settings: dict, dtype: str, trust_remote_code: bool) -> dict:
@@ -350,16 +364,18 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
-        params = [SamplingParams(**kw) for kw in self.sampling_params(sampling, seeds)]
-        # vLLM renders with the template source the activations stage renders with, and its options.
-        source = self.template.tokenizer.chat_template
-        outputs = self.llm.chat(
-            conversations,
-            sampling_params=params,
-            use_tqdm=self.progress,
-            chat_template=source if isinstance(source, str) else None,
-            chat_template_kwargs=self.template.options or None,
-        )
+        kwargs = self.sampling_params(sampling, seeds)
+        if self.recorder is None:
+            outputs = self._chat(conversations, [SamplingParams(**kw) for kw in kwargs])
+        else:
+            # Recorded sums wait on the CPU until they are popped: a chunk at a time bounds that memory.
+            outputs, means, self.captured = [], [], None
+            for at in range(0, len(conversations), CAPTURE_CHUNK):
+                keys = [f"g{i}" for i in range(at, min(at + CAPTURE_CHUNK, len(conversations)))]
+                params = [self.recorder.sampling_params(key, **kw) for key, kw in zip(keys, kwargs[at:], strict=False)]
+                outputs += self._chat(conversations[at : at + CAPTURE_CHUNK], params)
+                means.append(self.recorder.pop(keys)[0].to(self.capture_dtype))
+            self.captured = torch.cat(means) if means else None
         results = []
         for conversation, output in zip(conversations, outputs, strict=True):
             expected = self.template.ids(conversation, add_generation_prompt=True)
@@ -375,6 +391,23 @@ class VLLMBackend:
             finish = "length" if best.finish_reason == "length" else "stop"
             results.append(generation(best.text, len(best.token_ids), finish))
         return results
+
+    def close(self) -> None:
+        """Remove the activation recorder from the engine (the engine itself stays up)."""
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+    def _chat(self, conversations: list[list[dict]], params: list) -> list:
+        # vLLM renders with the template source the activations stage renders with, and its options.
+        source = self.template.tokenizer.chat_template
+        return self.llm.chat(
+            conversations,
+            sampling_params=params,
+            use_tqdm=self.progress,
+            chat_template=source if isinstance(source, str) else None,
+            chat_template_kwargs=self.template.options or None,
+        )
 
 
 class OpenAIBackend:
@@ -436,13 +469,16 @@ def make_backend(
     trust_remote_code: bool = False,
     template_options: dict | None = None,
     model_name: str = "model",
+    capture: tuple[list[int], torch.dtype] | None = None,
 ) -> GenerationBackend:
     """Build the configured backend, rendering with the model's template and `template_options`; heavy
-    imports happen only for the chosen one."""
+    imports happen only for the chosen one. `capture` (vllm only): see `VLLMBackend`."""
     if name not in BACKENDS:
         raise ArgumentError("make_backend", "name", f"unknown backend {name!r} (allowed: {', '.join(BACKENDS)})")
     from assistant_axis.models import load_model, load_tokenizer
 
+    if capture is not None and name != "vllm":
+        raise InputError("config", "generate.capture_activations", f"needs generate.backend: vllm, not {name}")
     if name == "transformers":
         model, tokenizer = load_model(model_path, dtype, trust_remote_code=trust_remote_code)
         return TransformersBackend(
@@ -450,5 +486,5 @@ def make_backend(
         )
     template = ChatTemplate(load_tokenizer(model_path, trust_remote_code), template_options, model_name)
     if name == "vllm":
-        return VLLMBackend(model_path, settings, template, dtype, trust_remote_code)
+        return VLLMBackend(model_path, settings, template, dtype, trust_remote_code, capture=capture)
     return OpenAIBackend(settings, template)

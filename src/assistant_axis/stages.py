@@ -155,18 +155,32 @@ def generate(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     template_options: dict | None = None,
+    capture: dict | None = None,
+    activation_outputs: list[str] | None = None,
 ) -> None:
     """Every (system prompt x question) pair of each job's role, one model load and one backend call.
 
     `jobs[i]` is `{"role", "system_prompts"}` and is written to `outputs[i]`. `template_options` are the
     chat template's (`model.chat_template_kwargs`); a thinking model's reasoning goes to its own column.
+    `capture` (`{"layers", "dtype"}`, vLLM only) records each reply's mean activations as it is generated,
+    written to `activation_outputs[i]` as the activations stage would write them.
     """
     from assistant_axis.backends import Sampling, make_backend, stable_seed
 
-    if len(outputs) != len(jobs):
+    if len(outputs) != len(jobs) or (capture is not None and len(activation_outputs or ()) != len(jobs)):
         raise InputError("workflow", "generate", f"{len(jobs)} roles but {len(outputs)} outputs")
     info = _model_info(model)
-    engine = make_backend(backend, settings, info["path"], dtype, trust_remote_code, template_options, info["name"])
+    recording = None
+    if capture is not None:
+        from assistant_axis.layers import resolve_layers
+
+        if capture["dtype"] not in DTYPES:
+            raise InputError("config", "activations.dtype", f"unknown dtype {capture['dtype']!r}")
+        with renamed("config", {"resolve_layers.layers": "activations.layers"}):
+            recording = (resolve_layers(capture["layers"], info["n_layers"]), DTYPES[capture["dtype"]])
+    engine = make_backend(
+        backend, settings, info["path"], dtype, trust_remote_code, template_options, info["name"], recording
+    )
     keys, conversations, seeds = [], [], []
     for job in jobs:
         prompts = job["system_prompts"]
@@ -206,6 +220,25 @@ def generate(
         if empty:
             log.warning("role %s: %d empty responses (kept; they get no activations and no score)", role, empty)
         write_parquet(frame, output)
+    if recording is not None:
+        _write_captured(engine, recording[0], capture["dtype"], outputs, activation_outputs, info)
+
+
+def _write_captured(engine, layer_ids, dtype, outputs, activation_outputs, info) -> None:
+    """The activations recorded during generation, written per role as the activations stage writes them;
+    the log says how many replies' recorded tokens differ from the span a separate pass would read."""
+    frames = [read_parquet(path, RESPONSE_COLUMNS) for path in outputs]
+    _write_activations(engine.captured, layer_ids, dtype, outputs, frames, activation_outputs, info, engine.template)
+    cut = sum(int((frame["finish_reason"] == "length").sum()) for frame in frames)
+    thought = sum(int(frame["reasoning"].fillna("").ne("").sum()) for frame in frames)
+    log.info(
+        "captured activations at %d layers for %d replies; %d were cut by max_tokens (their last token is "
+        "not in the mean), %d have reasoning (in the mean, unlike a separate pass)",
+        len(layer_ids),
+        sum(len(frame) for frame in frames),
+        cut,
+        thought,
+    )
 
 
 def _rendered_replies(
@@ -228,7 +261,7 @@ def _rendered_replies(
     return sequences, spans
 
 
-@config_keys({**MODEL_KEYS, **LAYER_KEYS})
+@config_keys({**MODEL_KEYS, **LAYER_KEYS, "vllm_mean_activations.layers": "activations.layers"})
 def activations(
     model: str,
     responses: list[str],
@@ -240,6 +273,8 @@ def activations(
     blocks: str | None = None,
     trust_remote_code: bool = False,
     template_options: dict | None = None,
+    backend: str = "transformers",
+    settings: dict | None = None,
 ) -> None:
     """Per-response mean activation over the response's tokens at every requested layer; one model load
     for all the given roles (`responses[i]` -> `outputs[i]`).
@@ -247,22 +282,64 @@ def activations(
     Conversations render with `template_options` as generation rendered them; a thinking model's
     reasoning is rendered where the template puts it, before the reply, and is not part of the mean.
     Every reply is located before the model runs: one that cannot be is an error and nothing is written.
+    `backend: vllm` takes the same means inside a vLLM engine (`settings`: `activations.vllm`).
     """
     from assistant_axis.activations import mean_activations, resolve_layers
-    from assistant_axis.models import find_blocks, load_model
+    from assistant_axis.models import find_blocks, load_model, load_tokenizer
     from assistant_axis.templates import ChatTemplate
 
     if dtype not in DTYPES:
         raise InputError("config", "activations.dtype", f"unknown dtype {dtype!r}")
     frames = [read_parquet(path, RESPONSE_COLUMNS) for path in responses]
     info = _model_info(model)
-    net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
-    layer_ids = resolve_layers(layers, len(find_blocks(net, blocks)))
-    template = ChatTemplate(tokenizer, template_options, info["name"])
-    sequences, spans = _rendered_replies(template, responses, frames)
-    acts = mean_activations(net, sequences, spans, layer_ids, batch_tokens=batch_tokens, blocks_path=blocks)
+    if backend == "vllm":
+        template = ChatTemplate(load_tokenizer(info["path"], trust_remote_code), template_options, info["name"])
+        layer_ids = resolve_layers(layers, info["n_layers"])
+        sequences, spans = _rendered_replies(template, responses, frames)
+        acts = _vllm_activations(
+            info, sequences, spans, layer_ids, settings, compute_dtype, trust_remote_code, responses, frames
+        )
+    elif backend == "transformers":
+        net, tokenizer = load_model(info["path"], compute_dtype, trust_remote_code=trust_remote_code)
+        layer_ids = resolve_layers(layers, len(find_blocks(net, blocks)))
+        template = ChatTemplate(tokenizer, template_options, info["name"])
+        sequences, spans = _rendered_replies(template, responses, frames)
+        acts = mean_activations(net, sequences, spans, layer_ids, batch_tokens=batch_tokens, blocks_path=blocks)
+    else:
+        raise InputError("config", "activations.backend", f"unknown backend {backend!r} (transformers or vllm)")
+    _write_activations(acts, layer_ids, dtype, responses, frames, outputs, info, template)
+
+
+def _vllm_activations(info, sequences, spans, layer_ids, settings, compute_dtype, trust_remote_code, paths, frames):
+    """`vllm_mean_activations` in an engine started for this job; prefix caching off unless configured (a
+    cached span token is not computed, so it could not be recorded)."""
+    from assistant_axis.activations import vllm_mean_activations
+    from assistant_axis.backends import vllm_engine_args
+    from assistant_axis.vllm_hooks import recording_engine
+
+    engine = {"enable_prefix_caching": False, **(settings or {})}
+    args = vllm_engine_args(info["path"], engine, "activations.vllm", compute_dtype, 0, trust_remote_code)
+    llm = recording_engine(args, "activations.backend")
+    limit = int(llm.llm_engine.model_config.max_model_len)
+    where = [(path, row) for path, frame in zip(paths, frames, strict=True) for row in range(len(frame))]
+    for (path, row), ids in zip(where, sequences, strict=True):
+        if len(ids) + 1 > limit:  # the prompt and the one token a request must sample
+            raise InputError(
+                path,
+                "response",
+                f"row {row}: its conversation has {len(ids)} tokens, more than the engine's max_model_len "
+                f"{limit} allows (activations.vllm.max_model_len)",
+            )
+    try:
+        return vllm_mean_activations(llm, sequences, spans, layer_ids, source="activations.vllm")
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _write_activations(acts, layer_ids, dtype, paths, frames, outputs, info, template) -> None:
+    """One activations file per role: `acts` rows in table order, stored in `dtype`."""
     offset = 0
-    for path, frame, output in zip(responses, frames, outputs, strict=True):
+    for path, frame, output in zip(paths, frames, outputs, strict=True):
         part = acts[offset : offset + len(frame)]
         offset += len(frame)
         role = str(frame["role"].iloc[0]) if len(frame) else Path(path).stem

@@ -44,9 +44,10 @@ from assistant_axis.errors import InputError
 from assistant_axis.interventions import Intervention, check_fit
 from assistant_axis.models import check_layers, find_blocks
 
-__all__ = ["Telemetry", "EngineHooks", "hooked_engine", "EXTRA_ARGS_KEY"]
+__all__ = ["Telemetry", "EngineHooks", "ActivationRecorder", "hooked_engine", "recording_engine", "EXTRA_ARGS_KEY"]
 
-EXTRA_ARGS_KEY = "assistant_axis"  # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"setting": ..., "key": ...}
+# SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"key": ..., "setting": (EngineHooks) or "span": (ActivationRecorder)}
+EXTRA_ARGS_KEY = "assistant_axis"
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,16 @@ class Telemetry:
 
 def hooked_engine(args: dict, key: str = "engine"):
     """A vLLM `LLM` whose model lives in this process, eager, tensor parallel 1: what `EngineHooks` needs."""
-    from assistant_axis.backends import vllm_engine
-
     if int(args.get("tensor_parallel_size", 1) or 1) != 1:
         raise InputError("config", f"{key}.tensor_parallel_size", "interventions inside vLLM need tensor parallel 1")
+    return recording_engine(args, key)
+
+
+def recording_engine(args: dict, key: str = "engine"):
+    """A vLLM `LLM` for `ActivationRecorder`: eager (hooks do not fire inside CUDA graphs) and its engine core in
+    this process, so with tensor parallel 1 the model is too; with more, each worker process records alike."""
+    from assistant_axis.backends import vllm_engine
+
     # Only this engine: another one started later in this process (a test's, say) keeps its own process,
     # so that shutting it down does not take this process's distributed state with it.
     before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -86,6 +93,20 @@ def hooked_engine(args: dict, key: str = "engine"):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+
+
+def _scheduled(runner) -> tuple[list[int], list[tuple[str, dict | None, int]]]:
+    """This step's row offsets (`query_start_loc`: request i owns rows [starts[i], starts[i+1])) and, per
+    request, its id, our extra args (None for a request that has none) and its prompt length."""
+    batch = runner.input_batch
+    n_reqs = batch.num_reqs
+    starts = runner.query_start_loc.np[: n_reqs + 1].tolist()
+    requests = []
+    for req_id in batch.req_ids[:n_reqs]:
+        state = runner.requests[req_id]
+        extra = ((state.sampling_params.extra_args or {}) if state.sampling_params else {}).get(EXTRA_ARGS_KEY)
+        requests.append((req_id, extra, len(state.prompt_token_ids or ())))
+    return starts, requests
 
 
 @dataclass
@@ -198,24 +219,20 @@ class EngineHooks:
         self.handles = []
 
     def _route(self, runner, positions: torch.Tensor | None) -> _Step | None:
-        batch = runner.input_batch
-        n_reqs = batch.num_reqs
-        if n_reqs == 0 or positions is None:
+        if runner.input_batch.num_reqs == 0 or positions is None:
             return None
-        starts = runner.query_start_loc.np[: n_reqs + 1].tolist()
+        starts, requests = _scheduled(runner)
         n_tokens = int(starts[-1])
         device = positions.device
         keys, prompt_lens, rows, segments = [], [], {}, {}
-        for i, req_id in enumerate(batch.req_ids[:n_reqs]):
-            state = runner.requests[req_id]
-            extra = ((state.sampling_params.extra_args or {}) if state.sampling_params else {}).get(EXTRA_ARGS_KEY)
-            setting, key = (extra["setting"], extra["key"]) if extra else (None, req_id)
+        for i, (req_id, extra, prompt_len) in enumerate(requests):
+            setting, key = (extra.get("setting"), extra["key"]) if extra else (None, req_id)
             keys.append(key)
-            prompt_lens.append(len(state.prompt_token_ids or ()))
+            prompt_lens.append(prompt_len)
             if setting in self.settings and self.settings[setting]:
                 segments.setdefault(setting, []).append((starts[i], starts[i + 1]))
         counts = torch.tensor([b - a for a, b in zip(starts, starts[1:], strict=False)])
-        slot = torch.repeat_interleave(torch.arange(n_reqs), counts).to(device)
+        slot = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
         prompt = torch.repeat_interleave(torch.tensor(prompt_lens), counts).to(device)
         reply = positions[:n_tokens] >= prompt
         for setting, spans in segments.items():
@@ -270,6 +287,164 @@ class EngineHooks:
             total = self.totals.setdefault(key, torch.zeros(len(self.layers), 4, dtype=torch.float64))
             total[:, :3] += sums[i].double()
             total[:, 3] += float(replies[i])
+
+
+class ActivationRecorder:
+    """Each request's residual stream at `layers`, summed in float32 over the rows of its span, inside the
+    engine: the per-reply means of the activations stage without a second model.
+
+    A request asks for it with `sampling_params(key, span)`. `span=(start, end)` are token positions of
+    the request's sequence; `start=None` is the prompt's length (the reply as it is generated, i.e. the
+    generated tokens fed back: all but the last), `end=None` no end. vLLM schedules a request's tokens
+    in order (prefill, chunked or not, then one token per decode step), so its rows in a step are
+    consecutive positions and the span's rows are one range, gathered for all requests with one
+    `index_add_` per layer. The sums live in the workers (every tensor-parallel rank holds the whole
+    stream; rank 0 answers `pop`), on the CPU between steps.
+
+    `stop_early` (prefill-only extraction, whose sampled token is thrown away) runs the model only up to
+    the last recorded layer: the decoder loop's `end_layer` is set below the model's, so later blocks do
+    not run (the final norm and the LM head still do, on a stream nobody reads).
+    """
+
+    def __init__(self, llm, layers: Sequence[int], stop_early: bool = False):
+        self.llm, self.layers = llm, list(layers)
+        self.n_blocks, self.hidden_size = llm.collective_rpc(_install_recorder, args=(self.layers, stop_early))[0]
+
+    def sampling_params(self, key: str, span: tuple[int | None, int | None] = (None, None), **sampling):
+        from vllm import SamplingParams
+
+        extra = {EXTRA_ARGS_KEY: {"key": key, "span": list(span)}}
+        return SamplingParams(**sampling, extra_args=extra)
+
+    def pop(self, keys: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        """Float32 means [len(keys), layers, hidden] (NaN where nothing was recorded) and each key's row count."""
+        replies = self.llm.collective_rpc(_pop_recorded, args=(list(keys),))
+        return next(reply for reply in replies if reply is not None)
+
+    def remove(self) -> None:
+        self.llm.collective_rpc(_remove_recorder)
+
+
+class _WorkerRecorder:
+    """The worker's half of `ActivationRecorder`: hooks, the routed forward and the running sums."""
+
+    def __init__(self, runner, layers: list[int], stop_early: bool):
+        self.runner, self.layers = runner, layers
+        blocks = find_blocks(runner.get_model())
+        check_layers(layers, len(blocks), "activations", "layers")
+        self.n_blocks, self.hidden_size = len(blocks), int(runner.model_config.get_hidden_size())
+        self.sums: dict[str, torch.Tensor] = {}  # key -> [layers, hidden] float32, on the CPU
+        self.counts: dict[str, int] = {}
+        self.step: tuple | None = None  # (keys, rows, owner, counts, sums [n, layers, hidden]) of this step
+        self.handles = [blocks[layer].register_forward_hook(self._hook(slot)) for slot, layer in enumerate(layers)]
+        self.forward = runner._model_forward
+        runner._model_forward = self._routed_forward
+        # The decoder loop runs blocks [start_layer, end_layer) (vLLM's pipeline-parallel slicing).
+        self.inner = next(
+            (m for m in runner.get_model().modules() if getattr(m, "layers", None) is blocks),
+            None,
+        )
+        self.end_layer = None
+        if stop_early and getattr(self.inner, "end_layer", None) == len(blocks):
+            self.end_layer = self.inner.end_layer
+            self.inner.end_layer = max(layers) + 1
+
+    def remove(self) -> None:
+        self.runner._model_forward = self.forward
+        for handle in self.handles:
+            handle.remove()
+        if self.end_layer is not None:
+            self.inner.end_layer = self.end_layer
+
+    def _routed_forward(self, *args, **kwargs):
+        self.step = self._route(kwargs.get("positions"))
+        try:
+            out = self.forward(*args, **kwargs)
+            self._file()
+            return out
+        finally:
+            self.step = None
+
+    def _route(self, positions: torch.Tensor | None):
+        if self.runner.input_batch.num_reqs == 0 or positions is None or positions.dim() != 1:
+            return None
+        starts, requests = _scheduled(self.runner)
+        firsts = positions[torch.tensor(starts[:-1], device=positions.device)].tolist()  # each request's first position
+        keys, ranges = [], []
+        for i, (_, extra, prompt_len) in enumerate(requests):
+            if not extra or "span" not in extra:
+                continue
+            start, end = extra["span"]
+            start = prompt_len if start is None else start
+            end = math.inf if end is None else end
+            a = starts[i] + max(0, start - firsts[i])
+            b = starts[i] + min(starts[i + 1] - starts[i], end - firsts[i])
+            if b > a:
+                keys.append(extra["key"])
+                ranges.append((int(a), int(b)))
+        if not keys:
+            return None
+        device = positions.device
+        rows = torch.cat([torch.arange(a, b) for a, b in ranges]).to(device)
+        counts = [b - a for a, b in ranges]
+        owner = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(counts)).to(device)
+        sums = torch.zeros(len(keys), len(self.layers), self.hidden_size, dtype=torch.float32, device=device)
+        return keys, rows, owner, counts, sums
+
+    def _hook(self, slot: int):
+        def hook(_module, _args, output):
+            if self.step is None:
+                return None
+            _, rows, owner, _, sums = self.step
+            hidden, residual = output if isinstance(output, tuple) else (output, None)
+            picked = hidden[rows].float()
+            if residual is not None:
+                picked += residual[rows].float()
+            sums[:, slot].index_add_(0, owner, picked)
+            return None
+
+        return hook
+
+    def _file(self) -> None:
+        if self.step is None:
+            return
+        keys, _, _, counts, sums = self.step
+        sums = sums.cpu()
+        for key, n, total in zip(keys, counts, sums, strict=True):
+            if key in self.sums:
+                self.sums[key] += total
+                self.counts[key] += n
+            else:
+                self.sums[key], self.counts[key] = total.clone(), n
+
+    def pop(self, keys: list[str]) -> tuple[torch.Tensor, list[int]]:
+        means = torch.full((len(keys), len(self.layers), self.hidden_size), float("nan"))
+        counts = []
+        for i, key in enumerate(keys):
+            n = self.counts.pop(key, 0)
+            total = self.sums.pop(key, None)
+            if n:
+                means[i] = total / n
+            counts.append(n)
+        return means, counts
+
+
+def _install_recorder(worker, layers: list[int], stop_early: bool) -> tuple[int, int]:
+    if getattr(worker, "_axis_recorder", None) is not None:
+        raise RuntimeError("an ActivationRecorder is already installed in this engine")
+    worker._axis_recorder = _WorkerRecorder(worker.model_runner, layers, stop_early)
+    return worker._axis_recorder.n_blocks, worker._axis_recorder.hidden_size
+
+
+def _pop_recorded(worker, keys: list[str]):
+    recorded = worker._axis_recorder.pop(keys)
+    return recorded if getattr(worker, "rank", 0) == 0 else None
+
+
+def _remove_recorder(worker) -> None:
+    if getattr(worker, "_axis_recorder", None) is not None:
+        worker._axis_recorder.remove()
+        worker._axis_recorder = None
 
 
 def _floats(values: torch.Tensor) -> list[float | None]:

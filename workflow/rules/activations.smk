@@ -1,5 +1,5 @@
-# Sharded like generate: one model load per job.
-for name, roles in PLAN.jobs.groups("activations"):
+# Sharded like generate: one model load per job. None when generation captures the activations.
+for name, roles in [] if PLAN.jobs.captures_activations else PLAN.jobs.groups("activations"):
 
     rule:
         name:
@@ -17,7 +17,8 @@ for name, roles in PLAN.jobs.groups("activations"):
             blocks=config["model"]["blocks"],
             trust_remote_code=config["model"]["trust_remote_code"],
             template_options=config["model"]["chat_template_kwargs"],
-        threads: 2
+            **PLAN.params.activations_backend(),
+        threads: PLAN.jobs.threads("activations", 2)
         resources:
             **PLAN.jobs.resources("activations"),
         conda:

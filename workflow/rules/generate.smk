@@ -9,6 +9,8 @@ for name, roles in PLAN.jobs.groups("generate"):
             model="results/{model}/model.json",
         output:
             responses=PLAN.jobs.outputs("results/{model}/responses/{role}.parquet", roles),
+            # generate.capture_activations: generation writes the activations (no activations jobs).
+            **PLAN.params.captured_outputs(roles),
         params:
             jobs=lambda wc, roles=roles: PLAN.params.generate_jobs(roles or [wc.role]),
             questions=PLAN.params.questions(),
@@ -17,6 +19,7 @@ for name, roles in PLAN.jobs.groups("generate"):
             dtype=config["model"]["dtype"],
             trust_remote_code=config["model"]["trust_remote_code"],
             template_options=config["model"]["chat_template_kwargs"],
+            **PLAN.params.capture(),
         threads: PLAN.jobs.threads("generate", 2)
         resources:
             **PLAN.jobs.resources("generate"),

@@ -8,4 +8,5 @@ if __name__ == "__main__":
     sm = snakemake  # noqa: F821 (injected by Snakemake)
     torch.set_num_threads(sm.threads)
     with stages.logged(sm.log[0]):
-        stages.generate(sm.input.model, list(sm.output.responses), **sm.params)
+        captured = list(getattr(sm.output, "activations", []))
+        stages.generate(sm.input.model, list(sm.output.responses), activation_outputs=captured, **sm.params)

@@ -64,6 +64,12 @@ class Plan:
         if dims is not None:
             with renamed("config", {"resolve_layers.layers": "activations.layers"}):
                 resolve_layers(self.config["activations"]["layers"], dims[0])
+        if self.jobs.captures_activations and self.config["generate"]["backend"] != "vllm":
+            raise InputError(
+                "config",
+                "generate.capture_activations",
+                f"records inside a vLLM engine: needs generate.backend: vllm, not {self.config['generate']['backend']}",
+            )
         for section in ("generate", "judge"):
             jobs = (self.config[section].get("openai") or {}).get("jobs", DEFAULT_API_JOBS)
             if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:

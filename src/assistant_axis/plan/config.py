@@ -98,7 +98,19 @@ def in_config_file(exc: InputError, files: Sequence[str | Path]) -> InputError:
     return InputError(config_source(files, key), exc.field, exc.problem)
 
 
+# Options added after results existed, left out of the hash while at their defaults: an axis made before
+# they existed keeps its hash, and so is not made again for nothing.
+LATER_DEFAULTS = {
+    ("generate", "capture_activations"): False,
+    ("activations", "backend"): "transformers",
+    ("activations", "vllm"): {},
+}
+
+
 def sections_hash(config: dict, sections: Sequence[str] = AXIS_SECTIONS) -> str:
     """A hash of some sections of the config (by default those the axis is made from)."""
     made_from = {key: config.get(key) for key in sections}
+    for (section, key), default in LATER_DEFAULTS.items():
+        if isinstance(made_from.get(section), dict) and made_from[section].get(key, default) == default:
+            made_from[section] = {k: v for k, v in made_from[section].items() if k != key}
     return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:16]

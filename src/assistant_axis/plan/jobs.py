@@ -59,10 +59,15 @@ class Jobs:
         return [pattern.replace("{role}", role) for role in roles]
 
     def vllm_settings(self, stage: str) -> dict | None:
-        """The vLLM settings of a stage configured to run vLLM (generate or judge), else None."""
-        if stage in ("generate", "judge") and self.config[stage]["backend"] == "vllm":
+        """The vLLM settings of a stage configured to run vLLM (generate, activations or judge), else None."""
+        if stage in ("generate", "activations", "judge") and self.config[stage].get("backend") == "vllm":
             return self.config[stage].get("vllm") or {}
         return None
+
+    @property
+    def captures_activations(self) -> bool:
+        """Whether generation records the activations (`generate.capture_activations`): no activations jobs."""
+        return bool(self.config["generate"].get("capture_activations"))
 
     def loads_a_model(self, stage: str) -> bool:
         """Whether a stage's jobs run model weights: the model stages, a `local` or `vllm` judge, and a

@@ -46,10 +46,31 @@ class Params:
 
     def generate(self) -> dict:
         """What a generate job reads: sampling and its backend's settings (one job's API share)."""
-        settings = {k: v for k, v in self.config["generate"].items() if k != "backend"}
+        settings = {k: v for k, v in self.config["generate"].items() if k not in ("backend", "capture_activations")}
         if self.config["generate"]["backend"] == "openai":
             settings["openai"] = self.jobs.api_settings("generate")
         return settings
+
+    def capture(self) -> dict:
+        """The generate rule's `capture` param when generation records the activations, else none (so that
+        turning it on or off, or changing the layers or dtype it stores, reruns generation)."""
+        if not self.jobs.captures_activations:
+            return {}
+        activations = self.config["activations"]
+        return {"capture": {"layers": activations["layers"], "dtype": activations["dtype"]}}
+
+    def captured_outputs(self, roles: list[str] | None) -> dict:
+        if not self.jobs.captures_activations:
+            return {}
+        return {"activations": self.jobs.outputs("results/{model}/activations/{role}.safetensors", roles)}
+
+    def activations_backend(self) -> dict:
+        """The activations rule's backend params; none for transformers, as before the option existed (so
+        that results made then are not planned again)."""
+        activations = self.config["activations"]
+        if activations.get("backend", "transformers") == "transformers":
+            return {}
+        return {"backend": activations["backend"], "settings": activations.get("vllm") or {}}
 
     def judge(self, role: str) -> dict:
         """One role's judging: its description and judge prompt (its own, else the config's), and the judge."""
