@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +19,10 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from test_vllm_activations import assert_means_close
 
+from assistant_axis.activations import mean_activations
+from assistant_axis.artifacts import read_tensors
 from assistant_axis.backends import Generation, Sampling, VLLMBackend, stable_seed, vllm_engine, vllm_engine_args
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, VLLMJudge, render_prompt
@@ -258,18 +264,45 @@ def _responses(work: Path, role: str) -> pd.DataFrame:
     return pd.read_parquet(work / f"results/smollm2-135m-instruct/responses/{role}.parquet")
 
 
+def _separate_pass(bundled, responses: pd.DataFrame, layers: list[int], fed_back: bool):
+    """The transformers means of a responses table (rows whose text tokenizes back to the generated
+    tokens), over each reply's span or, `fed_back`, over the tokens generation fed back (a cut reply's
+    last token is not): (rows, means)."""
+    model, tokenizer = bundled
+    template = ChatTemplate(tokenizer, {}, "smollm2-135m-instruct")
+    rows, sequences, spans = [], [], []
+    for i, row in enumerate(responses.itertuples()):
+        ids, start, end = template.reply_span(build_messages(row.system_prompt, row.question), row.response.strip())
+        cut = row.finish_reason == "length"
+        if end - start == row.n_response_tokens - (not cut):
+            rows.append(i)
+            sequences.append(ids)
+            spans.append((start, end - (cut and fed_back)))
+    return rows, mean_activations(model, sequences, spans, layers, progress=False)
+
+
 @pytest.mark.slow
-def test_tiny_run_with_vllm_generation(tmp_path, model_dir, tiny_run):
-    """generate.backend: vllm through Snakemake, one engine per job; then an edited role regenerates alone,
-    and its unchanged replies come back token for token."""
+def test_tiny_run_with_vllm_generation_capturing_activations(tmp_path, model_dir, tiny_run, bundled):
+    """generate.backend: vllm through Snakemake, one engine per job, recording the activations as it
+    generates (no activations jobs); then an edited role regenerates alone, and its unchanged replies come
+    back token for token."""
     _need_vllm()
     roles = ["pirate"]  # and default: two generate jobs, each starting its own engine
-    config = tiny_config(generate={"backend": "vllm", "vllm": ENGINE})
+    config = tiny_config(generate={"backend": "vllm", "vllm": ENGINE, "capture_activations": True})
     config["roles"]["include"] = roles
     work = make_workspace(tmp_path, model_dir, config, bank=roles)
     target = "results/smollm2-135m-instruct/axis.safetensors"
+    assert not {job for job in planned_jobs(work, target) if job[0] == "activations"}
     snakemake(work, target)
     results = work / "results/smollm2-135m-instruct"
+    assert not (work / "logs/smollm2-135m-instruct/activations").exists()
+    compared = 0
+    for role in ["default", *roles]:
+        captured = read_tensors(results / f"activations/{role}.safetensors")[0]["activations"]
+        rows, separate = _separate_pass(bundled, _responses(work, role), list(range(30)), fed_back=True)
+        assert_means_close(captured[rows], separate)
+        compared += len(rows)
+    assert compared >= 6
     for role in ["default", *roles]:
         responses = _responses(work, role)
         assert tuple(responses.columns) == (*RESPONSE_COLUMNS, *OPTIONAL_RESPONSE_COLUMNS)
@@ -306,3 +339,35 @@ def test_tiny_run_with_vllm_generation(tmp_path, model_dir, tiny_run):
     assert after.loc[kept, columns].equals(old.loc[kept, columns])  # a new process, the same replies
     assert (after.loc[changed, "system_prompt"] == data["prompts"][1]).all()
     assert not after.loc[changed, "response"].equals(old.loc[changed, "response"])
+
+
+@pytest.mark.slow
+def test_tiny_run_with_vllm_activations(tmp_path, model_dir, tiny_run, bundled):
+    """activations.backend: vllm on the tiny run's replies and scores: only activations, vectors and the axis
+    run; the artifacts are the transformers run's, within the float32 tolerance."""
+    _need_vllm()
+    config = tiny_config(activations={"backend": "vllm", "vllm": ENGINE})
+    work = make_workspace(tmp_path, model_dir, config)
+    ours, theirs = work / "results/smollm2-135m-instruct", tiny_run / "results/smollm2-135m-instruct"
+    ours.mkdir(parents=True, exist_ok=True)
+    shutil.copy(theirs / "model.json", ours / "model.json")
+    for folder in ("responses", "scores"):
+        shutil.copytree(theirs / folder, ours / folder)
+    # Newer than the copied scripts and in the order they were made: nothing before the activations reruns.
+    now = time.time()
+    for age, path in enumerate([ours / "model.json", *ours.glob("responses/*"), *ours.glob("scores/*")]):
+        os.utime(path, (now + age, now + age))
+    target = "results/smollm2-135m-instruct/axis.safetensors"
+    assert {rule for rule, _ in planned_jobs(work, target)} == {"activations", "vectors", "axis"}
+    snakemake(work, target)
+    assert "activations (vLLM)" in (work / "logs/smollm2-135m-instruct/activations/default.log").read_text()
+    for path in sorted((theirs / "activations").glob("*.safetensors")):
+        (mine, meta), (reference, reference_meta) = read_tensors(ours / "activations" / path.name), read_tensors(path)
+        assert set(mine) == set(reference) == {"activations", "layers"}
+        assert torch.equal(mine["layers"], reference["layers"])
+        assert meta == reference_meta
+        assert_means_close(mine["activations"], reference["activations"])
+    axis = torch.load(ours / "axis.pt", weights_only=True)
+    reference = torch.load(theirs / "axis.pt", weights_only=True)
+    error = (axis - reference).norm(dim=-1) / reference.norm(dim=-1)
+    assert float(error.max()) <= 1e-4  # a difference of means: relative to the smaller axis, not the means
