@@ -223,3 +223,32 @@ def test_a_drift_setting_outside_the_sweep_is_refused_before_any_job():
     with pytest.raises(InputError, match=r"^config: evaluate.drift.settings: 'late-p99' is not a setting of the sweep"):
         plan.check()
     plan_of("config.yaml", evaluate={"drift": {"settings": ["middle-p10", "uncapped"]}}).check()
+
+
+def test_capturing_activations_needs_vllm_generation_and_removes_the_activations_jobs():
+    plan = plan_of("config.yaml", generate={"capture_activations": True})
+    with pytest.raises(InputError, match=r"^config: generate.capture_activations: .*needs generate.backend: vllm"):
+        plan.check()
+    plan = plan_of("config.yaml", generate={"backend": "vllm", "capture_activations": True})
+    plan.check()
+    assert plan.jobs.captures_activations
+    assert plan.params.capture() == {"capture": {"layers": "all", "dtype": "float32"}}
+    outputs = plan.params.captured_outputs(["pirate"])
+    assert outputs == {"activations": ["results/{model}/activations/pirate.safetensors"]}
+
+
+def test_the_new_activation_options_at_their_defaults_change_no_existing_params_or_hash():
+    """Results made before the options existed are not planned again: their defaults add no rule params and
+    leave the axis's config hash as it was."""
+    from assistant_axis.plan.config import sections_hash
+
+    plan = plan_of("config.yaml")
+    assert plan.params.capture() == {} and plan.params.activations_backend() == {}
+    assert "capture_activations" not in plan.params.generate()
+    before = json.loads(json.dumps(plan.config))
+    del before["generate"]["capture_activations"], before["activations"]["backend"], before["activations"]["vllm"]
+    assert sections_hash(before) == sections_hash(plan.config)
+    vllm = plan_of("config.yaml", activations={"backend": "vllm", "vllm": {"tensor_parallel_size": 2}})
+    assert vllm.params.activations_backend() == {"backend": "vllm", "settings": {"tensor_parallel_size": 2}}
+    assert sections_hash(vllm.config) != sections_hash(plan.config)
+    assert vllm.jobs.gpus("activations") == 2 and vllm.jobs.threads("activations", 2) == 4
