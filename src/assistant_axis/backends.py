@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 BACKENDS = ("transformers", "vllm", "openai")
-CAPTURE_CHUNK = 1024  # replies per vLLM call when generation records activations
+CAPTURE_CHUNK = 512  # replies per vLLM call when generation records activations (their sums wait on the GPU)
 
 
 @dataclass(frozen=True)
@@ -368,7 +368,7 @@ class VLLMBackend:
         if self.recorder is None:
             outputs = self._chat(conversations, [SamplingParams(**kw) for kw in kwargs])
         else:
-            # Recorded sums wait on the CPU until they are popped: a chunk at a time bounds that memory.
+            # Recorded sums wait on the model's device until they are popped: a chunk at a time bounds that.
             outputs, means, self.captured = [], [], None
             for at in range(0, len(conversations), CAPTURE_CHUNK):
                 keys = [f"g{i}" for i in range(at, min(at + CAPTURE_CHUNK, len(conversations)))]
