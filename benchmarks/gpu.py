@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.gpu --model Qwen/Qwen3-8B            # a model the machine has (hub cache or dir)
     .venv/bin/python -m benchmarks.gpu                                  # the bundled SmolLM2-135M (always present)
     .venv/bin/python -m benchmarks.gpu --device cpu --prompts 16 --max-tokens 16   # a smoke run on a CPU
+    .venv/bin/python -m benchmarks.gpu --model /models/Qwen3-32B --extraction --tensor-parallel-size 2
+        # activations instead: transformers vs vLLM extraction vs capture (benchmarks/vllm_activations.py)
 
 Needs the vLLM extra (`make test VLLM=vllm` or `pip install -e '.[vllm]'`). Both backends decode greedily,
 so their replies can be compared; the transformers model is freed before vLLM loads, and vLLM's engine
@@ -39,9 +41,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="transformers backend batch")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, help="default: 0.85 on a GPU, 0.1 of RAM on a CPU")
+    parser.add_argument("--extraction", action="store_true", help="benchmark activation extraction instead")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if args.extraction:
+        import sys
+
+        from benchmarks import vllm_activations
+
+        sys.argv = [sys.argv[0], "--device", args.device, "--dtype", dtype, "--prompts", str(args.prompts)]
+        sys.argv += ["--max-tokens", str(args.max_tokens), "--tensor-parallel-size", str(args.tensor_parallel_size)]
+        sys.argv += ["--model", args.model] if args.model else []
+        return vllm_activations.main()
     path = (
         args.model
         or prepare_model(

@@ -196,7 +196,7 @@ def paper_shaped_config(judge_url: str) -> dict:
     config["generate"]["max_tokens"] = 16
     # vLLM's CPU build: the GPUs SLURM gives the job are only scheduled, never used. One worker (tp 1).
     config["generate"]["vllm"] = {"tensor_parallel_size": 1, **VLLM_CPU}
-    config["activations"].update(dtype="float32", batch_tokens=1024)
+    config["activations"].update(dtype="float32", vllm={"tensor_parallel_size": 1, **VLLM_CPU})
     config["judge"]["openai"].update(base_url=judge_url, model="fake-judge", api_key_env=None)
     config["vectors"] = tiny["vectors"]
     config["analysis"] = {"layer": 15, **tiny["analysis"]}
