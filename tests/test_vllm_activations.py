@@ -10,6 +10,8 @@ one prefill: the same bound holds (see the capture test).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -129,3 +131,29 @@ def test_captured_means_equal_a_separate_pass_but_for_a_cut_replys_last_token(in
     over_whole = mean_activations(model, [sequences[k] for k in cut], [whole[k] for k in cut], layers, progress=False)
     error = (captured[[compared[k] for k in cut]] - over_whole).abs().amax(dim=-1) / over_whole.norm(dim=-1)
     assert float(error.min()) > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+def test_tensor_parallel_workers_record_the_same_means(model_dir, bundled, replies, tmp_path):
+    """Tensor parallel 3 (the bundled model's 9 heads split 3 ways; worker processes of their own, each
+    recording, rank 0 answering): the same means as the transformers path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model, _ = bundled
+    sequences, spans = replies
+    layers = [0, 11, 22]
+    source, output = tmp_path / "replies.json", tmp_path / "means.safetensors"
+    source.write_text(json.dumps({"sequences": sequences, "spans": spans}))
+    script = Path(__file__).parent / "vllm_tp_extraction.py"
+    # The CPU build binds each worker to a NUMA node of its own unless told not to; this machine has one.
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), str(model_dir), "3", str(source), str(output), *map(str, layers)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = mean_activations(model, sequences, spans, layers, batch_tokens=1024, progress=False)
+    assert_means_close(load_file(str(output))["means"], want)
