@@ -199,6 +199,7 @@ def generate(
     )
     log.info("%d roles, %d responses with %s", len(jobs), len(conversations), backend)
     replies = engine.generate(conversations, sampling, seeds)
+    frames = []
     for job, output in zip(jobs, outputs, strict=True):
         role, prompts = job["role"], job["system_prompts"]
         rows = [(key, reply) for key, reply in zip(keys, replies, strict=True) if key[0] == role]
@@ -220,14 +221,15 @@ def generate(
         if empty:
             log.warning("role %s: %d empty responses (kept; they get no activations and no score)", role, empty)
         write_parquet(frame, output)
+        frames.append(frame)
     if recording is not None:
-        _write_captured(engine, recording[0], capture["dtype"], outputs, activation_outputs, info)
+        _write_captured(engine, recording[0], capture["dtype"], outputs, frames, activation_outputs, info)
 
 
-def _write_captured(engine, layer_ids, dtype, outputs, activation_outputs, info) -> None:
-    """The activations recorded during generation, written per role as the activations stage writes them;
-    the log says how many replies' recorded tokens differ from the span a separate pass would read."""
-    frames = [read_parquet(path, RESPONSE_COLUMNS) for path in outputs]
+def _write_captured(engine, layer_ids, dtype, outputs, frames, activation_outputs, info) -> None:
+    """The activations recorded during generation (`frames`: the responses tables just written to
+    `outputs`), written per role as the activations stage writes them; the log counts the replies whose
+    mean differs from a separate pass's by design (cut by max_tokens, with reasoning)."""
     _write_activations(engine.captured, layer_ids, dtype, outputs, frames, activation_outputs, info, engine.template)
     cut = sum(int((frame["finish_reason"] == "length").sum()) for frame in frames)
     thought = sum(int(frame["reasoning"].fillna("").ne("").sum()) for frame in frames)
