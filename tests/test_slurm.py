@@ -42,7 +42,11 @@ def slurm_env():
     up = subprocess.run(["bash", str(ROOT / "tests/slurm/up.sh")], capture_output=True, text=True)
     need(up.returncode == 0, f"tests/slurm/up.sh could not start SLURM: {up.stderr[-500:]}")
     conf = re.search(r"export SLURM_CONF=(\S+)", up.stdout).group(1)
-    return {"SLURM_CONF": conf}
+    # The test node declares 16 CPUs on a machine with 2, so SLURM runs jobs side by side that a real node
+    # would give cores of their own. OpenMP threads spin while they wait for each other (its default
+    # policy): two 2-thread jobs on 2 cores then ran a small model 24-86x slower than one alone (measured
+    # here); waiting threads that sleep cost one alone ~2x on the smallest matmuls instead.
+    return {"SLURM_CONF": conf, "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _job_table(output: str) -> tuple[dict[str, tuple[str, str | None]], dict[str, str]]:
@@ -71,21 +75,35 @@ def _job_table(output: str) -> tuple[dict[str, tuple[str, str | None]], dict[str
 PROFILES = ("--profile", str(ROOT / "tests/slurm/profile"), "--workflow-profile", str(ROOT / "profiles/slurm"))
 
 
-def _submit(work: Path, env: dict, *targets: str) -> tuple[dict, dict, str]:
-    """Run the workflow on SLURM as the README does: its job table (see _job_table) and Snakemake's output.
+def _start(work: Path, env: dict, *targets: str) -> subprocess.Popen:
+    """Submit the workflow to SLURM as the README does, without waiting for it (see `_finish`).
 
     No `--cores` (the `snakemake` helper passes 2): Snakemake caps every job's threads at `--cores`, remote
     jobs too, so it would shrink what a job asks SLURM for below what the workflow gives it."""
-    result = subprocess.run(
-        [*SNAKEMAKE, *PROFILES, *targets], cwd=work, capture_output=True, text=True, env={**os.environ, **env}
+    return subprocess.Popen(
+        [*SNAKEMAKE, *PROFILES, *targets],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"snakemake on SLURM failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def _finish(process: subprocess.Popen, env: dict) -> tuple[dict, dict, str]:
+    """Wait for a submission to end: its job table (see _job_table) and Snakemake's output."""
+    stdout, stderr = process.communicate()
+    output = stdout + stderr
+    assert process.returncode == 0, f"snakemake on SLURM failed:\n{stdout[-4000:]}\n{stderr[-4000:]}"
     table, slurm = _job_table(output)
     log = (Path(env["SLURM_CONF"]).parent / "log/slurmctld.log").read_text()
     submitted_in_log = set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", log))
     assert set(slurm) <= submitted_in_log, "every job Snakemake reports went through sbatch"
     return table, slurm, output
+
+
+def _submit(work: Path, env: dict, *targets: str) -> tuple[dict, dict, str]:
+    return _finish(_start(work, env, *targets), env)
 
 
 def _run_on_slurm(work: Path, env: dict, *targets: str) -> tuple[dict, dict]:
@@ -101,7 +119,8 @@ TARGETS = [f"{MODEL}/vectors/{role}.safetensors" for role in SLURM_ROLES]
 PER_ROLE = ("responses/{}.parquet", "activations/{}.safetensors", "scores/{}.parquet", "vectors/{}.safetensors")
 
 
-def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_env, tiny_run, capsys):
+def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_env, tiny_run, paper_run, capsys):
+    # paper_run: the paper-shaped submission, started first so that it runs beside this one.
     work = make_workspace(tmp_path / "slurm", model_dir, tiny_config(resources=SMALL))
     table, slurm = _run_on_slurm(work, slurm_env, *TARGETS)
     submitted = sorted(table[j] for j in slurm.values())
@@ -244,19 +263,34 @@ def _gpus(record: dict[str, str]) -> int:
     return sum(found)
 
 
-def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(tmp_path, model_dir, slurm_env, capsys):
-    """Every stage of config/paper.yaml, submitted through profiles/slurm: per SLURM job, the controller's
-    partition, GPUs, CPUs, memory and time limit are the plan's. Model stages on `gpu` with GPUs; the API
-    judge, vectors, axis and analyses on `cpu` without; each partition chosen by partitions.yaml."""
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory, model_dir, slurm_env):
+    """The paper-shaped config submitted to SLURM, waited for by its test: its jobs mostly wait (on the
+    plugin's pause before each submission and its status polls), so the tiny run on SLURM, which asks for
+    it first, goes on meanwhile. Yields (workspace, config, the judge's requests, the submission)."""
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # an ImportError, or a broken install
         need(False, f"vllm cannot be imported ({type(exc).__name__}: {exc})")
     with FakeOpenAI(_judge_reply) as judge:
         config = paper_shaped_config(judge.url)
-        work = make_workspace(tmp_path / "paper", model_dir, config)
-        table, slurm, output = _submit(work, slurm_env)
-        assert judge.requests, "the judge stage asked the API"
+        work = make_workspace(tmp_path_factory.mktemp("paper"), model_dir, config)
+        process = _start(work, slurm_env)
+        try:
+            yield work, config, judge.requests, process
+        finally:
+            if process.poll() is None:  # a test failed before waiting for it
+                process.kill()
+                process.wait()
+
+
+def test_paper_shaped_config_lands_on_the_partitions_the_plan_dictates(paper_run, slurm_env, capsys):
+    """Every stage of config/paper.yaml, submitted through profiles/slurm: per SLURM job, the controller's
+    partition, GPUs, CPUs, memory and time limit are the plan's. Model stages on `gpu` with GPUs; the API
+    judge, vectors, axis and analyses on `cpu` without; each partition chosen by partitions.yaml."""
+    work, config, judge_requests, process = paper_run
+    table, slurm, output = _finish(process, slurm_env)
+    assert judge_requests, "the judge stage asked the API"
 
     validated = copy.deepcopy(config)
     validate_config(validated, ROOT / "workflow/schemas/config.schema.yaml")

@@ -146,9 +146,11 @@ def test_thinking_off_renders_in_vllm_as_in_the_activations_stage(llm, model_dir
         assert tokenizer.decode(ids[start:end]) == replies[convs.index(conv)].text
 
 
-def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_path, model_dir):
-    _need_vllm()
+def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(llm, tmp_path, model_dir):
+    """A model folder whose template has no system role, served by the module's engine (same weights): the
+    backend sends the folder's template with every request, as it does whatever the engine was started on."""
     from transformers import AutoTokenizer
+    from vllm import SamplingParams
 
     folder = tmp_path / "no-system"
     folder.mkdir()
@@ -157,33 +159,27 @@ def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(tmp_pat
             (folder / item.name).symlink_to(item)
     (folder / "chat_template.jinja").write_text(NO_SYSTEM_CHATML)
     template = ChatTemplate(AutoTokenizer.from_pretrained(folder))
-    assert not template.system_role
+    assert not template.system_role and template.tokenizer.chat_template == NO_SYSTEM_CHATML
 
-    llm = _start(folder)
-    try:
-        backend = VLLMBackend(str(folder), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
-        # Built as the generate stage builds them, for this backend's template.
-        convs = [
-            backend.template.conversation("You are a pirate.", q) for q in ("What do you love?", "Where were you born?")
-        ]
-        assert convs[0] == [{"role": "user", "content": "You are a pirate.\n\nWhat do you love?"}]
-        replies = backend.generate(convs, Sampling(0.7, 0.9, 16), [1, 2])
-        assert all(r.text for r in replies)
-        # The prompt vLLM generated after is the activations stage's rendering of the same conversation.
-        from vllm import SamplingParams
-
-        outputs = llm.chat(convs, SamplingParams(max_tokens=1), use_tqdm=False)
-        for conv, output in zip(convs, outputs, strict=True):
-            assert list(output.prompt_token_ids) == template.ids(conv, add_generation_prompt=True)
-        # A system message sent to this template is refused, not silently dropped.
-        with pytest.raises(Exception, match="System role not supported"):
-            llm.chat(
-                [build_messages("You are a pirate.", "Hi", system_role=True)],
-                SamplingParams(max_tokens=1),
-                use_tqdm=False,
-            )
-    finally:
-        _stop(llm)
+    backend = VLLMBackend(str(folder), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
+    # Built as the generate stage builds them, for this backend's template.
+    questions = ("What do you love?", "Where were you born?")
+    convs = [backend.template.conversation("You are a pirate.", q) for q in questions]
+    assert convs[0] == [{"role": "user", "content": "You are a pirate.\n\nWhat do you love?"}]
+    replies = backend.generate(convs, Sampling(0.7, 0.9, 16), [1, 2])
+    assert all(r.text for r in replies)
+    # The prompt vLLM generated after is the activations stage's rendering of the same conversation.
+    outputs = llm.chat(convs, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=NO_SYSTEM_CHATML)
+    for conv, output in zip(convs, outputs, strict=True):
+        assert list(output.prompt_token_ids) == template.ids(conv, add_generation_prompt=True)
+    # A system message sent to this template is refused, not silently dropped.
+    with pytest.raises(Exception, match="System role not supported"):
+        llm.chat(
+            [build_messages("You are a pirate.", "Hi", system_role=True)],
+            SamplingParams(max_tokens=1),
+            use_tqdm=False,
+            chat_template=NO_SYSTEM_CHATML,
+        )
 
 
 # --------------------------------------------------------------------------------------------- judge

@@ -327,11 +327,11 @@ def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, tmp_path
     import pandas as pd
     import yaml
 
-    from workflow_helpers import planned_jobs, snakemake
+    from workflow_helpers import copy_run, planned_jobs, snakemake
 
     _need_vllm()
     work = tmp_path / "work"
-    shutil.copytree(tiny_run, work, symlinks=True)
+    copy_run(tiny_run, work)
     root = Path(__file__).resolve().parents[1]
     shutil.copy(root / "Snakefile", work / "Snakefile")  # the workflow as it is (a reused tiny run may be older)
     shutil.copytree(

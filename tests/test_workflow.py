@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from assistant_axis.axis import load_axis
 from assistant_axis.stages import OPTIONAL_RESPONSE_COLUMNS, RESPONSE_COLUMNS, SCORE_COLUMNS
 
-from workflow_helpers import AXIS_AND_AFTER, TINY_ROLES, planned_jobs, snakemake
+from workflow_helpers import AXIS_AND_AFTER, TINY_ROLES, copy_run, planned_jobs, snakemake
 
 MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
@@ -226,7 +226,6 @@ def test_api_judge_jobs_share_one_request_budget(run, tmp_path):
     """`judge.openai.jobs: 1`: the judge jobs run one at a time even with cores to spare, each sending at
     the whole budget's rate; together they never exceed it."""
     import re
-    import shutil
     import threading
     import time
 
@@ -244,7 +243,7 @@ def test_api_judge_jobs_share_one_request_budget(run, tmp_path):
         return 200, completion("3", top_logprobs=[("3", -0.1), ("2", -2.5), ("1", -4.0), ("0", -5.0)])
 
     work = tmp_path / "work"
-    shutil.copytree(run, work, symlinks=True)
+    copy_run(run, work)
     with FakeOpenAI(reply) as api:
         _edit_yaml(
             work / "config/config.yaml",

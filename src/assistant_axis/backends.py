@@ -90,8 +90,10 @@ def _eos_ids(model, tokenizer) -> set[int]:
 class TopP:
     """Exact nucleus (top-p) filtering that sorts only the best candidates.
 
-    Keeps the same tokens as transformers' `TopPLogitsWarper` (a token stays while the probability mass
-    ranked above it is below `top_p`), but sorts `k` candidates instead of the whole vocabulary each
+    A token is kept when the probability mass ranked above it is below `top_p` (the most likely token is
+    always kept), the rule of transformers' `TopPLogitsWarper`. The masses are taken in float64, so the
+    rule, not a float32 rounding of a sum over the vocabulary, decides a token at the boundary: a token
+    whose mass above equals `top_p` is dropped. Sorts `k` candidates instead of the whole vocabulary each
     step, widening `k` whenever the nucleus does not fit. On a CPU the full sort dominated sampling.
     """
 
@@ -100,11 +102,11 @@ class TopP:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         vocab = scores.shape[-1]
-        log_total = scores.float().logsumexp(dim=-1, keepdim=True)
+        log_total = scores.double().logsumexp(dim=-1, keepdim=True)
         k = min(self.k, vocab)
         while True:
             values, indices = scores.topk(k, dim=-1)
-            probs = (values.float() - log_total).exp()
+            probs = (values.double() - log_total).exp()
             above = probs.cumsum(dim=-1) - probs  # mass ranked strictly above each candidate
             if k == vocab or bool((above[:, -1] + probs[:, -1] >= self.top_p).all()):
                 break

@@ -28,7 +28,7 @@ from fake_openai import FakeOpenAI, completion
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workflow_helpers import SNAKEMAKE, TINY_ROLES
+from workflow_helpers import SNAKEMAKE, TINY_ROLES, copy_run
 
 HERE = Path(__file__).resolve().parent
 M = "smollm2-135m-instruct"
@@ -479,8 +479,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
-    return dest
+    return copy_run(run, dest)
 
 
 def test_a_copy_of_the_finished_run_plans_nothing(tiny_run, tmp_path):
