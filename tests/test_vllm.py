@@ -1,16 +1,17 @@
 """vLLM for real: its CPU build here (the CUDA build on a GPU machine), on the bundled model, no mocks.
 
-One engine serves the in-process tests of this module; the workflow test starts one in each of its jobs,
-as a cluster job does. Everything here skips only when vllm cannot be imported, and `AXIS_STRICT=1`
-(set by CI) turns that skip into a failure.
+The session's in-process engine (conftest) serves the in-process tests of this module; the workflow tests
+start one in each of their jobs, as a cluster job does. Everything here skips only when vllm cannot be
+imported, and `AXIS_STRICT=1` (set by CI) turns that skip into a failure.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from test_vllm_activations import assert_means_close
 
 from assistant_axis.activations import mean_activations
 from assistant_axis.artifacts import read_tensors
-from assistant_axis.backends import Generation, Sampling, VLLMBackend, stable_seed, vllm_engine, vllm_engine_args
+from assistant_axis.backends import Generation, Sampling, VLLMBackend, stable_seed
 from assistant_axis.errors import InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, VLLMJudge, render_prompt
 from assistant_axis.models import load_tokenizer
@@ -52,22 +53,11 @@ def _need_vllm() -> None:
         need(False, f"vllm cannot be imported ({type(exc).__name__}: {exc})")
 
 
-def _start(model: Path, **more):
-    return vllm_engine({**vllm_engine_args(str(model), ENGINE, "test", "float32"), **more}, "test")
-
-
-def _stop(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    _need_vllm()
-    engine = _start(model_dir, max_logprobs=20)
-    yield engine
-    _stop(engine)
+def llm(inprocess_llm):
+    """The session's one in-process engine (conftest): a second engine started and shut down beside it
+    would take the distributed state it runs on. Its defaults keep 20 top logprobs, as the judge tests need."""
+    return inprocess_llm
 
 
 def _conversations(n: int, offset: int = 0) -> list[list[dict]]:
@@ -215,10 +205,9 @@ def test_a_judge_that_does_not_answer_with_digits_is_an_error(llm):
 
 
 def test_judge_stage_with_the_vllm_backend(tmp_path, model_dir):
-    """The stage builds its own engine from the config's settings and writes the same columns as every judge."""
+    """The stage builds its own engine from the config's settings and writes the same columns as every judge.
+    It runs in a process of its own, as a job does (tests/bad_inputs/run_stage.py)."""
     _need_vllm()
-    from assistant_axis import stages
-
     items = _labelled(8)
     frame = pd.DataFrame(
         {
@@ -236,15 +225,18 @@ def test_judge_stage_with_the_vllm_backend(tmp_path, model_dir):
     frame.loc[3, "response"] = "  "  # an empty reply keeps a null score, as with every judge
     frame.to_parquet(tmp_path / "responses.parquet")
     settings = {"model": str(model_dir), "dtype": "float32", "min_digit_mass": 0.0, **ENGINE}
-    stages.judge(
-        str(tmp_path / "responses.parquet"),
-        str(tmp_path / "scores.parquet"),
-        role="pirate",
-        description="A pirate.",
-        template=DEFAULT_TEMPLATE,
-        backend="vllm",
-        settings=settings,
-    )
+    kwargs = {
+        "responses": str(tmp_path / "responses.parquet"),
+        "output": str(tmp_path / "scores.parquet"),
+        "role": "pirate",
+        "description": "A pirate.",
+        "template": DEFAULT_TEMPLATE,
+        "backend": "vllm",
+        "settings": settings,
+    }
+    command = [sys.executable, str(ROOT / "tests/bad_inputs/run_stage.py"), "judge", str(tmp_path / "judge.log")]
+    stage = subprocess.run([*command, json.dumps(kwargs)], capture_output=True, text=True, timeout=600)
+    assert stage.returncode == 0, stage.stdout[-3000:] + stage.stderr[-3000:]
     scores = pd.read_parquet(tmp_path / "scores.parquet")
     assert list(scores.columns) == list(SCORE_COLUMNS)
     assert scores["judge"].eq(f"vllm:{model_dir}").all()
