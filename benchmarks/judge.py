@@ -3,6 +3,7 @@ and against a real llama.cpp server on the bundled model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import subprocess
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, OpenAIJudge, render_prompt
 from assistant_axis.models import bundled_gguf
 from benchmarks.harness import CACHE, ROOT, Table, best_of, require
-from tests.servers import have_llama_cpp, llama_cpp_server
+from tests.servers import llama_cpp_server
 
 
 @contextmanager
@@ -60,7 +61,7 @@ def run(quick: bool, repeat: int, table: Table) -> None:
         f"{many / one:.0f}x; target 200 req/s (ideal {64 / 0.05:.0f})",
     )
 
-    if not have_llama_cpp():
+    if importlib.util.find_spec("xllamacpp") is None:
         table.report("judge, real server (llama.cpp)", "skipped", "xllamacpp is not installed")
         return
     data = json.loads((CACHE / "responses.json").read_text()) if (CACHE / "responses.json").is_file() else []

@@ -77,13 +77,6 @@ def find_command(name: str) -> str | None:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
 
 
-def have_llama_cpp() -> bool:
-    """Whether llama.cpp's server can start here (the `xllamacpp` package is installed)."""
-    import importlib.util
-
-    return importlib.util.find_spec("xllamacpp") is not None
-
-
 @contextmanager
 def llama_cpp_server(gguf: Path, log: Path):
     """llama.cpp's server on the bundled GGUF; yields its /v1 base URL."""

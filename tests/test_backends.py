@@ -21,8 +21,8 @@ from assistant_axis.errors import APIError, InputError
 from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, OpenAIJudge, render_prompt
 from assistant_axis.models import bundled_gguf
 
-from conftest import need
-from servers import REFUSALS, FaultProxy, find_command, have_llama_cpp, llama_cpp_server, transformers_server
+from conftest import need, need_package
+from servers import REFUSALS, FaultProxy, find_command, llama_cpp_server, transformers_server
 from workflow_helpers import TINY_ROLES, make_workspace, snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ KEY_ENV = "AXIS_TEST_API_KEY"
 
 @pytest.fixture(scope="module")
 def llama_url(tmp_path_factory):
-    need(have_llama_cpp(), "llama.cpp's server is not installed (pip install xllamacpp)")
+    need_package("xllamacpp")  # llama.cpp's server
     log = tmp_path_factory.mktemp("llama") / "server.log"
     with llama_cpp_server(bundled_gguf("bundled:smollm2-135m-instruct"), log) as url:
         yield url
@@ -43,7 +43,7 @@ def llama_f32_url(tmp_path_factory):
     """llama.cpp serving a float32 copy of the bundled GGUF: the weights transformers runs, in float32."""
     from f32_gguf import write_f32_copy
 
-    need(have_llama_cpp(), "llama.cpp's server is not installed (pip install xllamacpp)")
+    need_package("xllamacpp")  # llama.cpp's server
     folder = tmp_path_factory.mktemp("llama_f32")
     gguf = write_f32_copy(bundled_gguf("bundled:smollm2-135m-instruct"), folder / "smollm2-f32.gguf")
     with llama_cpp_server(gguf, folder / "server.log") as url:

@@ -1,13 +1,16 @@
-"""Kill anywhere: SIGKILL the whole workflow (Snakemake and its jobs) at 10 seeded points spread over every
+"""Kill anywhere: SIGKILL the whole workflow (Snakemake and its jobs) at seeded points spread over every
 stage, recover as the README says (`snakemake --unlock`, then `snakemake --cores 2 --rerun-incomplete`,
 itself killed again), and end with the uninterrupted run's artifacts, byte for byte.
 
-Each run is killed while a job of the earliest stage not yet killed is running: a seeded fraction (up
-to half) of that stage's job time in the uninterrupted run after its first job starts, or sooner, if a
-job of another stage not yet killed starts meanwhile, so that stages running side by side are caught too.
-Once every stage has been killed, the remaining kills pick a stage of the run at random and a fraction
-up to 1.25, and come at the latest just as that job finishes: between jobs. After every kill, every
-Parquet and safetensors file under results/ must open: no truncated artifact under a final name.
+First, until every stage has been caught mid-job, each run is killed while a job of a stage not caught yet
+is running: a seeded fraction (up to half) of that stage's job time in the uninterrupted run after the
+first such job starts, or sooner, if a job of another such stage starts meanwhile, so that stages running
+side by side are caught too. Jobs of those stages stop themselves as they exit (tests/hold_at_exit), and
+one that does is killed there: each of these kills catches a new stage by construction, however fast
+the machine runs the jobs. Every third of them has no timer and lands there, after the job's last write
+and before Snakemake learns that it ended. Then N_BETWEEN more kills pick a stage of the run at random and a fraction up
+to 1.25, and come at the latest just as that job finishes: between jobs. After every kill, every Parquet
+and safetensors file under results/ must open: no truncated artifact under a final name.
 """
 
 from __future__ import annotations
@@ -33,10 +36,15 @@ from safetensors import safe_open
 from workflow_helpers import SNAKEMAKE, make_workspace
 
 SEED = 20261123
-N_KILLS = 10
+N_BETWEEN = 3  # kills after every stage was caught mid-job
 # The SLURM executor plugin runs `scontrol` when Snakemake starts; with no SLURM controller that waits
 # ~9 s. These runs are local, so point it at an empty SLURM config: it fails at once.
 ENV = {**os.environ, "SLURM_CONF": "/dev/null"}
+ENV["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(Path(__file__).parent / "hold_at_exit"), os.environ.get("PYTHONPATH")])
+)
+INF = float("inf")  # a kill with no timer: at a held job only
+HOLD = ".hold-at-exit"  # names the rules whose jobs stop themselves as they exit (tests/hold_at_exit)
 
 
 def job_times(workdir: Path) -> tuple[list[str], dict[str, float]]:
@@ -61,16 +69,12 @@ def job_times(workdir: Path) -> tuple[list[str], dict[str, float]]:
 
 
 def run_and_kill(
-    workdir: Path,
-    args: list[str],
-    killed: set[str],
-    fraction: float,
-    seconds: dict,
-    order: list[str],
-    rng: random.Random,
+    workdir: Path, args: list[str], killed: set[str], fraction: float, seconds: dict, rng: random.Random
 ) -> dict | None:
     """Run Snakemake in its own process group and SIGKILL the group (see the module's docstring).
     `killed`: the stages caught mid-job so far; `fraction` < 0: no kill. None: the run finished."""
+    hold = workdir / HOLD
+    hold.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [*SNAKEMAKE, "--cores", "2", *args],
         cwd=workdir,
@@ -78,27 +82,35 @@ def run_and_kill(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env=ENV,
+        env={**ENV, "AXIS_HOLD_FILE": str(hold)},
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
-    output, planned, in_stats, target, rule = [], [], False, None, None
+    output, planned, in_stats, aims, rule, held = [], [], False, set(), None, []
     jobs, running, trigger, kill_at, jobid, started = {}, set(), None, None, None, 0.0  # jobs: id -> "rule[role]"
     while True:
-        wait = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+        wait = None if kill_at in (None, INF) else max(0.0, kill_at - time.monotonic())
+        if hold.exists():  # look for a held job every 0.1 s
+            wait = 0.1 if wait is None else min(wait, 0.1)
         try:
             line = lines.get(timeout=wait)
         except queue.Empty:
+            held = list(workdir.glob(f"{HOLD}.*"))
+            if not held and time.monotonic() < (kill_at or INF):
+                continue
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             _wait_group_gone(proc.pid)
+            for path in [hold, *held]:
+                path.unlink(missing_ok=True)
             return {
-                "target": target,
                 "trigger": jobs[trigger],
-                "delay": round(kill_at - started, 1),
+                "delay": round(time.monotonic() - started, 1),
+                "held": bool(held),
                 "running": sorted(jobs[j] for j in running),
             }
         if line is None:
+            hold.unlink(missing_ok=True)
             assert proc.wait() == 0, "".join(output[-60:])
             return None
         output.append(line)
@@ -109,19 +121,22 @@ def run_and_kill(
             in_stats = row.group(1) != "total"
             if in_stats:
                 planned.append(row.group(1))
-            elif fraction >= 0:  # the earliest stage not killed yet, else any stage of this run
-                todo = [s for s in order if s in planned and s not in killed]
-                target = todo[0] if todo else rng.choice([s for s in order if s in planned])
-                fraction = fraction * 0.4 if todo else fraction
+            elif fraction >= 0:  # the stages not caught yet, else one stage of this run at random
+                aims = {s for s in planned if s != "all" and s not in killed}
+                if aims:
+                    hold.write_text(" ".join(sorted(aims)))
+                    fraction *= 0.4
+                else:
+                    aims = {rng.choice(sorted(s for s in planned if s != "all"))}
         elif start := re.match(r"^(?:local)?rule (\w+):$", text):
             rule = start.group(1)
         elif (job := re.match(r"^\s+jobid: (\d+)$", text)) and rule:
             jobid, jobs[job.group(1)], rule = job.group(1), rule, None
             running.add(jobid)
-            if target and jobs[jobid] == target and kill_at is None:
+            if jobs[jobid] in aims and kill_at is None:
                 trigger, started = jobid, time.monotonic()
-                kill_at = started + fraction * seconds.get(target, 1.0)
-            elif kill_at is not None and jobs[jobid] not in killed and jobs[jobid] != target:
+                kill_at = started + fraction * seconds.get(jobs[jobid], 1.0)
+            elif kill_at not in (None, INF) and jobs[jobid] not in killed and jobs[jobid] != jobs[trigger]:
                 kill_at = min(kill_at, time.monotonic() + 0.3 * seconds.get(jobs[jobid], 1.0))
         elif (wildcards := re.search(r"^\s+wildcards: .*role=(\w+)", text)) and jobid:
             jobs[jobid] += f"[{wildcards.group(1)}]"
@@ -264,24 +279,33 @@ def test_killed_anywhere_and_recovered_gives_the_same_axis(tmp_path, model_dir, 
     rng = random.Random(SEED)
     work = make_workspace(tmp_path / "work", model_dir)
     results = work / "results"
-    kills, killed, args = [], set(), []
+    kills, killed, args, between = [], set(), [], 0
     started = time.monotonic()
-    for _ in range(N_KILLS):
-        kill = run_and_kill(work, args, killed, rng.uniform(0.05, 1.25), seconds, order, rng)
+    while between < N_BETWEEN:
+        mid_job = killed != set(order)
+        at_exit = mid_job and len(kills) % 3 == 2
+        kill = run_and_kill(work, args, killed, INF if at_exit else rng.uniform(0.05, 1.25), seconds, rng)
         assert kill is not None, f"the run finished before kill {len(kills) + 1}"
-        kills.append(kill)
-        killed |= {job.split("[")[0] for job in kill["running"]}
+        caught = {job.split("[")[0] for job in kill["running"]} - {"all"}
+        kills.append({**kill, "new": sorted(caught - killed)})
+        if mid_job:  # by construction (see the module's docstring), or the holding is broken
+            assert caught - killed, f"kill {len(kills)} caught no stage not caught before: {kill}"
+            assert kill["held"] or not at_exit, f"kill {len(kills)} came before any job held at exit: {kill}"
+        between += not mid_job
+        killed |= caught
         assert_all_open(results)
         # Recovery, as in the README: release the lock, then rerun what was incomplete.
         unlock = subprocess.run([*SNAKEMAKE, "--unlock"], cwd=work, capture_output=True, text=True, env=ENV)
         assert unlock.returncode == 0, unlock.stderr[-3000:]
         args = ["--rerun-incomplete"]
-    assert run_and_kill(work, args, killed, -1, seconds, order, rng) is None
+    assert run_and_kill(work, args, killed, -1, seconds, rng) is None
     elapsed = time.monotonic() - started
     with capsys.disabled():
         print(f"\n{len(kills)} kills and recoveries in {elapsed:.0f} s (seed {SEED}):")
         for i, kill in enumerate(kills, 1):
-            print(f"  {i:2d}. {kill['trigger']} + {kill['delay']} s; running: {', '.join(kill['running'])}")
+            at = " (it held at exit)" if kill["held"] else ""
+            new = f"; caught first: {', '.join(kill['new'])}" if kill["new"] else ""
+            print(f"  {i:2d}. {kill['trigger']} + {kill['delay']} s{at}; running: {', '.join(kill['running'])}{new}")
     assert killed == set(order), f"stages never killed mid-job: {set(order) - killed}"
     dry = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2"], cwd=work, capture_output=True, text=True, env=ENV)
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_openai import FakeOpenAI, completion
+from test_vllm import _need_vllm
 
 from assistant_axis.plan import DEFAULT_RESOURCES, Plan, validate_config
 
@@ -268,10 +269,7 @@ def paper_run(tmp_path_factory, model_dir, slurm_env):
     """The paper-shaped config submitted to SLURM, waited for by its test: its jobs mostly wait (on the
     plugin's pause before each submission and its status polls), so the tiny run on SLURM, which asks for
     it first, goes on meanwhile. Yields (workspace, config, the judge's requests, the submission)."""
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # an ImportError, or a broken install
-        need(False, f"vllm cannot be imported ({type(exc).__name__}: {exc})")
+    _need_vllm()
     with FakeOpenAI(_judge_reply) as judge:
         config = paper_shaped_config(judge.url)
         work = make_workspace(tmp_path_factory.mktemp("paper"), model_dir, config)
