@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -340,7 +341,10 @@ def test_a_published_experiment_runs_by_id_on_the_command_line(tmp_path, tiny_ru
     ]
 
     def run(*extra):
-        return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)
+        # One thread: the same sums in the same order in both runs. With several, a loaded machine can split
+        # a matmul differently between the runs and move the 7th digit of the printed table.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300, env=env)
 
     published = run("--cap", str(tmp_path / "capping_config.pt"), "--experiment", EXPERIMENT)
     own = run("--cap", str(results / "capping/late-p25.safetensors"))

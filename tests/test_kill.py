@@ -2,15 +2,15 @@
 stage, recover as the README says (`snakemake --unlock`, then `snakemake --cores 2 --rerun-incomplete`,
 itself killed again), and end with the uninterrupted run's artifacts, byte for byte.
 
-First, until every stage has been caught mid-job, each run is killed while a job of a stage not caught yet
-is running: a seeded fraction (up to half) of that stage's job time in the uninterrupted run after the
-first such job starts, or sooner, if a job of another such stage starts meanwhile, so that stages running
-side by side are caught too. Jobs of those stages stop themselves as they exit (tests/hold_at_exit), and
-one that does is killed there: each of these kills catches a new stage by construction, however fast
-the machine runs the jobs. Every third of them has no timer and lands there, after the job's last write
-and before Snakemake learns that it ended. Then N_BETWEEN more kills pick a stage of the run at random and a fraction up
-to 1.25, and come at the latest just as that job finishes: between jobs. After every kill, every Parquet
-and safetensors file under results/ must open: no truncated artifact under a final name.
+Until every stage has been caught mid-job, each run is killed at a job of a stage not caught yet, in
+turn: as the first such job starts (before it does anything: between jobs, as Snakemake sees it); a
+seeded fraction (up to half) of its job time in the uninterrupted run after it starts, or sooner if a
+job of another such stage starts meanwhile, so that stages running side by side are caught too; and as
+such a job exits, after its last write and before Snakemake learns that it ended. Every kill lands where
+it is aimed by construction, however fast the machine runs the jobs: jobs of those stages stop themselves
+there (tests/hold_at_exit), and a stopped job is killed; a timed kill comes at the latest as a job exits.
+So each kill mid-job catches a new stage. After every kill, every Parquet and safetensors file under
+results/ must open: no truncated artifact under a final name.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from safetensors import safe_open
 from workflow_helpers import SNAKEMAKE, make_workspace
 
 SEED = 20261123
-N_BETWEEN = 3  # kills after every stage was caught mid-job
 # The SLURM executor plugin runs `scontrol` when Snakemake starts; with no SLURM controller that waits
 # ~9 s. These runs are local, so point it at an empty SLURM config: it fails at once.
 ENV = {**os.environ, "SLURM_CONF": "/dev/null"}
@@ -44,7 +43,7 @@ ENV["PYTHONPATH"] = os.pathsep.join(
     filter(None, [str(Path(__file__).parent / "hold_at_exit"), os.environ.get("PYTHONPATH")])
 )
 INF = float("inf")  # a kill with no timer: at a held job only
-HOLD = ".hold-at-exit"  # names the rules whose jobs stop themselves as they exit (tests/hold_at_exit)
+HOLD = ".hold"  # where jobs stop themselves, and whose (tests/hold_at_exit)
 
 
 def job_times(workdir: Path) -> tuple[list[str], dict[str, float]]:
@@ -69,10 +68,11 @@ def job_times(workdir: Path) -> tuple[list[str], dict[str, float]]:
 
 
 def run_and_kill(
-    workdir: Path, args: list[str], killed: set[str], fraction: float, seconds: dict, rng: random.Random
+    workdir: Path, args: list[str], killed: set[str], mode: str, fraction: float, seconds: dict
 ) -> dict | None:
-    """Run Snakemake in its own process group and SIGKILL the group (see the module's docstring).
-    `killed`: the stages caught mid-job so far; `fraction` < 0: no kill. None: the run finished."""
+    """Run Snakemake in its own process group and SIGKILL the group (see the module's docstring) at a job of
+    a stage not in `killed`: at its "start", "timed" (`fraction` of its job time, at the latest at its
+    exit), or at its "exit"; "none": no kill. None: the run finished."""
     hold = workdir / HOLD
     hold.unlink(missing_ok=True)
     proc = subprocess.Popen(
@@ -86,7 +86,7 @@ def run_and_kill(
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=lambda: ([lines.put(x) for x in proc.stdout], lines.put(None)), daemon=True).start()
-    output, planned, in_stats, aims, rule, held = [], [], False, set(), None, []
+    output, planned, in_stats, aims, rule, held = [], {}, False, set(), None, []
     jobs, running, trigger, kill_at, jobid, started = {}, set(), None, None, None, 0.0  # jobs: id -> "rule[role]"
     while True:
         wait = None if kill_at in (None, INF) else max(0.0, kill_at - time.monotonic())
@@ -101,14 +101,12 @@ def run_and_kill(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             _wait_group_gone(proc.pid)
+            stopped = ", ".join(sorted(path.read_text() for path in held))
             for path in [hold, *held]:
                 path.unlink(missing_ok=True)
-            return {
-                "trigger": jobs[trigger],
-                "delay": round(time.monotonic() - started, 1),
-                "held": bool(held),
-                "running": sorted(jobs[j] for j in running),
-            }
+            where = f"{mode}: {jobs[trigger]} + {time.monotonic() - started:.1f} s"
+            where += f" (held: {stopped})" if held else ""
+            return {"where": where, "held": bool(held), "running": sorted(jobs[j] for j in running)}
         if line is None:
             hold.unlink(missing_ok=True)
             assert proc.wait() == 0, "".join(output[-60:])
@@ -117,17 +115,14 @@ def run_and_kill(
         text = line.rstrip()
         if text == "Job stats:":
             in_stats = True
-        elif in_stats and (row := re.match(r"^(\w+)\s+\d+$", text)):
+        elif in_stats and (row := re.match(r"^(\w+)\s+(\d+)$", text)):
             in_stats = row.group(1) != "total"
             if in_stats:
-                planned.append(row.group(1))
-            elif fraction >= 0:  # the stages not caught yet, else one stage of this run at random
-                aims = {s for s in planned if s != "all" and s not in killed}
-                if aims:
-                    hold.write_text(" ".join(sorted(aims)))
-                    fraction *= 0.4
-                else:
-                    aims = {rng.choice(sorted(s for s in planned if s != "all"))}
+                planned[row.group(1)] = int(row.group(2))
+            elif mode != "none":  # the stages not caught yet
+                aims = {stage for stage in planned if stage != "all" and stage not in killed}
+                hold.write_text(" ".join(["start" if mode == "start" else "exit", *sorted(aims)]))
+                fraction = fraction * 0.4 if mode == "timed" else INF
         elif start := re.match(r"^(?:local)?rule (\w+):$", text):
             rule = start.group(1)
         elif (job := re.match(r"^\s+jobid: (\d+)$", text)) and rule:
@@ -142,8 +137,6 @@ def run_and_kill(
             jobs[jobid] += f"[{wildcards.group(1)}]"
         elif done := re.match(r"^Finished jobid: (\d+)", text):
             running.discard(done.group(1))
-            if done.group(1) == trigger:  # faster than in the uninterrupted run: kill now, before the next job
-                kill_at = time.monotonic()
 
 
 def _wait_group_gone(pgid: int) -> None:
@@ -279,33 +272,31 @@ def test_killed_anywhere_and_recovered_gives_the_same_axis(tmp_path, model_dir, 
     rng = random.Random(SEED)
     work = make_workspace(tmp_path / "work", model_dir)
     results = work / "results"
-    kills, killed, args, between = [], set(), [], 0
+    kills, killed, args = [], set(), []
     started = time.monotonic()
-    while between < N_BETWEEN:
-        mid_job = killed != set(order)
-        at_exit = mid_job and len(kills) % 3 == 2
-        kill = run_and_kill(work, args, killed, INF if at_exit else rng.uniform(0.05, 1.25), seconds, rng)
+    while killed != set(order):
+        mode = ("start", "timed", "exit")[len(kills) % 3]
+        kill = run_and_kill(work, args, killed, mode, rng.uniform(0.05, 1.25), seconds)
         assert kill is not None, f"the run finished before kill {len(kills) + 1}"
         caught = {job.split("[")[0] for job in kill["running"]} - {"all"}
-        kills.append({**kill, "new": sorted(caught - killed)})
-        if mid_job:  # by construction (see the module's docstring), or the holding is broken
-            assert caught - killed, f"kill {len(kills)} caught no stage not caught before: {kill}"
-            assert kill["held"] or not at_exit, f"kill {len(kills)} came before any job held at exit: {kill}"
-        between += not mid_job
-        killed |= caught
+        kills.append({**kill, "new": sorted(caught - killed) if mode != "start" else []})
+        # By construction (see the module's docstring), or the holding is broken:
+        assert kill["held"] or mode == "timed", f"kill {len(kills)} came before any job held: {kill}"
+        assert caught - killed, f"kill {len(kills)} caught no stage not caught before: {kill}"
+        if mode != "start":  # a job caught before it began is not caught mid-job
+            killed |= caught
         assert_all_open(results)
         # Recovery, as in the README: release the lock, then rerun what was incomplete.
         unlock = subprocess.run([*SNAKEMAKE, "--unlock"], cwd=work, capture_output=True, text=True, env=ENV)
         assert unlock.returncode == 0, unlock.stderr[-3000:]
         args = ["--rerun-incomplete"]
-    assert run_and_kill(work, args, killed, -1, seconds, rng) is None
+    assert run_and_kill(work, args, killed, "none", 0.0, seconds) is None
     elapsed = time.monotonic() - started
     with capsys.disabled():
         print(f"\n{len(kills)} kills and recoveries in {elapsed:.0f} s (seed {SEED}):")
         for i, kill in enumerate(kills, 1):
-            at = " (it held at exit)" if kill["held"] else ""
             new = f"; caught first: {', '.join(kill['new'])}" if kill["new"] else ""
-            print(f"  {i:2d}. {kill['trigger']} + {kill['delay']} s{at}; running: {', '.join(kill['running'])}{new}")
+            print(f"  {i:2d}. {kill['where']}; running: {', '.join(kill['running'])}{new}")
     assert killed == set(order), f"stages never killed mid-job: {set(order) - killed}"
     dry = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2"], cwd=work, capture_output=True, text=True, env=ENV)
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
