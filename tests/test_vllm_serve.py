@@ -9,6 +9,8 @@ without the cap. The reference for the engine's numbers is the transformers `Cha
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,7 @@ from test_vllm import _conversations, _need_vllm
 from assistant_axis.axis import load_axis
 from assistant_axis.backends import Sampling
 from assistant_axis.models import find_blocks
-from assistant_axis.vllm_hooks import EngineHooks
+from assistant_axis.vllm_hooks import EXTRA_ARGS_KEY, EngineHooks
 
 from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
@@ -401,3 +403,182 @@ def test_a_vllm_request_finished_early_delivers_its_reply_so_far(llm, capped_set
     assert reply.finish_reason == "length" and 5 <= len(reply.token_ids) < 100 and reply.text.strip()
     assert reply.setting == "late-p25" and all(v is not None for v in reply.projection) and max(reply.fired) > 0
     assert other.finish_reason in ("stop", "length") and other.text.strip()
+
+
+def test_a_stop_token_fed_back_after_the_end_of_turn_is_not_measured(llm, capped_setting):
+    """Async scheduling (vLLM's GPU default; the CPU build forces it off) gives a reply that sampled its
+    end-of-turn token one more step, which feeds that token back. Made here by construction: one decode
+    step of request "a" feeds the end-of-turn token in place of the token it sampled. That row is not
+    measured; request "b", in the same batch, is measured as before."""
+    units, capping = capped_setting
+    stop = llm.get_tokenizer().eos_token_id
+    hooks = EngineHooks(llm, units, capping.layers, {"none": [], "late-p25": [capping]})
+    fed = {"decodes": 0, "at": None}
+
+    def feed_stop_token(worker):  # wraps the hooks' forward: they see the row as the runner would feed it
+        runner = worker.model_runner
+        forward = runner._model_forward
+
+        def forward_feeding(*args, **kwargs):
+            batch = runner.input_batch
+            ids = batch.req_ids[: batch.num_reqs]
+            keys = [runner.requests[r].sampling_params.extra_args[EXTRA_ARGS_KEY]["key"] for r in ids]
+            if "a" in keys:
+                i = keys.index("a")
+                row, end = (int(x) for x in runner.query_start_loc.np[i : i + 2])
+                if end - row == 1:  # a decode step
+                    fed["decodes"] += 1
+                    if fed["decodes"] == 3:
+                        kwargs["input_ids"] = kwargs["input_ids"].clone()
+                        kwargs["input_ids"][row] = stop
+                        fed["at"] = int(kwargs["positions"][row])
+            return forward(*args, **kwargs)
+
+        runner._model_forward = forward_feeding
+        return forward
+
+    def restore(forward):
+        def put_back(worker):
+            worker.model_runner._model_forward = forward
+
+        return put_back
+
+    try:
+        convs = _conversations(2)
+
+        def run():
+            asked = (("late-p25", "a"), ("none", "b"))
+            params = [hooks.sampling_params(s, k, temperature=0, max_tokens=12) for s, k in asked]
+            outs = llm.chat(convs, params, use_tqdm=False)
+            # Fed back: every generated token but the last (an end-of-turn token or the 12th).
+            return [len(o.outputs[0].token_ids) - 1 for o in outs], hooks.pop("a"), hooks.pop("b")
+
+        plain_fed, plain_a, plain_b = run()
+        (forward,) = llm.collective_rpc(feed_stop_token)
+        try:
+            fed_back, fed_a, fed_b = run()
+        finally:
+            llm.collective_rpc(restore(forward))
+        assert fed["at"] is not None, "no decode step of request a was fed the end-of-turn token"
+        assert [plain_a.tokens, plain_b.tokens] == plain_fed and plain_fed[0] > 3
+        assert fed_a.tokens == fed_back[0] - 1, f"the end-of-turn token fed back at position {fed['at']} was measured"
+        assert fed_b.tokens == fed_back[1] == plain_b.tokens
+        b, plain = torch.tensor(fed_b.projection), torch.tensor(plain_b.projection)
+        torch.testing.assert_close(b, plain, rtol=1e-5, atol=1e-4)
+    finally:
+        hooks.remove()
+
+
+@pytest.fixture(scope="module")
+def engine_checks(tiny_run, capping_file, tmp_path_factory):
+    """What tests/vllm_engine_checks.py saw: a hooked engine set up as a GPU user gets one (Model Runner V2
+    asked for, prefix caching on, a KV cache that preempts), in a process of its own."""
+    _need_vllm()
+    model_dir, axis = tiny_paths(tiny_run)
+    out = tmp_path_factory.mktemp("engine_checks") / "seen.json"
+    script = Path(__file__).with_name("vllm_engine_checks.py")
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(model_dir), str(axis), str(capping_file), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def test_a_hooked_engine_runs_model_runner_v1_whatever_the_environment_asks(engine_checks):
+    assert engine_checks["runner"] == {"use_v2_model_runner": False, "setting": "0"}
+
+
+def test_the_runner_check_names_the_setting_before_an_engine_starts(tiny_run):
+    """A setting that forces Model Runner V2 (watermarking) is one line naming it, before vLLM starts."""
+    _need_vllm()
+    from assistant_axis.backends import vllm_engine_args
+    from assistant_axis.errors import InputError
+    from assistant_axis.vllm_runner import check_runner
+
+    args = {**vllm_engine_args(str(tiny_paths(tiny_run)[0]), ENGINE, "test", "float32"), "watermark_config": {"key": 7}}
+    with pytest.raises(InputError, match="Model Runner V2") as caught:
+        check_runner(args, "--engine-args")
+    assert "--engine-args" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_capped_request_never_reuses_kv_computed_under_another_setting(engine_checks):
+    """The prompt is many KV blocks long; asked uncapped first (as the evaluate stage submits it), the
+    capped request computes its own blocks: its tokens and telemetry are those of the capped request
+    alone. The same setting asked again is served from the cache, and gives the same reply."""
+    seen = engine_checks["prefix"]
+    full_blocks = (seen["prompt_tokens"] - 1) // 32 * 32
+    assert full_blocks >= 8 * 32
+    assert seen["hits_capped_after_uncapped"] == 0
+    assert seen["hits_capped_again"] >= full_blocks
+    alone = seen["capped_alone"]
+    for name in ("capped_after_uncapped", "capped_again"):
+        assert seen[name]["tokens"] == alone["tokens"], name
+        assert seen[name]["measured"] == alone["measured"] == len(alone["tokens"]) - 1, name
+        torch.testing.assert_close(
+            torch.tensor(seen[name]["projection"]), torch.tensor(alone["projection"]), rtol=1e-5, atol=1e-5
+        )
+    # The uncapped reply differs: the cap acts on this prompt (else the comparison above shows nothing).
+    assert seen["uncapped"]["projection"] != alone["projection"]
+
+
+def test_preempted_requests_are_measured_and_recorded_once_per_position(engine_checks):
+    """8 replies generated at once in a KV cache that holds about half of them (vLLM preempts and
+    recomputes), against the same replies one at a time: the telemetry measures each fed-back token once
+    and the recorder records each once, with the same values."""
+    seen = engine_checks["preemption"]
+    assert seen["preemptions"] > 0 and seen["recorder_preemptions"] > 0, "nothing was preempted"
+    same = 0
+    for together, alone in zip(seen["together"], seen["one_by_one"], strict=True):
+        for reply in (together, alone):  # all fed-back tokens: all but the last of a cut reply
+            assert reply["measured"] == len(reply["tokens"]) - (len(reply["tokens"]) == 96)
+        if together["tokens"] == alone["tokens"]:  # the same token ids: the same numbers
+            same += 1
+            torch.testing.assert_close(
+                torch.tensor(together["projection"]), torch.tensor(alone["projection"]), rtol=1e-5, atol=1e-4
+            )
+    for tokens, count, single_tokens, single_count, diff in zip(
+        seen["recorder_tokens"],
+        seen["recorder_counts"],
+        seen["recorder_single_tokens"],
+        seen["recorder_single_counts"],
+        seen["recorder_max_diff"],
+        strict=True,
+    ):
+        assert count == len(tokens) - 1 and single_count == len(single_tokens) - 1
+        if tokens == single_tokens:
+            same += 1
+            assert diff <= 1e-5, f"recorded means differ by {diff} of their norm"
+    assert same >= 8, "too few replies had the same tokens preempted and alone to compare their numbers"
+
+
+def test_a_settings_own_steering_is_not_counted_as_its_cap_firing(llm, capped_setting, tiny_run):
+    """Two settings steer and then cap the same layers, in one batch: the second one's cap sits far below
+    every projection, so it never acts, and its telemetry says so (fired 0 at every layer), whatever the
+    first setting does to its own rows before it."""
+    from assistant_axis.steer import Steering
+
+    units, capping = capped_setting
+    axis, layers, _ = load_axis(tiny_paths(tiny_run)[1])
+    steering = Steering.along(axis[8:26], list(range(8, 26)), -40.0)
+    never = replace(capping, thresholds=torch.full_like(capping.thresholds, -1e6))
+    settings = {"steer-cap": [steering, capping], "steer-never": [steering, never]}
+    hooks = EngineHooks(llm, units, capping.layers, settings)
+    try:
+        convs = _conversations(4)
+        asked = ["steer-cap", "steer-never", "steer-cap", "steer-never"]
+        params = [hooks.sampling_params(s, f"k{i}", temperature=0, max_tokens=8) for i, s in enumerate(asked)]
+        llm.chat(convs, params, use_tqdm=False)
+        seen = [hooks.pop(f"k{i}") for i in range(4)]
+        assert all(0 < max(t.fired) for t, s in zip(seen, asked, strict=True) if s == "steer-cap")
+        assert all(
+            set(t.fired) == {0.0} and set(t.correction) == {0.0}
+            for t, s in zip(seen, asked, strict=True)
+            if s == "steer-never"
+        )
+    finally:
+        hooks.remove()

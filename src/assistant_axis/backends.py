@@ -251,6 +251,7 @@ VLLM_ENGINE_KEYS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "enable_prefix_caching",
+    "block_size",
 )
 
 

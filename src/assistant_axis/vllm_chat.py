@@ -233,7 +233,10 @@ class VLLMSession(Conversation):
             return
         _, key, prompt, params, running = message
         try:
-            self.engine.add_request(key, {"prompt_token_ids": prompt}, params)
+            # Prefix caching shares KV blocks between requests whose tokens agree; a block computed under
+            # one setting holds that setting's edited stream, so the cache is salted per setting.
+            salted = {"prompt_token_ids": prompt, "cache_salt": f"setting:{running.setting}"}
+            self.engine.add_request(key, salted, params)
         except Exception as exc:  # vLLM refused it (e.g. too long for the model): only this caller hears it
             running.stream.put(exc)
             return

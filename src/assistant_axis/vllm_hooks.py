@@ -16,9 +16,11 @@ is the stream (the add is deferred into the next layer's fused norm). `EngineHoo
   counted as firing).
 
 A reply's tokens, as measured here, are the generated tokens fed back into the model: all of a reply
-that stopped at its end-of-turn token (which is never fed back), all but the last of one cut by
-`max_tokens`. Capped and uncapped requests share one batch; the cost is one add per edited layer and
-token, and a gather/scatter per setting present in the step.
+that stopped at its end-of-turn token (which is not counted, even where async scheduling feeds it
+back), all but the last of one cut by `max_tokens`; each position once, also when a preempted request
+is recomputed (`vllm_runner.counted_rows`). What the hooks read from vLLM's model runner is in
+`vllm_runner`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
+add per edited layer and token, and a gather/scatter per setting present in the step.
 
 Needs the engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which `hooked_engine` sets),
 tensor parallel 1, and eager mode: CUDA graphs replay captured kernels and would skip Python hooks
@@ -43,11 +45,9 @@ from assistant_axis.cap import CappingConfig
 from assistant_axis.errors import InputError
 from assistant_axis.interventions import Intervention, check_fit
 from assistant_axis.models import check_layers, find_blocks
+from assistant_axis.vllm_runner import EXTRA_ARGS_KEY, V1Runner, check_runner, counted_rows, pin_v1_runner
 
 __all__ = ["Telemetry", "EngineHooks", "ActivationRecorder", "hooked_engine", "recording_engine", "EXTRA_ARGS_KEY"]
-
-# SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"key": ..., "setting": (EngineHooks) or "span": (ActivationRecorder)}
-EXTRA_ARGS_KEY = "assistant_axis"
 
 
 @dataclass(frozen=True)
@@ -84,29 +84,18 @@ def recording_engine(args: dict, key: str = "engine"):
 
     # Only this engine: another one started later in this process (a test's, say) keeps its own process,
     # so that shutting it down does not take this process's distributed state with it.
+    args = {**args, "enforce_eager": True}
+    pin_v1_runner()
     before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        return vllm_engine({**args, "enforce_eager": True}, key)
+        check_runner(args, key)
+        return vllm_engine(args, key)
     finally:
         if before is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
-
-
-def _scheduled(runner) -> tuple[list[int], list[tuple[str, dict | None, int]]]:
-    """This step's row offsets (`query_start_loc`: request i owns rows [starts[i], starts[i+1])) and, per
-    request, its id, our extra args (None for a request that has none) and its prompt length."""
-    batch = runner.input_batch
-    n_reqs = batch.num_reqs
-    starts = runner.query_start_loc.np[: n_reqs + 1].tolist()
-    requests = []
-    for req_id in batch.req_ids[:n_reqs]:
-        state = runner.requests[req_id]
-        extra = ((state.sampling_params.extra_args or {}) if state.sampling_params else {}).get(EXTRA_ARGS_KEY)
-        requests.append((req_id, extra, len(state.prompt_token_ids or ())))
-    return starts, requests
 
 
 @dataclass
@@ -140,6 +129,8 @@ class EngineHooks:
         self.units = units.float()
         self.step: _Step | None = None
         self.totals: dict[str, torch.Tensor] = {}  # key -> [layers, 4]: sums and the token count
+        self.seen: dict[str, int] = {}  # key -> one past the last position run (a preempted request runs them again)
+        self.runner: V1Runner | None = None
         self.handles: list = []
         (self.n_blocks,) = llm.collective_rpc(self._install)
 
@@ -155,6 +146,7 @@ class EngineHooks:
 
     def pop(self, key: str) -> Telemetry:
         """The telemetry of the request filed under `key` (forgotten afterwards)."""
+        self.seen.pop(key, None)
         return self._telemetry(self.totals.pop(key, None))
 
     def peek(self, key: str) -> Telemetry:
@@ -176,10 +168,11 @@ class EngineHooks:
     # ------------------------------------------------------------------ inside the worker
 
     def _install(self, worker) -> int:
-        runner = worker.model_runner
-        blocks = find_blocks(runner.get_model())
+        runner = V1Runner(worker.model_runner)
+        blocks = find_blocks(runner.model())
+        device = next(runner.model().parameters()).device
         check_layers(self.layers, len(blocks), "layers", "layers")
-        size = int(runner.model_config.get_hidden_size())
+        size = runner.hidden_size()
         if self.units.shape[-1] != size:
             raise InputError(
                 "axis", "hidden_size", f"axis has hidden size {self.units.shape[-1]}, the model has {size}"
@@ -192,55 +185,59 @@ class EngineHooks:
                     edits.setdefault(layer, []).append((name, intervention, k))
         for layer in sorted(set(self.layers) | set(edits)):
             monitored = self.layers.index(layer) if layer in self.layers else None
-            hook = self._hook(layer, edits.get(layer, []), monitored)
+            hook = self._hook(layer, edits.get(layer, []), monitored, device)
             self.handles.append(blocks[layer].register_forward_hook(hook))
-        forward = runner._model_forward
-        runner._axis_forward = forward  # the original, restored by _uninstall
 
-        def routed_forward(*args, **kwargs):
-            self.step = self._route(runner, kwargs.get("positions"))
-            try:
-                out = forward(*args, **kwargs)
-                self._file(self.step)
-                return out
-            finally:
-                self.step = None
+        def routed(forward):
+            def routed_forward(*args, **kwargs):
+                self.step = self._route(runner, kwargs.get("input_ids"), kwargs.get("positions"))
+                try:
+                    out = forward(*args, **kwargs)
+                    self._file(self.step)
+                    return out
+                finally:
+                    self.step = None
 
-        runner._model_forward = routed_forward
+            return routed_forward
+
+        runner.wrap_forward(routed)
+        self.runner = runner
         return len(blocks)
 
-    def _uninstall(self, worker) -> None:
-        runner = worker.model_runner
-        if hasattr(runner, "_axis_forward"):
-            runner._model_forward = runner._axis_forward
-            del runner._axis_forward
+    def _uninstall(self, _worker) -> None:
+        if self.runner is not None:
+            self.runner.unwrap()
+            self.runner = None
         for handle in self.handles:
             handle.remove()
         self.handles = []
 
-    def _route(self, runner, positions: torch.Tensor | None) -> _Step | None:
-        if runner.input_batch.num_reqs == 0 or positions is None:
+    def _route(self, runner: V1Runner, input_ids, positions) -> _Step | None:
+        requests = runner.scheduled(input_ids, positions)
+        if not requests:
             return None
-        starts, requests = _scheduled(runner)
-        n_tokens = int(starts[-1])
+        n_tokens = requests[-1].end
         device = positions.device
-        keys, prompt_lens, rows, segments = [], [], {}, {}
-        for i, (req_id, extra, prompt_len) in enumerate(requests):
-            setting, key = (extra.get("setting"), extra["key"]) if extra else (None, req_id)
+        keys, rows, segments = [], {}, {}
+        reply = torch.zeros(n_tokens, dtype=torch.bool)
+        for request in requests:
+            extra = request.extra
+            setting, key = (extra.get("setting"), extra["key"]) if extra else (None, request.req_id)
             keys.append(key)
-            prompt_lens.append(prompt_len)
+            seen = self.seen.get(key, 0)
+            a, b = counted_rows(request, request.prompt_len, math.inf, seen)
+            reply[a:b] = True
+            self.seen[key] = max(seen, request.first + request.end - request.start)
             if setting in self.settings and self.settings[setting]:
-                segments.setdefault(setting, []).append((starts[i], starts[i + 1]))
-        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:], strict=False)])
+                segments.setdefault(setting, []).append((request.start, request.end))
+        counts = torch.tensor([request.end - request.start for request in requests])
         slot = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
-        prompt = torch.repeat_interleave(torch.tensor(prompt_lens), counts).to(device)
-        reply = positions[:n_tokens] >= prompt
         for setting, spans in segments.items():
             rows[setting] = torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
-        return _Step(n_tokens, keys, slot, reply, rows, segments)
+        return _Step(n_tokens, keys, slot, reply.to(device), rows, segments)
 
-    def _hook(self, layer: int, edits: list[tuple[str, Intervention, int]], monitored: int | None):
-        unit = self.units[monitored] if monitored is not None else None
+    def _hook(self, layer: int, edits: list[tuple[str, Intervention, int]], monitored: int | None, device):
+        unit = self.units[monitored].to(device) if monitored is not None else None  # copied once, not per step
 
         def hook(_module, _args, output):
             step = self.step
@@ -250,21 +247,29 @@ class EngineHooks:
             n = step.n_tokens
             acting = [(name, iv, k) for name, iv, k in edits if name in step.rows]
             stream = hidden + residual if residual is not None else hidden
-            before = None  # the projection before the first cap: what a cap's firing is measured against
+            # Per setting, its rows' projection just before its first cap here: what firing is measured
+            # against (the setting's own steering before it is not firing; another setting's is not its).
+            # Each is taken from a projection of all n rows, as `after` is: a row no cap changed then gives
+            # the same bits twice (a product over fewer rows may round differently), so it never counts.
+            before: dict[str, torch.Tensor] = {}
             if acting:
                 stream = stream.clone()
                 for name, intervention, k in acting:
-                    if before is None and unit is not None and isinstance(intervention, CappingConfig):
-                        before = stream[:n].float() @ unit.to(stream.device)
+                    rows = step.rows[name]
+                    if unit is not None and name not in before and isinstance(intervention, CappingConfig):
+                        before[name] = (stream[:n].float() @ unit)[rows]
                     if getattr(intervention, "positions", "all") == "all":
-                        rows = step.rows[name]
                         stream[rows] = intervention.edit(k, stream[rows])
                     else:  # an edit that depends on the request's own token order (steering the last token)
                         for a, b in step.segments[name]:
                             stream[a:b] = intervention.edit(k, stream[a:b])
             if unit is not None:
-                after = stream[:n].float() @ unit.to(stream.device)
-                change = ((after - before) if before is not None else torch.zeros_like(after)) * step.reply
+                after = stream[:n].float() @ unit
+                change = torch.zeros_like(after)
+                for name, projection in before.items():
+                    rows = step.rows[name]
+                    change[rows] = after[rows] - projection
+                change = change * step.reply
                 values = torch.stack([after * step.reply, (change != 0).float(), change], dim=-1)
                 if step.sums is None:
                     step.sums = torch.zeros(len(step.keys), len(self.layers), 3, device=stream.device)
@@ -333,39 +338,42 @@ class _WorkerRecorder:
     """
 
     def __init__(self, runner, layers: list[int], stop_early: bool):
-        self.runner, self.layers = runner, layers
-        blocks = find_blocks(runner.get_model())
+        self.runner, self.layers = V1Runner(runner), layers
+        blocks = find_blocks(self.runner.model())
         check_layers(layers, len(blocks), "activations", "layers")
-        self.n_blocks, self.hidden_size = len(blocks), int(runner.model_config.get_hidden_size())
+        self.n_blocks, self.hidden_size = len(blocks), self.runner.hidden_size()
         self.sums: torch.Tensor | None = None  # [slots, layers, hidden] float32, on the device
         self.slots: dict[str, int] = {}  # key -> its slot
         self.free: list[int] = []
         self.counts: dict[str, int] = {}
+        self.seen: dict[str, int] = {}  # key -> one past the last position run (a preempted request runs them again)
         self.step: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's span rows and their slots
         self.handles = [blocks[layer].register_forward_hook(self._hook(slot)) for slot, layer in enumerate(layers)]
-        self.forward = runner._model_forward
-        runner._model_forward = self._routed_forward
+        self.runner.wrap_forward(self._routed)
         # The decoder loop runs blocks [start_layer, end_layer) (vLLM's pipeline-parallel slicing).
-        self.inner = next((m for m in runner.get_model().modules() if getattr(m, "layers", None) is blocks), None)
+        self.inner = next((m for m in self.runner.model().modules() if getattr(m, "layers", None) is blocks), None)
         self.end_layer = None
         if stop_early and getattr(self.inner, "end_layer", None) == len(blocks):
             self.end_layer = self.inner.end_layer
             self.inner.end_layer = max(layers) + 1
 
     def remove(self) -> None:
-        self.runner._model_forward = self.forward
+        self.runner.unwrap()
         for handle in self.handles:
             handle.remove()
         if self.end_layer is not None:
             self.inner.end_layer = self.end_layer
         self.sums = None
 
-    def _routed_forward(self, *args, **kwargs):
-        self.step = self._route(kwargs.get("positions"))
-        try:
-            return self.forward(*args, **kwargs)
-        finally:
-            self.step = None
+    def _routed(self, forward):
+        def routed_forward(*args, **kwargs):
+            self.step = self._route(kwargs.get("input_ids"), kwargs.get("positions"))
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.step = None
+
+        return routed_forward
 
     def _slot(self, key: str, device: torch.device) -> int:
         if key in self.slots:
@@ -379,29 +387,25 @@ class _WorkerRecorder:
         self.slots[key] = self.free.pop()
         return self.slots[key]
 
-    def _route(self, positions: torch.Tensor | None):
-        if self.runner.input_batch.num_reqs == 0 or positions is None or positions.dim() != 1:
-            return None
-        starts, requests = _scheduled(self.runner)
-        device = positions.device
-        firsts = positions[torch.tensor(starts[:-1], device=device)].tolist()  # each request's first position
+    def _route(self, input_ids, positions):
         rows, owners = [], []
-        for i, (_, extra, prompt_len) in enumerate(requests):
-            if not extra or "span" not in extra:
+        for request in self.runner.scheduled(input_ids, positions):
+            if not request.extra or "span" not in request.extra:
                 continue
-            start, end = extra["span"]
-            start = prompt_len if start is None else start
+            key = request.extra["key"]
+            start, end = request.extra["span"]
+            start = request.prompt_len if start is None else start
             end = math.inf if end is None else end
-            a = starts[i] + max(0, start - firsts[i])
-            b = starts[i] + min(starts[i + 1] - starts[i], end - firsts[i])
+            seen = self.seen.get(key, 0)
+            a, b = counted_rows(request, start, end, seen)
+            self.seen[key] = max(seen, request.first + request.end - request.start)
             if b > a:
-                a, b, key = int(a), int(b), extra["key"]
                 rows.append(torch.arange(a, b))
-                owners.append(torch.full((b - a,), self._slot(key, device)))
+                owners.append(torch.full((b - a,), self._slot(key, positions.device)))
                 self.counts[key] = self.counts.get(key, 0) + b - a
         if not rows:
             return None
-        return torch.cat(rows).to(device), torch.cat(owners).to(device)
+        return torch.cat(rows).to(positions.device), torch.cat(owners).to(positions.device)
 
     def _hook(self, slot: int):
         def hook(_module, _args, output):
@@ -420,6 +424,8 @@ class _WorkerRecorder:
     def pop(self, keys: list[str]) -> tuple[torch.Tensor, list[int]]:
         means = torch.full((len(keys), len(self.layers), self.hidden_size), float("nan"))
         counts = [self.counts.pop(key, 0) for key in keys]
+        for key in keys:
+            self.seen.pop(key, None)
         held = [(i, self.slots.pop(key)) for i, key in enumerate(keys) if key in self.slots]
         if held:
             index = torch.tensor([slot for _, slot in held], device=self.sums.device)

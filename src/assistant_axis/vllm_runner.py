@@ -1,0 +1,141 @@
+"""What the hooks read from vLLM's model runner, in one place: where the model's forward is, and which
+rows of a step belong to which request at which positions.
+
+vLLM 0.32 has two runners. Model Runner V1 (`v1/worker/gpu_model_runner.py`; the CPU build's runner
+subclasses it) keeps the step's layout in `input_batch`, `requests` and `query_start_loc` and calls the
+model through `_model_forward`: this adapter reads those. Model Runner V2 (`v1/worker/gpu/`), vLLM's
+default wherever Triton is installed, keeps them elsewhere, so hooked engines pin V1
+(`pin_v1_runner`) and check the engine config before the engine starts (`check_runner`). A port to V2
+replaces `V1Runner` and nothing else: its `scheduled` must give the same `ScheduledRequest`s.
+
+Counting a position once (`counted_rows`): a preempted request is recomputed from its first token, so
+its rows come again at positions already counted; with async scheduling (vLLM's GPU default) a reply that
+sampled its end-of-turn token gets one more step, feeding that token back. Neither is counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from assistant_axis.errors import InputError
+
+__all__ = ["EXTRA_ARGS_KEY", "ScheduledRequest", "V1Runner", "check_runner", "counted_rows", "pin_v1_runner"]
+
+RUNNER_SETTING = "VLLM_USE_V2_MODEL_RUNNER"
+# SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"key": ..., "setting": (EngineHooks) or "span": (ActivationRecorder)}
+EXTRA_ARGS_KEY = "assistant_axis"
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's part of a step: rows [start, end) of the flattened batch, at positions from `first`."""
+
+    req_id: str
+    extra: dict | None  # our entry of its SamplingParams.extra_args (None for a request without one)
+    prompt_len: int
+    start: int
+    end: int
+    first: int  # the position of row `start`
+    ends_turn: bool  # its last row feeds back a stop token it sampled: a step past the end of its reply
+
+
+def counted_rows(request: ScheduledRequest, since: float, until: float, seen: int) -> tuple[int, int]:
+    """The rows [a, b) of `request` in this step whose positions lie in [since, until), less positions
+    below `seen` (counted in an earlier step: a preempted request's recomputation) and less the row past
+    the end of the reply (`ends_turn`). An empty range has a == b."""
+    last = request.first + (request.end - request.start) - int(request.ends_turn)  # one past the last counted
+    low, high = max(since, seen, request.first), min(until, last)
+    if high <= low:
+        return request.start, request.start
+    return request.start + int(low - request.first), request.start + int(high - request.first)
+
+
+class V1Runner:
+    """vLLM's V1 model runner, as the hooks see it."""
+
+    NEEDS = ("_model_forward", "input_batch", "requests", "query_start_loc", "get_model", "model_config")
+
+    def __init__(self, runner):
+        missing = [name for name in self.NEEDS if not hasattr(runner, name)]
+        if missing:
+            raise RuntimeError(
+                f"vLLM's model runner {type(runner).__name__} has no {', '.join(missing)}: the hooks read Model "
+                f"Runner V1 (set {RUNNER_SETTING}=0 before the engine starts)"
+            )
+        self.runner = runner
+
+    def model(self) -> torch.nn.Module:
+        return self.runner.get_model()
+
+    def hidden_size(self) -> int:
+        return int(self.runner.model_config.get_hidden_size())
+
+    def wrap_forward(self, make) -> None:
+        """Replace the runner's forward by `make(forward)`; `unwrap` puts the one it replaced back."""
+        self.forward = self.runner._model_forward
+        self.runner._model_forward = make(self.forward)
+
+    def unwrap(self) -> None:
+        if getattr(self, "forward", None) is not None:
+            self.runner._model_forward = self.forward
+            self.forward = None
+
+    def scheduled(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None) -> list[ScheduledRequest]:
+        """This step's requests, in row order (empty when there are none or the step has no 1-d positions)."""
+        batch = self.runner.input_batch
+        n_reqs = batch.num_reqs
+        if n_reqs == 0 or positions is None or positions.dim() != 1:
+            return []
+        starts = self.runner.query_start_loc.np[: n_reqs + 1].tolist()
+        device = positions.device
+        # One copy from the device: each request's first position and the token its last row feeds back.
+        firsts = torch.tensor(starts[:-1], device=device)
+        lasts = torch.tensor(starts[1:], device=device) - 1
+        fed = input_ids[lasts] if input_ids is not None else torch.full_like(lasts, -1)
+        first_positions, last_tokens = torch.stack([positions[firsts].long(), fed.long()]).tolist()
+        requests = []
+        for i, req_id in enumerate(batch.req_ids[:n_reqs]):
+            state = self.runner.requests[req_id]
+            params = state.sampling_params
+            extra = ((params.extra_args or {}) if params else {}).get(EXTRA_ARGS_KEY)
+            prompt_len = len(state.prompt_token_ids or ())
+            last_position = first_positions[i] + starts[i + 1] - starts[i] - 1
+            ends_turn = (
+                params is not None
+                and not params.ignore_eos
+                and last_position >= prompt_len  # a fed-back reply token, not the prompt's
+                and last_tokens[i] in params.all_stop_token_ids
+            )
+            requests.append(
+                ScheduledRequest(req_id, extra, prompt_len, starts[i], starts[i + 1], first_positions[i], ends_turn)
+            )
+        return requests
+
+
+def pin_v1_runner() -> None:
+    """Ask vLLM for Model Runner V1, for the life of this process: vLLM reads the setting again per
+    request (its input processor) and in every worker it starts, so it must not change back."""
+    os.environ[RUNNER_SETTING] = "0"
+
+
+def check_runner(args: dict, key: str) -> None:
+    """One line naming the setting if vLLM would build another runner than V1 for `args` (`vllm.LLM`'s
+    keyword arguments), before any engine starts: on the CPU build a forced V2 cannot even start."""
+    from vllm import envs
+    from vllm.engine.arg_utils import EngineArgs
+
+    problem = (
+        f"vLLM would run this engine on Model Runner V2 ({RUNNER_SETTING}={envs.VLLM_USE_V2_MODEL_RUNNER} in this "
+        "process, or a setting that needs V2); interventions and recording hook Model Runner V1"
+    )
+    try:
+        config = EngineArgs(**args).create_engine_config()
+    except ValueError as exc:  # where V2 cannot run at all (the CPU build without Triton), vLLM refuses here
+        if "Model Runner V2" in str(exc):
+            raise InputError("config", key, problem) from exc
+        raise
+    if config.use_v2_model_runner:
+        raise InputError("config", key, problem)

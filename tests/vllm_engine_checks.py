@@ -1,0 +1,173 @@
+"""A hooked vLLM engine set up as a GPU user gets one, in a process of its own (one hooked engine per
+process): `VLLM_USE_V2_MODEL_RUNNER=1` in the environment as the caller sets it (vLLM's default wherever
+Triton is installed), prefix caching on with KV blocks of 32 tokens (16 on a GPU; the CPU build takes
+multiples of 32), a KV cache small enough to preempt, and vLLM's stats on to count both.
+
+    python tests/vllm_engine_checks.py MODEL_DIR AXIS CAPPING OUT.json
+
+Writes what it saw; tests/test_vllm_serve.py asserts on it:
+- "runner": the engine config's use_v2_model_runner and the setting as this process holds it;
+- "prefix": one long system prompt asked uncapped and then capped, the capped one again (same setting:
+  served from the cache), and alone after `reset_prefix_cache()`: tokens, telemetry, cache hits;
+- "preemption": replies generated all at once (preempted) and one at a time: tokens, telemetry, and
+  the recorder's means of the same replies; the preemption count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from transformers import AutoConfig
+from vllm.inputs import TokensPrompt
+
+from assistant_axis.axis import load_axis, unit_rows
+from assistant_axis.backends import Sampling, vllm_engine_args
+from assistant_axis.cap import load_capping
+from assistant_axis.layers import config_dims
+from assistant_axis.models import load_tokenizer
+from assistant_axis.templates import ChatTemplate
+from assistant_axis.vllm_chat import VLLMSession
+from assistant_axis.vllm_hooks import ActivationRecorder, hooked_engine
+
+BLOCK = 32
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=16)
+LONG = Sampling(temperature=0.0, top_p=1.0, max_tokens=96)
+SYSTEM = " ".join(
+    f"Rule {i}: answer as the lighthouse keeper of the northern cape, who logs every ship, storm and gull."
+    for i in range(1, 16)
+)
+QUESTIONS = [
+    "Who are you?",
+    "What did you see last night?",
+    "Tell me about the storms.",
+    "What do you eat?",
+    "How do you keep the lamp lit?",
+    "Do you ever leave the cape?",
+    "What is the loneliest part of the job?",
+    "Describe the sea at dawn.",
+]
+
+
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name and hasattr(m, "value"))
+
+
+def keep_telemetry(session: VLLMSession) -> dict:
+    """Each finished request's telemetry by key, as the session pops it (for the count of tokens measured)."""
+    kept, pop = {}, session.hooks.pop
+
+    def popped(key):
+        kept[key] = pop(key)
+        return kept[key]
+
+    session.hooks.pop = popped
+    return kept
+
+
+def result(stream, kept: dict) -> dict:
+    answer = stream.result()
+    return {"tokens": answer.token_ids, "projection": answer.projection, "measured": kept[stream.key].tokens}
+
+
+def reply(session: VLLMSession, kept: dict, messages: list[dict], setting: str, sampling: Sampling) -> dict:
+    return result(session.submit(messages, sampling, setting=setting), kept)
+
+
+def main(model_dir: str, axis_path: str, capping_path: str, out: str) -> None:
+    n_layers, hidden = config_dims(AutoConfig.from_pretrained(model_dir))
+    axis, axis_layers, _ = load_axis(axis_path, n_layers=n_layers, hidden_size=hidden)
+    capping = load_capping(capping_path).normalized()
+    units = unit_rows(axis, axis_layers, capping.layers, hidden)
+    engine = {
+        "block_size": BLOCK,
+        "enable_prefix_caching": True,
+        "kv_cache_memory_bytes": 24 * BLOCK * 30 * 2 * 3 * 64 * 4,  # 24 blocks of 32 tokens (SmolLM2, float32)
+        "max_model_len": 512,
+        "max_num_seqs": 8,
+    }
+    args = {**vllm_engine_args(model_dir, engine, "test", "float32"), "disable_log_stats": False}
+    llm = hooked_engine(args)
+    seen = {"runner": {"use_v2_model_runner": llm.llm_engine.vllm_config.use_v2_model_runner}}
+    seen["runner"]["setting"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    template = ChatTemplate(load_tokenizer(model_dir), {}, model_dir)
+    session = VLLMSession(llm, template, units, capping.layers, {"late-p25": capping})
+    kept = keep_telemetry(session)
+
+    # Prefix cache: a system prompt many blocks long, uncapped first, as the evaluate stage submits it.
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    prompt = template.ids(messages, add_generation_prompt=True)
+    llm.reset_prefix_cache()
+    uncapped = reply(session, kept, messages, "none", GREEDY)
+    hits = counter(llm, "vllm:prefix_cache_hits")
+    after = reply(session, kept, messages, "late-p25", GREEDY)
+    hits_after = counter(llm, "vllm:prefix_cache_hits") - hits
+    again = reply(session, kept, messages, "late-p25", GREEDY)
+    hits_again = counter(llm, "vllm:prefix_cache_hits") - hits - hits_after
+    llm.reset_prefix_cache()
+    alone = reply(session, kept, messages, "late-p25", GREEDY)
+    seen["prefix"] = {
+        "prompt_tokens": len(prompt),
+        "uncapped": uncapped,
+        "capped_after_uncapped": after,
+        "capped_again": again,
+        "capped_alone": alone,
+        "hits_capped_after_uncapped": hits_after,
+        "hits_capped_again": hits_again,
+    }
+
+    # Preemption: 8 replies of 96 tokens at once need ~40 blocks; the cache holds 24.
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    settings = ["late-p25", "none"] * 4
+    llm.reset_prefix_cache()
+    preemptions = counter(llm, "vllm:num_preemptions")
+    streams = [session.submit(c, LONG, setting=s) for c, s in zip(conversations, settings, strict=True)]
+    together = [result(stream, kept) for stream in streams]
+    preempted = counter(llm, "vllm:num_preemptions") - preemptions
+    one_by_one = []
+    for c, s in zip(conversations, settings, strict=True):
+        llm.reset_prefix_cache()
+        one_by_one.append(reply(session, kept, c, s, LONG))
+    session.close()
+
+    # The recorder under preemption, recording replies as they are generated (the capture path): all at
+    # once and one at a time.
+    recorder = ActivationRecorder(llm, capping.layers)
+    prompts = [TokensPrompt(prompt_token_ids=template.ids(c, add_generation_prompt=True)) for c in conversations]
+    params = [recorder.sampling_params(f"all{i}", temperature=0.0, max_tokens=96) for i in range(len(prompts))]
+    llm.reset_prefix_cache()
+    before = counter(llm, "vllm:num_preemptions")
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    recorded_preemptions = counter(llm, "vllm:num_preemptions") - before
+    means, counts = recorder.pop([f"all{i}" for i in range(len(prompts))])
+    single_means, single_counts, single_tokens = [], [], []
+    for i, p in enumerate(prompts):
+        llm.reset_prefix_cache()
+        alone = recorder.sampling_params(f"one{i}", temperature=0.0, max_tokens=96)
+        single = llm.generate([p], [alone], use_tqdm=False)
+        m, n = recorder.pop([f"one{i}"])
+        single_means.append(m[0])
+        single_counts += n
+        single_tokens.append(list(single[0].outputs[0].token_ids))
+    recorder.remove()
+    seen["preemption"] = {
+        "preemptions": preempted,
+        "together": together,
+        "one_by_one": one_by_one,
+        "recorder_preemptions": recorded_preemptions,
+        "recorder_tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "recorder_counts": counts,
+        "recorder_single_tokens": single_tokens,
+        "recorder_single_counts": single_counts,
+        "recorder_max_diff": [
+            float((a - b).norm(dim=-1).max() / b.norm(dim=-1).max()) for a, b in zip(means, single_means, strict=True)
+        ],
+    }
+    Path(out).write_text(json.dumps(seen))
+    llm.llm_engine.engine_core.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
