@@ -1,4 +1,4 @@
-"""Counting each position once (`vllm_runner.counted_rows`), by construction: the schedules vLLM makes on a
+"""Counting each position once (`vllm_runner.count_once`), by construction: the schedules vLLM makes on a
 GPU (preemption with recomputation, prefix-cache hits, async scheduling's step past the end of turn) fed
 through the same accounting the hooks and the recorder use, against the schedule without them.
 The same accounting on a real engine: tests/test_vllm_serve.py and tests/vllm_engine_checks.py."""
@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import math
 
-from assistant_axis.vllm_runner import ScheduledRequest, counted_rows
+from assistant_axis.vllm_runner import ScheduledRequest, count_once
 
 
 def _counted(steps: list[tuple[int, int, bool]], prompt_len: int, since=None, until=math.inf) -> list[int]:
     """The positions counted over a request's steps, each step (first position, rows, ends_turn), with
     the high-water mark the hooks keep."""
-    seen, positions = 0, []
+    seen, positions = {}, []
     for first, rows, ends_turn in steps:
         request = ScheduledRequest("r", None, prompt_len, 100, 100 + rows, first, ends_turn)
-        a, b = counted_rows(request, prompt_len if since is None else since, until, seen)
+        a, b = count_once(seen, "r", request, prompt_len if since is None else since, until)
         positions += [first + row - 100 for row in range(a, b)]
-        seen = max(seen, first + rows)
     return positions
 
 

@@ -18,7 +18,7 @@ is the stream (the add is deferred into the next layer's fused norm). `EngineHoo
 A reply's tokens, as measured here, are the generated tokens fed back into the model: all of a reply
 that stopped at its end-of-turn token (which is not counted, even where async scheduling feeds it
 back), all but the last of one cut by `max_tokens`; each position once, also when a preempted request
-is recomputed (`vllm_runner.counted_rows`). What the hooks read from vLLM's model runner is in
+is recomputed (`vllm_runner.count_once`). What the hooks read from vLLM's model runner is in
 `vllm_runner`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
 add per edited layer and token, and a gather/scatter per setting present in the step.
 
@@ -45,7 +45,7 @@ from assistant_axis.cap import CappingConfig
 from assistant_axis.errors import InputError
 from assistant_axis.interventions import Intervention, check_fit
 from assistant_axis.models import check_layers, find_blocks
-from assistant_axis.vllm_runner import EXTRA_ARGS_KEY, V1Runner, check_runner, counted_rows, pin_v1_runner
+from assistant_axis.vllm_runner import EXTRA_ARGS_KEY, V1Runner, check_runner, count_once, pin_v1_runner
 
 __all__ = ["Telemetry", "EngineHooks", "ActivationRecorder", "hooked_engine", "recording_engine", "EXTRA_ARGS_KEY"]
 
@@ -224,10 +224,8 @@ class EngineHooks:
             extra = request.extra
             setting, key = (extra.get("setting"), extra["key"]) if extra else (None, request.req_id)
             keys.append(key)
-            seen = self.seen.get(key, 0)
-            a, b = counted_rows(request, request.prompt_len, math.inf, seen)
+            a, b = count_once(self.seen, key, request, request.prompt_len, math.inf)
             reply[a:b] = True
-            self.seen[key] = max(seen, request.first + request.end - request.start)
             if setting in self.settings and self.settings[setting]:
                 segments.setdefault(setting, []).append((request.start, request.end))
         counts = torch.tensor([request.end - request.start for request in requests])
@@ -396,9 +394,7 @@ class _WorkerRecorder:
             start, end = request.extra["span"]
             start = request.prompt_len if start is None else start
             end = math.inf if end is None else end
-            seen = self.seen.get(key, 0)
-            a, b = counted_rows(request, start, end, seen)
-            self.seen[key] = max(seen, request.first + request.end - request.start)
+            a, b = count_once(self.seen, key, request, start, end)
             if b > a:
                 rows.append(torch.arange(a, b))
                 owners.append(torch.full((b - a,), self._slot(key, positions.device)))

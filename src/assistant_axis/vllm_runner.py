@@ -22,7 +22,15 @@ import torch
 
 from assistant_axis.errors import InputError
 
-__all__ = ["EXTRA_ARGS_KEY", "ScheduledRequest", "V1Runner", "check_runner", "counted_rows", "pin_v1_runner"]
+__all__ = [
+    "EXTRA_ARGS_KEY",
+    "ScheduledRequest",
+    "V1Runner",
+    "check_runner",
+    "count_once",
+    "counted_rows",
+    "pin_v1_runner",
+]
 
 RUNNER_SETTING = "VLLM_USE_V2_MODEL_RUNNER"
 # SamplingParams.extra_args[EXTRA_ARGS_KEY] = {"key": ..., "setting": (EngineHooks) or "span": (ActivationRecorder)}
@@ -41,12 +49,25 @@ class ScheduledRequest:
     first: int  # the position of row `start`
     ends_turn: bool  # its last row feeds back a stop token it sampled: a step past the end of its reply
 
+    @property
+    def past(self) -> int:
+        """One past the last position this step runs."""
+        return self.first + self.end - self.start
+
+
+def count_once(seen: dict[str, int], key: str, request: ScheduledRequest, since: float, until: float):
+    """`counted_rows` (rows [a, b)) for the request filed under `key`, against `seen[key]`, which then moves
+    past this step's positions."""
+    rows = counted_rows(request, since, until, seen.get(key, 0))
+    seen[key] = max(seen.get(key, 0), request.past)
+    return rows
+
 
 def counted_rows(request: ScheduledRequest, since: float, until: float, seen: int) -> tuple[int, int]:
     """The rows [a, b) of `request` in this step whose positions lie in [since, until), less positions
     below `seen` (counted in an earlier step: a preempted request's recomputation) and less the row past
     the end of the reply (`ends_turn`). An empty range has a == b."""
-    last = request.first + (request.end - request.start) - int(request.ends_turn)  # one past the last counted
+    last = request.past - int(request.ends_turn)  # one past the last counted
     low, high = max(since, seen, request.first), min(until, last)
     if high <= low:
         return request.start, request.start
