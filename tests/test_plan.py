@@ -41,6 +41,19 @@ def test_the_paper_config_gives_gpus_to_every_stage_that_loads_the_model():
     assert not any("api_jobs" in k for stage in (*CPU_STAGES, "activations") for k in plan.jobs.resources(stage))
 
 
+def test_the_paper_config_evaluates_in_vllm_with_tensor_parallel_2():
+    """Every setting in one vLLM engine across the evaluate job's 2 GPUs: the job asks SLURM for 2 GPUs
+    and for the cores vLLM's worker processes need; another tensor parallel size asks for as many."""
+    plan = plan_of("paper.yaml")
+    assert plan.config["evaluate"]["backend"] == "vllm"
+    assert plan.jobs.vllm_settings("evaluate")["tensor_parallel_size"] == 2
+    assert plan.jobs.resources("evaluate")["gpu"] == 2 and plan.jobs.threads("evaluate", 2) == 4
+    plan = plan_of("paper.yaml", evaluate={"vllm": {"tensor_parallel_size": 4}})
+    assert plan.jobs.resources("evaluate")["gpu"] == 4 and plan.jobs.threads("evaluate", 2) == 6
+    plan = plan_of("paper.yaml", evaluate={"backend": "transformers"})
+    assert plan.jobs.vllm_settings("evaluate") is None and plan.jobs.resources("evaluate")["gpu"] == 2  # model.gpus
+
+
 def test_calibrate_gets_the_model_gpus_only_when_it_calibrates_on_tokens():
     plan = plan_of("paper.yaml")
     assert plan.config["capping"]["calibration"] == "token"

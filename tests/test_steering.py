@@ -208,6 +208,9 @@ class _Halve:
 
     layers, hidden_size, source = [22], 576, "halve"
 
+    def to(self, device):
+        return self
+
     def edit(self, k, hidden):
         return hidden * 0.5
 
@@ -238,3 +241,52 @@ def test_any_intervention_installs_and_applies_in_the_order_given(bundled, cappi
     # The same edit on an engine's flat [tokens, hidden] layout (vLLM's) as on [batch, tokens, hidden].
     assert torch.equal(floor.edit(0, h[0]), floor.edit(0, h)[0])
     assert (floor.edit(0, h) @ floor.vectors[0] >= floor.thresholds[0] - 1e-4 * floor.thresholds[0].abs()).all()
+
+
+class _Placed:
+    """An intervention that counts how often it is placed on a device, and refuses to edit unplaced."""
+
+    def __init__(self, inner):
+        self.inner, self.layers, self.source, self.placed = inner, inner.layers, inner.source, 0
+
+    @property
+    def hidden_size(self):
+        return self.inner.hidden_size
+
+    def to(self, device):
+        self.placed += 1
+        return self.inner.to(device)
+
+    def edit(self, k, hidden):
+        raise AssertionError("edited with the intervention as given, not the copy placed where the stream is")
+
+
+def test_edits_never_copy_vectors_and_install_places_them_once_per_device(bundled, capping):
+    """An edit computes where its vectors are: a stream on another device is an error, never a copy from
+    the host on every call (vLLM's hooks paid one per layer and step). Installers place an intervention
+    where its blocks' stream is, once (`install`: when the first stream arrives on a device)."""
+    from assistant_axis.steer import Steering
+
+    steering = Steering.along(capping.vectors, capping.layers, 2.0)
+    elsewhere = torch.zeros(2, 3, capping.hidden_size, device="meta")
+    for intervention in (capping, steering):
+        with pytest.raises(RuntimeError, match="device"):
+            intervention.edit(0, elsewhere)
+        assert intervention.to("meta").edit(0, elsewhere).device.type == "meta"
+    model, tokenizer = bundled
+    placed = _Placed(capping)
+    seen, plain = {}, {}
+    handles = _recorders(find_blocks(model), capping.layers[-1:], plain)
+    _forward(model, tokenizer)
+    with install(model, placed):
+        _forward(model, tokenizer)
+        _forward(model, tokenizer)
+    for handle in handles:
+        handle.remove()
+    with install(model, capping):
+        handles = _recorders(find_blocks(model), capping.layers[-1:], seen)
+        _forward(model, tokenizer)
+    for handle in handles:
+        handle.remove()
+    assert placed.placed == 1  # 5 layers, 2 forward passes, one device
+    assert not torch.equal(seen[capping.layers[-1]], plain[capping.layers[-1]])  # and the placed copy edits

@@ -230,16 +230,16 @@ def capped_setting(tiny_run):
     return unit_rows(axis, axis_layers, capping.layers, 576), capping
 
 
-def _stream_recorder(ref: dict, layers, store):
+def _stream_recorder(layers, store):
     """Forward hooks keeping each layer's residual stream (hidden + residual) over every step's real rows
-    (`ref["hooks"].step` says how many rows are real)."""
+    (the worker's half of the EngineHooks says, in its `step`, how many rows are real)."""
 
     def install(worker):
         blocks = find_blocks(worker.model_runner.get_model())
 
         def hook_for(layer):
             def hook(_m, _a, output):
-                step = ref["hooks"].step
+                step = worker._axis_hooks.step
                 if step is not None:
                     hidden, residual = output
                     store.setdefault(layer, []).append((hidden + residual)[: step.n_tokens].detach().clone())
@@ -256,9 +256,9 @@ def test_vllm_cap_floors_exactly_what_is_below_tau_and_nothing_else(llm, capped_
     before, after, ref, handles = {}, {}, {}, []
     try:
         # Registered before the hooks, a recorder sees the block's own output; registered after, the capped one.
-        handles += llm.collective_rpc(_stream_recorder(ref, capping.layers, before))[0]
+        handles += llm.collective_rpc(_stream_recorder(capping.layers, before))[0]
         ref["hooks"] = EngineHooks(llm, units, capping.layers, {"cap": [capping]})
-        handles += llm.collective_rpc(_stream_recorder(ref, capping.layers, after))[0]
+        handles += llm.collective_rpc(_stream_recorder(capping.layers, after))[0]
         params = [ref["hooks"].sampling_params("cap", f"x{i}", temperature=0, max_tokens=16) for i in range(4)]
         llm.chat(_conversations(4), params, use_tqdm=False)
     finally:
@@ -469,24 +469,40 @@ def test_a_stop_token_fed_back_after_the_end_of_turn_is_not_measured(llm, capped
         hooks.remove()
 
 
+def _run_engine_checks(tiny_run, capping_file, out: Path, tensor_parallel: int = 1) -> dict:
+    _need_vllm()
+    model_dir, axis = tiny_paths(tiny_run)
+    script = Path(__file__).with_name("vllm_engine_checks.py")
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1"}
+    if tensor_parallel > 1:  # the CPU build binds each worker to a NUMA node of its own unless told not to
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        str(script),
+        str(model_dir),
+        str(axis),
+        str(capping_file),
+        str(out),
+        str(tensor_parallel),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def engine_checks(tiny_run, capping_file, tmp_path_factory):
     """What tests/vllm_engine_checks.py saw: a hooked engine set up as a GPU user gets one (Model Runner V2
-    asked for, prefix caching on, a KV cache that preempts), in a process of its own."""
-    _need_vllm()
-    model_dir, axis = tiny_paths(tiny_run)
-    out = tmp_path_factory.mktemp("engine_checks") / "seen.json"
-    script = Path(__file__).with_name("vllm_engine_checks.py")
-    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script), str(model_dir), str(axis), str(capping_file), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(out.read_text())
+    asked for, prefix caching on, prefills in chunks, a KV cache that preempts), in a process of its own."""
+    return _run_engine_checks(tiny_run, capping_file, tmp_path_factory.mktemp("engine_checks") / "seen.json")
+
+
+@pytest.fixture(scope="module")
+def engine_checks_tp3(tiny_run, capping_file, tmp_path_factory):
+    """The same engine with tensor parallel 3 (worker processes of their own; the bundled model's 9
+    attention heads and 3 KV heads split 3 ways, not 2): its tensor-parallel and steer-last checks."""
+    out = tmp_path_factory.mktemp("engine_checks_tp3") / "seen.json"
+    return _run_engine_checks(tiny_run, capping_file, out, tensor_parallel=3)
 
 
 def test_a_hooked_engine_runs_model_runner_v1_whatever_the_environment_asks(engine_checks):
@@ -582,3 +598,80 @@ def test_a_settings_own_steering_is_not_counted_as_its_cap_firing(llm, capped_se
         )
     finally:
         hooks.remove()
+
+
+def test_tensor_parallel_ranks_cap_and_measure_as_one_process(engine_checks, engine_checks_tp3, tiny_run):
+    """Uncapped, capped, and steered-then-capped requests in one batch, greedy: with tensor parallel 3
+    every rank edits its copy of the stream and rank 0 measures; the tokens and, on the same token ids,
+    the running telemetry after every step equal tensor parallel 1's within 1e-5 of the stream's norm.
+    (A token whose projection lies within rounding of tau may fire on one path and not the other: one
+    such token per reply is allowed in the fired share.)"""
+    from safetensors.torch import load_file
+
+    default = load_file(tiny_run / f"results/{MODEL}/activations/default.safetensors")["activations"]
+    norms = default[:, CAPPED].float().norm(dim=-1).mean(0).double()
+    one, three = engine_checks["tensor_parallel"], engine_checks_tp3["tensor_parallel"]
+    assert one.keys() == three.keys() and {r["setting"] for r in one.values()} == {
+        "none",
+        "late-p25",
+        "steered-late-p25",
+    }
+    compared = 0
+    for key, alone in one.items():
+        split = three[key]
+        same = next((i for i, (a, b) in enumerate(zip(alone["tokens"], split["tokens"], strict=False)) if a != b), None)
+        same = min(len(alone["tokens"]), len(split["tokens"])) if same is None else same
+        assert same >= 12, f"{key}: the greedy tokens part after {same}"
+        by_count = {step["tokens"]: step for step in split["steps"]}
+        for step in alone["steps"]:
+            n = step["tokens"]
+            if n > same:  # measured over tokens that differ between the two
+                break
+            other = by_count[n]
+            values, others = torch.tensor(step["values"], dtype=torch.float64), torch.tensor(other["values"])
+            assert ((values - others).abs() <= 1e-5 * norms).all(), (key, n, values - others)
+            fired, fired_other = torch.tensor(step["fired"]) * n, torch.tensor(other["fired"]) * n
+            assert ((fired - fired_other).abs() <= 1 + 1e-9).all(), (key, n)
+            compared += 1
+    assert compared >= 6 * 12
+    capped = [r["steps"][-1]["fired"] for r in one.values() if r["setting"] != "none"]
+    assert all(max(f) > 0 for f in capped), "the cap never fired: the comparison shows nothing of it"
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 3])
+def test_steering_the_last_position_of_a_chunked_prompt_moves_one_row(
+    engine_checks, engine_checks_tp3, tensor_parallel
+):
+    """`--steer-positions last` steers the prompt's last token and each token after it. The prompt here
+    is prefilled in chunks of 128 tokens, whose last rows are not the prompt's last: recorded after the
+    hooks at the steered layer, the steered prompt differs from the plain one by one steering vector."""
+    seen = (engine_checks if tensor_parallel == 1 else engine_checks_tp3)["steer_last"]
+    assert seen["prompt_tokens"] > 2 * seen["chunk"]
+    assert seen["counts"] == [seen["prompt_tokens"]] * 2
+    assert abs(seen["steered_rows"] - 1) < 0.01 and seen["off_steering"] < 0.01, seen
+
+
+def test_an_end_of_turn_token_from_the_generation_config_ends_the_reply_and_is_not_in_it(llm, capped_setting):
+    """Gemma's <end_of_turn> is in its generation_config's eos list, not its tokenizer's eos: vLLM stops on
+    it as a stop token id and names it as the stop reason. Made here by construction: the engine's
+    generation config names the 4th token of a greedy reply an end of turn; the reply is the 3 before it
+    (token ids, hence usage and the evaluation's counts), ending "stop", measured over those 3."""
+    from assistant_axis.templates import ChatTemplate
+    from assistant_axis.vllm_chat import VLLMSession
+
+    units, capping = capped_setting
+    session = VLLMSession(llm, ChatTemplate(llm.get_tokenizer()), units, capping.layers, {"late-p25": capping})
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
+    processor = llm.llm_engine.input_processor
+    kept = processor.generation_config_fields
+    try:
+        plain = session.complete(_messages(0), greedy, setting="late-p25")
+        end = plain.token_ids[3]
+        assert end not in plain.token_ids[:3]
+        processor.generation_config_fields = {**kept, "eos_token_id": [llm.get_tokenizer().eos_token_id, end]}
+        reply = session.complete(_messages(0), greedy, setting="late-p25")
+    finally:
+        processor.generation_config_fields = kept
+        session.close()
+    assert reply.finish_reason == "stop" and reply.token_ids == plain.token_ids[:3]
+    assert reply.text and end not in reply.token_ids

@@ -3,14 +3,20 @@ process): `VLLM_USE_V2_MODEL_RUNNER=1` in the environment as the caller sets it 
 Triton is installed), prefix caching on with KV blocks of 32 tokens (16 on a GPU; the CPU build takes
 multiples of 32), a KV cache small enough to preempt, and vLLM's stats on to count both.
 
-    python tests/vllm_engine_checks.py MODEL_DIR AXIS CAPPING OUT.json
+    python tests/vllm_engine_checks.py MODEL_DIR AXIS CAPPING OUT.json [TENSOR_PARALLEL]
 
+Prefills run in chunks of 128 tokens (`max_num_batched_tokens`), so a long prompt takes several steps.
 Writes what it saw; tests/test_vllm_serve.py asserts on it:
 - "runner": the engine config's use_v2_model_runner and the setting as this process holds it;
 - "prefix": one long system prompt asked uncapped and then capped, the capped one again (same setting:
   served from the cache), and alone after `reset_prefix_cache()`: tokens, telemetry, cache hits;
 - "preemption": replies generated all at once (preempted) and one at a time: tokens, telemetry, and
-  the recorder's means of the same replies; the preemption count.
+  the recorder's means of the same replies; the preemption count;
+- "tensor_parallel": 6 greedy replies under three settings (uncapped, capped, steered and capped) in
+  one batch, each one's tokens and telemetry after every step;
+- "steer_last": a prompt of several chunks steered at its last position, under the recorder: how many
+  of its rows the steering moved.
+With TENSOR_PARALLEL > 1 (worker processes of their own) only the last two are run.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 from pathlib import Path
 
 from transformers import AutoConfig
+from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from assistant_axis.axis import load_axis, unit_rows
@@ -28,13 +35,16 @@ from assistant_axis.backends import Sampling, vllm_engine_args
 from assistant_axis.cap import load_capping
 from assistant_axis.layers import config_dims
 from assistant_axis.models import load_tokenizer
+from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate
 from assistant_axis.vllm_chat import VLLMSession
-from assistant_axis.vllm_hooks import ActivationRecorder, hooked_engine
+from assistant_axis.vllm_hooks import EXTRA_ARGS_KEY, ActivationRecorder, EngineHooks, hooked_engine
 
 BLOCK = 32
+CHUNK = 128
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=16)
 LONG = Sampling(temperature=0.0, top_p=1.0, max_tokens=96)
+GREEDY_24 = {"temperature": 0.0, "max_tokens": 24}
 SYSTEM = " ".join(
     f"Rule {i}: answer as the lighthouse keeper of the northern cape, who logs every ship, storm and gull."
     for i in range(1, 16)
@@ -76,7 +86,65 @@ def reply(session: VLLMSession, kept: dict, messages: list[dict], setting: str, 
     return result(session.submit(messages, sampling, setting=setting), kept)
 
 
-def main(model_dir: str, axis_path: str, capping_path: str, out: str) -> None:
+def tensor_parallel(llm, template: ChatTemplate, units, capping, steering: Steering) -> dict:
+    """Mixed settings in one batch, stepped by hand: every request's tokens and running telemetry per step."""
+    settings = {"none": [], "late-p25": [capping], "steered-late-p25": [steering, capping]}
+    hooks = EngineHooks(llm, units, capping.layers, settings)
+    engine, seen = llm.llm_engine, {}
+    llm.reset_prefix_cache()
+    for i, (question, setting) in enumerate(zip(QUESTIONS[:6], [*settings] * 2, strict=True)):
+        ids = template.ids([{"role": "user", "content": question}], add_generation_prompt=True)
+        key = f"tp{i}"
+        engine.add_request(key, hooks.prompt(setting, ids), hooks.sampling_params(setting, key, **GREEDY_24))
+        seen[key] = {"setting": setting, "tokens": [], "steps": []}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        hooks.collect()
+        for output in outputs:
+            seen[output.request_id]["tokens"] = list(output.outputs[0].token_ids)
+        for key, request in seen.items():
+            telemetry = hooks.peek(key)
+            if telemetry.tokens and (not request["steps"] or request["steps"][-1]["tokens"] != telemetry.tokens):
+                request["steps"].append(telemetry.as_dict())
+    for key in seen:
+        hooks.pop(key)
+    hooks.remove()
+    return seen
+
+
+def steer_last(llm, template: ChatTemplate, direction, layer: int) -> dict:
+    """A prompt of several prefill chunks, uncapped and steered at its last position (`positions="last"`),
+    with the recorder after the hooks at the steered layer: (steered - plain) summed over the prompt's
+    rows, along the steering, in units of the steering, is the number of rows it moved."""
+    coefficient = 8.0
+    steering = Steering.along(direction, [layer], coefficient, positions="last")
+    hooks = EngineHooks(llm, direction, [layer], {"none": [], "steer-last": [steering]})
+    recorder = ActivationRecorder(llm, [layer])
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[1]}]
+    ids = template.ids(messages, add_generation_prompt=True)
+    prompts, params = [], []
+    for setting in ("none", "steer-last"):
+        extra = {"key": setting, "setting": setting, "span": [0, len(ids)]}
+        prompts.append(hooks.prompt(setting, ids))
+        params.append(SamplingParams(temperature=0.0, max_tokens=1, extra_args={EXTRA_ARGS_KEY: extra}))
+    llm.reset_prefix_cache()
+    llm.generate(prompts, params, use_tqdm=False)
+    means, counts = recorder.pop(["none", "steer-last"])
+    recorder.remove()
+    hooks.remove()
+    shift = (means[1, 0] - means[0, 0]).double() * len(ids)
+    unit = direction[0].double() / direction[0].double().norm()
+    along = float(shift @ unit)
+    return {
+        "prompt_tokens": len(ids),
+        "chunk": CHUNK,
+        "counts": counts,
+        "steered_rows": along / coefficient,
+        "off_steering": float((shift - along * unit).norm() / coefficient),
+    }
+
+
+def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = "1") -> None:
     n_layers, hidden = config_dims(AutoConfig.from_pretrained(model_dir))
     axis, axis_layers, _ = load_axis(axis_path, n_layers=n_layers, hidden_size=hidden)
     capping = load_capping(capping_path).normalized()
@@ -87,12 +155,22 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str) -> None:
         "kv_cache_memory_bytes": 24 * BLOCK * 30 * 2 * 3 * 64 * 4,  # 24 blocks of 32 tokens (SmolLM2, float32)
         "max_model_len": 512,
         "max_num_seqs": 8,
+        "max_num_batched_tokens": CHUNK,
+        "tensor_parallel_size": int(tp),
     }
     args = {**vllm_engine_args(model_dir, engine, "test", "float32"), "disable_log_stats": False}
     llm = hooked_engine(args)
-    seen = {"runner": {"use_v2_model_runner": llm.llm_engine.vllm_config.use_v2_model_runner}}
-    seen["runner"]["setting"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     template = ChatTemplate(load_tokenizer(model_dir), {}, model_dir)
+    steering = Steering.along(units[0], capping.layers[:1], 4.0)
+    seen = {}
+    if int(tp) > 1:
+        seen["tensor_parallel"] = tensor_parallel(llm, template, units, capping, steering)
+        seen["steer_last"] = steer_last(llm, template, units[:1], capping.layers[0])
+        Path(out).write_text(json.dumps(seen))
+        llm.llm_engine.engine_core.shutdown()
+        return
+    seen["runner"] = {"use_v2_model_runner": llm.llm_engine.vllm_config.use_v2_model_runner}
+    seen["runner"]["setting"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     session = VLLMSession(llm, template, units, capping.layers, {"late-p25": capping})
     kept = keep_telemetry(session)
 
@@ -152,6 +230,8 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str) -> None:
         single_counts += n
         single_tokens.append(list(single[0].outputs[0].token_ids))
     recorder.remove()
+    seen["tensor_parallel"] = tensor_parallel(llm, template, units, capping, steering)
+    seen["steer_last"] = steer_last(llm, template, units[:1], capping.layers[0])
     seen["preemption"] = {
         "preemptions": preempted,
         "together": together,

@@ -14,6 +14,7 @@ makes it a two-sided band.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,10 +79,15 @@ class CappingConfig:
         by_layer = dict(zip(self.layers, self.thresholds.tolist(), strict=True))
         return [by_layer.get(layer) for layer in layers]
 
+    def to(self, device: torch.device | str) -> CappingConfig:
+        """The config with its vectors on `device` (thresholds stay host numbers)."""
+        return dataclasses.replace(self, vectors=self.vectors.to(device))
+
     def edit(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         """`h - v * min(<h, v> - tau, 0)` (and `- v * max(<h, v> - ceiling, 0)` for a band) at the k-th
-        capped layer, computed in float32; an intervention (see `interventions`)."""
-        unit = self.vectors[k].to(hidden.device)
+        capped layer, computed in float32; an intervention (see `interventions`). The vectors must be on
+        `hidden`'s device (`to`): an edit never copies them."""
+        unit = self.vectors[k]
         h = hidden.float()
         proj = h @ unit  # [..., tokens]
         shift = (proj - float(self.thresholds[k])).clamp(max=0)  # negative below the floor, else 0

@@ -32,8 +32,14 @@ class Intervention(Protocol):
     @property
     def hidden_size(self) -> int: ...
 
+    def to(self, device: torch.device | str) -> Intervention:
+        """The same intervention with its vectors on `device`: an installer places it where its blocks run."""
+        ...
+
     def edit(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Block `layers[k]`'s output `hidden` [..., tokens, hidden_size], changed (a new tensor)."""
+        """Block `layers[k]`'s output `hidden` [..., tokens, hidden_size], changed (a new tensor). The
+        vectors are on `hidden`'s device already (placed by the installer with `to`): nothing is copied
+        from the host per call."""
         ...
 
 
@@ -47,8 +53,9 @@ def install(model, *interventions: Intervention, blocks_path: str | None = None)
     handles = []
     try:
         for intervention in interventions:
+            placed: dict[torch.device, Intervention] = {}  # shared by its blocks (a split model has several devices)
             for k, layer in enumerate(intervention.layers):
-                handles.append(blocks[layer].register_forward_hook(_hook(intervention, k)))
+                handles.append(blocks[layer].register_forward_hook(_hook(intervention, k, placed)))
         yield
     finally:
         for handle in handles:
@@ -68,8 +75,14 @@ def check_fit(interventions, n_blocks: int, size: int) -> None:
         check_layers(intervention.layers, n_blocks, intervention.source, "layers")
 
 
-def _hook(intervention: Intervention, k: int):
+def _hook(intervention: Intervention, k: int, placed: dict):
+    """The hook of the k-th block; the intervention is copied to a device once, the first time a stream
+    arrives there (where a block computes is known for sure only then: offloaded weights live elsewhere)."""
+
     def hook(_module, _args, output):
-        return with_block_hidden(output, intervention.edit(k, block_hidden(output)))
+        hidden = block_hidden(output)
+        if hidden.device not in placed:
+            placed[hidden.device] = intervention.to(hidden.device)
+        return with_block_hidden(output, placed[hidden.device].edit(k, hidden))
 
     return hook

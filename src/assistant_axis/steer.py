@@ -13,6 +13,7 @@ vector, as the paper's code does: its coefficients are ours divided by the axis 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,8 +71,11 @@ class Steering:
     def hidden_size(self) -> int:
         return int(self.shifts.shape[-1])
 
+    def to(self, device: torch.device | str) -> Steering:
+        return dataclasses.replace(self, shifts=self.shifts.to(device))
+
     def edit(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
-        delta = self.shifts[k].to(device=hidden.device, dtype=hidden.dtype)
+        delta = self.shifts[k].to(hidden.dtype)  # on hidden's device already (`to`): never copied here
         if self.positions == "all":
             return hidden + delta
         steered = hidden.clone()

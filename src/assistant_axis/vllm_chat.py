@@ -214,7 +214,9 @@ class VLLMSession(Conversation):
                     except queue.Empty:
                         message = None
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
+                    outputs = self.engine.step()
+                    self.hooks.collect()  # the step's telemetry, for the chunks streamed below
+                    for output in outputs:
                         self._deliver(output)
         except _Closed:
             self._fail_all(RuntimeError("the engine was shut down"))
@@ -233,10 +235,7 @@ class VLLMSession(Conversation):
             return
         _, key, prompt, params, running = message
         try:
-            # Prefix caching shares KV blocks between requests whose tokens agree; a block computed under
-            # one setting holds that setting's edited stream, so the cache is salted per setting.
-            salted = {"prompt_token_ids": prompt, "cache_salt": f"setting:{running.setting}"}
-            self.engine.add_request(key, salted, params)
+            self.engine.add_request(key, self.hooks.prompt(running.setting, prompt), params)
         except Exception as exc:  # vLLM refused it (e.g. too long for the model): only this caller hears it
             running.stream.put(exc)
             return
@@ -260,7 +259,10 @@ class VLLMSession(Conversation):
         telemetry = self.hooks.pop(output.request_id)
         tokens, logprobs = running.tokens, running.logprobs
         finish = "length" if step.finish_reason == "length" else "stop"
-        if finish == "stop" and step.stop_reason is None and tokens:  # ended on an end-of-turn token
+        # Ended on an end-of-turn token: the tokenizer's (no stop reason) or one of the model's
+        # generation_config (Gemma's <end_of_turn>; vLLM stops on those as stop token ids, naming the id).
+        # A stop string would be named as text; the API takes none.
+        if finish == "stop" and not isinstance(step.stop_reason, str) and tokens:
             tokens, logprobs = tokens[:-1], logprobs[: len(tokens) - 1]
         if step.text:
             running.stream.put(Chunk(step.text, telemetry))

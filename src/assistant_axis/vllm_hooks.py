@@ -22,12 +22,17 @@ is recomputed (`vllm_runner.count_once`). What the hooks read from vLLM's model 
 `vllm_runner`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
 add per edited layer and token, and a gather/scatter per setting present in the step.
 
-Needs the engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which `hooked_engine` sets),
-tensor parallel 1, and eager mode: CUDA graphs replay captured kernels and would skip Python hooks
-(capturing the edits into the graph would need them written as custom ops).
+Tensor parallel: after each block's all-reduce every rank holds the whole stream, so the hooks live in
+every worker (installed through `collective_rpc`, as the recorder's are), every rank applies the same
+edit to the same rows, and rank 0 alone measures; its per-request sums come back to the engine's
+process with one call per step (`EngineHooks.collect`). Needs the engine core in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which `hooked_engine` sets; with tensor parallel 1 the model is
+here too) and eager mode: CUDA graphs replay captured kernels and would skip Python hooks (capturing
+the edits into the graph would need them written as custom ops).
 
 >>> llm = hooked_engine(vllm_engine_args("results/models/smollm2-135m-instruct", {}, "serve"))
 >>> hooks = EngineHooks(llm, units, [20, 24], {"none": [], "late-p25": [capping]})
+>>> prompts = [hooks.prompt("late-p25", ids) for ids in token_ids]
 >>> out = llm.generate(prompts, [hooks.sampling_params("late-p25", key, max_tokens=64) for key in keys])
 >>> hooks.pop(keys[0]).projection
 """
@@ -71,15 +76,17 @@ class Telemetry:
 
 
 def hooked_engine(args: dict, key: str = "engine"):
-    """A vLLM `LLM` whose model lives in this process, eager, tensor parallel 1: what `EngineHooks` needs."""
-    if int(args.get("tensor_parallel_size", 1) or 1) != 1:
-        raise InputError("config", f"{key}.tensor_parallel_size", "interventions inside vLLM need tensor parallel 1")
+    """A vLLM `LLM` for `EngineHooks`: eager, its engine core in this process, any tensor parallel size
+    (every rank holds every layer; pipeline parallel would split them)."""
+    if int(args.get("pipeline_parallel_size", 1) or 1) != 1:
+        raise InputError("config", f"{key}.pipeline_parallel_size", "interventions need every layer on every rank")
     return recording_engine(args, key)
 
 
 def recording_engine(args: dict, key: str = "engine"):
-    """A vLLM `LLM` for `ActivationRecorder`: eager (hooks do not fire inside CUDA graphs) and its engine core in
-    this process, so with tensor parallel 1 the model is too; with more, each worker process records alike."""
+    """A vLLM `LLM` for `ActivationRecorder` and `EngineHooks`: eager (hooks do not fire inside CUDA graphs)
+    and its engine core in this process; the model is too with tensor parallel 1, with more each worker
+    process holds hooks alike."""
     from assistant_axis.backends import vllm_engine
 
     # Only this engine: another one started later in this process (a test's, say) keeps its own process,
@@ -98,22 +105,14 @@ def recording_engine(args: dict, key: str = "engine"):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
-@dataclass
-class _Step:
-    """Who owns which rows of one engine step."""
-
-    n_tokens: int
-    keys: list[str]  # one per request slot
-    slot: torch.Tensor  # [n_tokens] request slot of each row
-    reply: torch.Tensor  # [n_tokens] bool: the row is a reply token
-    rows: dict[str, torch.Tensor]  # setting -> its rows
-    segments: dict[str, list[tuple[int, int]]]  # setting -> its requests' (start, end) rows
-    sums: torch.Tensor | None = None  # [slots, layers, 3]: projection, fired, correction sums
-
-
 class EngineHooks:
     """Per-request interventions (`settings`: name -> interventions, applied in order) and telemetry on
-    `layers` (unit axis rows `units` [len(layers), hidden]) in one in-process vLLM engine."""
+    `layers` (unit axis rows `units` [len(layers), hidden]) in a vLLM engine from `hooked_engine`.
+
+    The hooks live in every worker (`_WorkerHooks`, one per tensor-parallel rank, each applying the same
+    edits to its copy of the stream); rank 0 also measures. Its sums reach this process with `collect`,
+    one call into the workers for all requests (after each engine step, for streaming); `pop` collects.
+    """
 
     def __init__(
         self,
@@ -126,13 +125,9 @@ class EngineHooks:
         self.llm, self.layers, self.settings = llm, list(layers), {k: list(v) for k, v in settings.items()}
         if len(units) != len(self.layers):
             raise InputError(source, "layers", f"{len(units)} axis rows for {len(self.layers)} layers")
-        self.units = units.float()
-        self.step: _Step | None = None
         self.totals: dict[str, torch.Tensor] = {}  # key -> [layers, 4]: sums and the token count
-        self.seen: dict[str, int] = {}  # key -> one past the last position run (a preempted request runs them again)
-        self.runner: V1Runner | None = None
-        self.handles: list = []
-        (self.n_blocks,) = llm.collective_rpc(self._install)
+        replies = llm.collective_rpc(_install_hooks, args=(units.float(), self.layers, self.settings))
+        self.n_blocks = replies[0]
 
     # ------------------------------------------------------------------ requests
 
@@ -144,13 +139,28 @@ class EngineHooks:
             raise InputError("request", "capping", f"unknown setting {setting!r} (known: {', '.join(self.settings)})")
         return SamplingParams(**sampling, extra_args={EXTRA_ARGS_KEY: {"setting": setting, "key": key}})
 
+    @staticmethod
+    def prompt(setting: str, token_ids: Sequence[int]) -> dict:
+        """The prompt of a request under `setting`. Prefix caching shares KV blocks between requests whose
+        tokens agree; a block computed under one setting holds that setting's edited stream, so the cache
+        is salted per setting (requests under the same setting still share)."""
+        return {"prompt_token_ids": list(token_ids), "cache_salt": f"setting:{setting}"}
+
+    def collect(self, forget: Sequence[str] = ()) -> None:
+        """Add what rank 0 measured since the last call to each request's totals; then the workers forget
+        the requests filed under `forget` (finished: their keys may come again)."""
+        replies = self.llm.collective_rpc(_collect_telemetry, args=(list(forget),))
+        for key, sums in next(r for r in replies if r is not None).items():
+            total = self.totals.setdefault(key, torch.zeros(len(self.layers), 4, dtype=torch.float64))
+            total += sums
+
     def pop(self, key: str) -> Telemetry:
         """The telemetry of the request filed under `key` (forgotten afterwards)."""
-        self.seen.pop(key, None)
+        self.collect(forget=[key])
         return self._telemetry(self.totals.pop(key, None))
 
     def peek(self, key: str) -> Telemetry:
-        """The telemetry so far of a request still running."""
+        """The telemetry so far of a request still running, as of the last `collect`."""
         return self._telemetry(self.totals.get(key))
 
     def _telemetry(self, total: torch.Tensor | None) -> Telemetry:
@@ -163,62 +173,87 @@ class EngineHooks:
         return Telemetry(list(self.layers), _floats(proj), _floats(fired / n), _floats(correction), n)
 
     def remove(self) -> None:
-        self.llm.collective_rpc(self._uninstall)
+        self.llm.collective_rpc(_remove_hooks)
 
-    # ------------------------------------------------------------------ inside the worker
 
-    def _install(self, worker) -> int:
-        runner = V1Runner(worker.model_runner)
-        blocks = find_blocks(runner.model())
-        device = next(runner.model().parameters()).device
-        check_layers(self.layers, len(blocks), "layers", "layers")
-        size = runner.hidden_size()
-        if self.units.shape[-1] != size:
-            raise InputError(
-                "axis", "hidden_size", f"axis has hidden size {self.units.shape[-1]}, the model has {size}"
-            )
-        check_fit([i for ivs in self.settings.values() for i in ivs], len(blocks), int(self.units.shape[-1]))
+@dataclass
+class _Step:
+    """Who owns which rows of one engine step."""
+
+    n_tokens: int
+    keys: list[str]  # one per request slot
+    slot: torch.Tensor  # [n_tokens] request slot of each row
+    reply: torch.Tensor  # [n_tokens] bool: the row is a reply token to measure
+    rows: dict[str, torch.Tensor]  # setting -> its rows
+    last: dict[str, torch.Tensor]  # setting -> its rows at the prompt's last position or past it
+    sums: torch.Tensor | None = None  # [slots, layers, 3]: projection, fired, correction sums
+
+
+class _WorkerHooks:
+    """The worker's half of `EngineHooks`: the routed forward, the layer hooks and rank 0's running sums.
+
+    Interventions and axis rows are placed on the model's device once, here.
+    """
+
+    def __init__(self, worker, units: torch.Tensor, layers: list[int], settings: dict[str, list[Intervention]]):
+        self.runner = V1Runner(worker.model_runner)
+        model = self.runner.model()
+        blocks, device = find_blocks(model), next(model.parameters()).device
+        check_layers(layers, len(blocks), "layers", "layers")
+        size = self.runner.hidden_size()
+        if units.shape[-1] != size:
+            raise InputError("axis", "hidden_size", f"axis has hidden size {units.shape[-1]}, the model has {size}")
+        check_fit([i for ivs in settings.values() for i in ivs], len(blocks), size)
+        self.n_blocks, self.layers = len(blocks), layers
+        self.measures = getattr(worker, "rank", 0) == 0  # every rank holds the same stream: one measures
+        self.settings = {name: [iv.to(device) for iv in ivs] for name, ivs in settings.items()}
+        self.units = units.to(device)
+        self.step: _Step | None = None
+        self.pending: dict[str, torch.Tensor] = {}  # key -> [layers, 4] sums not yet collected
+        self.seen: dict[str, int] = {}  # key -> one past the last position run (a preempted request runs them again)
         edits: dict[int, list[tuple[str, Intervention, int]]] = {}
         for name, interventions in self.settings.items():
             for intervention in interventions:
                 for k, layer in enumerate(intervention.layers):
                     edits.setdefault(layer, []).append((name, intervention, k))
-        for layer in sorted(set(self.layers) | set(edits)):
-            monitored = self.layers.index(layer) if layer in self.layers else None
-            hook = self._hook(layer, edits.get(layer, []), monitored, device)
-            self.handles.append(blocks[layer].register_forward_hook(hook))
+        watched = set(layers) if self.measures else set()
+        self.handles = []
+        for layer in sorted(watched | set(edits)):
+            monitored = layers.index(layer) if layer in watched else None
+            self.handles.append(blocks[layer].register_forward_hook(self._hook(edits.get(layer, []), monitored)))
+        self.runner.wrap_forward(self._routed)
 
-        def routed(forward):
-            def routed_forward(*args, **kwargs):
-                self.step = self._route(runner, kwargs.get("input_ids"), kwargs.get("positions"))
-                try:
-                    out = forward(*args, **kwargs)
-                    self._file(self.step)
-                    return out
-                finally:
-                    self.step = None
-
-            return routed_forward
-
-        runner.wrap_forward(routed)
-        self.runner = runner
-        return len(blocks)
-
-    def _uninstall(self, _worker) -> None:
-        if self.runner is not None:
-            self.runner.unwrap()
-            self.runner = None
+    def remove(self) -> None:
+        self.runner.unwrap()
         for handle in self.handles:
             handle.remove()
         self.handles = []
 
-    def _route(self, runner: V1Runner, input_ids, positions) -> _Step | None:
-        requests = runner.scheduled(input_ids, positions)
+    def collect(self, forget: list[str]) -> dict[str, torch.Tensor] | None:
+        pending, self.pending = self.pending, {}
+        for key in forget:
+            self.seen.pop(key, None)
+        return pending if self.measures else None
+
+    def _routed(self, forward):
+        def routed_forward(*args, **kwargs):
+            self.step = self._route(kwargs.get("input_ids"), kwargs.get("positions"))
+            try:
+                out = forward(*args, **kwargs)
+                self._file(self.step)
+                return out
+            finally:
+                self.step = None
+
+        return routed_forward
+
+    def _route(self, input_ids, positions) -> _Step | None:
+        requests = self.runner.scheduled(input_ids, positions)
         if not requests:
             return None
         n_tokens = requests[-1].end
         device = positions.device
-        keys, rows, segments = [], {}, {}
+        keys, rows, last = [], {}, {}
         reply = torch.zeros(n_tokens, dtype=torch.bool)
         for request in requests:
             extra = request.extra
@@ -227,15 +262,19 @@ class EngineHooks:
             a, b = count_once(self.seen, key, request, request.prompt_len, math.inf)
             reply[a:b] = True
             if setting in self.settings and self.settings[setting]:
-                segments.setdefault(setting, []).append((request.start, request.end))
+                rows.setdefault(setting, []).append(torch.arange(request.start, request.end))
+                # "Last position" edits act on the prompt's last token and each token after it: in a
+                # chunked prefill a chunk's last row is not the prompt's last.
+                a = request.start + max(0, request.prompt_len - 1 - request.first)
+                last.setdefault(setting, []).append(torch.arange(min(a, request.end), request.end))
         counts = torch.tensor([request.end - request.start for request in requests])
         slot = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
-        for setting, spans in segments.items():
-            rows[setting] = torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
-        return _Step(n_tokens, keys, slot, reply.to(device), rows, segments)
+        rows = {setting: torch.cat(parts).to(device) for setting, parts in rows.items()}
+        last = {setting: torch.cat(parts).to(device) for setting, parts in last.items()}
+        return _Step(n_tokens, keys, slot, reply.to(device), rows, last)
 
-    def _hook(self, layer: int, edits: list[tuple[str, Intervention, int]], monitored: int | None, device):
-        unit = self.units[monitored].to(device) if monitored is not None else None  # copied once, not per step
+    def _hook(self, edits: list[tuple[str, Intervention, int]], monitored: int | None):
+        unit = self.units[monitored] if monitored is not None else None
 
         def hook(_module, _args, output):
             step = self.step
@@ -258,9 +297,9 @@ class EngineHooks:
                         before[name] = (stream[:n].float() @ unit)[rows]
                     if getattr(intervention, "positions", "all") == "all":
                         stream[rows] = intervention.edit(k, stream[rows])
-                    else:  # an edit that depends on the request's own token order (steering the last token)
-                        for a, b in step.segments[name]:
-                            stream[a:b] = intervention.edit(k, stream[a:b])
+                    else:  # each row at or past the prompt's last position is the last of its own pass
+                        rows = step.last[name]
+                        stream[rows] = intervention.edit(k, stream[rows].unsqueeze(-2)).squeeze(-2)
             if unit is not None:
                 after = stream[:n].float() @ unit
                 change = torch.zeros_like(after)
@@ -279,17 +318,34 @@ class EngineHooks:
         return hook
 
     def _file(self, step: _Step | None) -> None:
-        """Add one step's sums to each request's totals (on the CPU: one copy per step)."""
-        if step is None:
+        """Add one step's sums to each request's pending sums (on the host: one copy per step)."""
+        if step is None or not self.measures:
             return
         replies = torch.zeros(len(step.keys)).index_add_(0, step.slot.cpu(), step.reply.cpu().float())
         sums = step.sums.cpu() if step.sums is not None else torch.zeros(len(step.keys), len(self.layers), 3)
         for i, key in enumerate(step.keys):
             if replies[i] == 0:
                 continue
-            total = self.totals.setdefault(key, torch.zeros(len(self.layers), 4, dtype=torch.float64))
+            total = self.pending.setdefault(key, torch.zeros(len(self.layers), 4, dtype=torch.float64))
             total[:, :3] += sums[i].double()
             total[:, 3] += float(replies[i])
+
+
+def _install_hooks(worker, units, layers, settings) -> int:
+    if getattr(worker, "_axis_hooks", None) is not None:
+        raise RuntimeError("EngineHooks are already installed in this engine")
+    worker._axis_hooks = _WorkerHooks(worker, units, layers, settings)
+    return worker._axis_hooks.n_blocks
+
+
+def _collect_telemetry(worker, forget: list[str]):
+    return worker._axis_hooks.collect(forget)
+
+
+def _remove_hooks(worker) -> None:
+    if getattr(worker, "_axis_hooks", None) is not None:
+        worker._axis_hooks.remove()
+        worker._axis_hooks = None
 
 
 class ActivationRecorder:

@@ -30,7 +30,7 @@ rule evaluate:
         template_options=config["model"]["chat_template_kwargs"],
         backend=config["evaluate"]["backend"],
         vllm=config["evaluate"]["vllm"],
-    threads: 2
+    threads: PLAN.jobs.threads("evaluate", 2)
     resources:
         **PLAN.jobs.resources("evaluate"),
     conda:

@@ -59,8 +59,8 @@ class Jobs:
         return [pattern.replace("{role}", role) for role in roles]
 
     def vllm_settings(self, stage: str) -> dict | None:
-        """The vLLM settings of a stage configured to run vLLM (generate, activations or judge), else None."""
-        if stage in ("generate", "activations", "judge") and self.config[stage].get("backend") == "vllm":
+        """The vLLM settings of a stage configured to run vLLM (generate, activations, judge or evaluate), else None."""
+        if stage in ("generate", "activations", "judge", "evaluate") and self.config[stage].get("backend") == "vllm":
             return self.config[stage].get("vllm") or {}
         return None
 
