@@ -1,5 +1,5 @@
 """Kill anywhere: SIGKILL the whole workflow (Snakemake and its jobs) at seeded points spread over every
-stage, recover as the README says (`snakemake --unlock`, then `snakemake --cores 2 --rerun-incomplete`,
+stage, recover as docs/running.md says (`snakemake --unlock`, then `snakemake --cores 2 --rerun-incomplete`,
 itself killed again), and end with the uninterrupted run's artifacts, byte for byte.
 
 Until every stage has been caught mid-job, each run is killed at a job of a stage not caught yet, in
@@ -286,7 +286,7 @@ def test_killed_anywhere_and_recovered_gives_the_same_axis(tmp_path, model_dir, 
         if mode != "start":  # a job caught before it began is not caught mid-job
             killed |= caught
         assert_all_open(results)
-        # Recovery, as in the README: release the lock, then rerun what was incomplete.
+        # Recovery, as in docs/running.md: release the lock, then rerun what was incomplete.
         unlock = subprocess.run([*SNAKEMAKE, "--unlock"], cwd=work, capture_output=True, text=True, env=ENV)
         assert unlock.returncode == 0, unlock.stderr[-3000:]
         args = ["--rerun-incomplete"]
@@ -300,7 +300,7 @@ def test_killed_anywhere_and_recovered_gives_the_same_axis(tmp_path, model_dir, 
     assert killed == set(order), f"stages never killed mid-job: {set(order) - killed}"
     dry = subprocess.run([*SNAKEMAKE, "-n", "--cores", "2"], cwd=work, capture_output=True, text=True, env=ENV)
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
-    # The same artifacts as the uninterrupted run, byte for byte (as the README says), Parquet included.
+    # The same artifacts as the uninterrupted run, byte for byte (as docs/running.md says), Parquet included.
     ours, reference = artifacts(results), artifacts(tiny_run / "results")
     assert [p.relative_to(results) for p in ours] == [p.relative_to(tiny_run / "results") for p in reference]
     for mine, theirs in zip(ours, reference, strict=True):

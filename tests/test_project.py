@@ -35,6 +35,16 @@ def test_the_conda_environment_matches_pyproject_and_every_rule_uses_it():
         assert text.count("conda:\n") == text.count('"../envs/assistant-axis.yaml"') == n_rules, rules.name
 
 
+def test_the_development_environment_installs_this_checkout_as_pyproject_pins_it():
+    """environment.yml lists no package of its own beside torch's pin: the checkout's, with its test tools."""
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip == ["torch==2.13.0", "-e .[dev]"]
+    workflow_env = yaml.safe_load((ROOT / "workflow/envs/assistant-axis.yaml").read_text())
+    assert "torch==2.13.0" in next(d["pip"] for d in workflow_env["dependencies"] if isinstance(d, dict))
+    assert "dev" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
 def test_configs_validate(name):
     config = yaml.safe_load((ROOT / "config" / name).read_text())

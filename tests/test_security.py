@@ -109,9 +109,9 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
     assert config["model"]["trust_remote_code"] is False
     for shipped in ("config/config.yaml", "config/paper.yaml"):
         assert not yaml.safe_load((ROOT / shipped).read_text())["model"].get("trust_remote_code", False)
-    # The README says what turning it on means.
-    readme = (ROOT / "README.md").read_text()
-    assert "`trust_remote_code`" in readme and "runs Python code shipped with the weights" in readme
+    # The configuration reference says what turning it on means.
+    reference = (ROOT / "docs/configuration.md").read_text()
+    assert "`trust_remote_code`" in reference and "runs Python code shipped with the weights" in reference
 
 
 # --------------------------------------------------------------------------------- the API key

@@ -77,7 +77,7 @@ PROFILES = ("--profile", str(ROOT / "tests/slurm/profile"), "--workflow-profile"
 
 
 def _start(work: Path, env: dict, *targets: str) -> subprocess.Popen:
-    """Submit the workflow to SLURM as the README does, without waiting for it (see `_finish`).
+    """Submit the workflow to SLURM as docs/slurm.md does, without waiting for it (see `_finish`).
 
     No `--cores` (the `snakemake` helper passes 2): Snakemake caps every job's threads at `--cores`, remote
     jobs too, so it would shrink what a job asks SLURM for below what the workflow gives it."""

@@ -2,8 +2,8 @@
 
 The workflow (see the repository's Snakefile) calls `stages`, one function per stage, which calls
 these modules, one per concept: roles, models, templates, backends, api, activations, judge, axis,
-cap, steer, project, chat, serve, interop, provenance, analysis, evaluate, plots. README.md's
-"Architecture" section says where a new judge, engine, stage or config key goes.
+cap, steer, project, chat, serve, interop, provenance, analysis, evaluate, plots. docs/architecture.md
+says where a new judge, engine, stage or config key goes.
 """
 
 from assistant_axis.errors import AxisError, InputError
