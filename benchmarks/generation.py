@@ -73,7 +73,8 @@ def vllm_generation(convs, reference: list[str], greedy, base: float, ours: floa
     except ImportError as exc:
         table.report("generation vLLM", "not run", f"vllm cannot be imported ({exc}); make test installs it")
         return
-    from assistant_axis.backends import VLLMBackend, vllm_engine, vllm_engine_args
+    from assistant_axis.backends import VLLMBackend
+    from assistant_axis.vllm_engine import vllm_engine, vllm_engine_args
 
     engine = {"gpu_memory_utilization": 0.1, "max_model_len": 2048, "enforce_eager": True}
     path = model_dir()

@@ -23,9 +23,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the tab
 
 import torch  # noqa: E402
 
-from assistant_axis.backends import Sampling, TransformersBackend, VLLMBackend, vllm_engine, vllm_engine_args  # noqa: E402
+from assistant_axis.backends import Sampling, TransformersBackend, VLLMBackend  # noqa: E402
 from assistant_axis.models import load_model, prepare_model  # noqa: E402
 from assistant_axis.templates import ChatTemplate  # noqa: E402
+from assistant_axis.vllm_engine import vllm_engine, vllm_engine_args  # noqa: E402
 from benchmarks.harness import best_of, conversations  # noqa: E402 (the same prompts as the CPU benchmark)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,10 +25,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the tab
 import torch  # noqa: E402
 
 from assistant_axis.activations import mean_activations, vllm_mean_activations  # noqa: E402
-from assistant_axis.backends import Sampling, VLLMBackend, vllm_engine_args  # noqa: E402
+from assistant_axis.backends import Sampling, VLLMBackend  # noqa: E402
 from assistant_axis.models import find_blocks, load_model  # noqa: E402
 from assistant_axis.templates import ChatTemplate  # noqa: E402
-from assistant_axis.vllm_hooks import recording_engine  # noqa: E402
+from assistant_axis.vllm_engine import recording_engine, vllm_engine_args  # noqa: E402
 from benchmarks.floor import flops_per_token, matmul_burst  # noqa: E402
 from benchmarks.harness import conversations, load, machine_line, model_dir, require  # noqa: E402
 

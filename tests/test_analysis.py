@@ -11,9 +11,10 @@ import torch
 
 from assistant_axis.analysis import pca, split_cosines, subset_sizes
 from assistant_axis.axis import load_axis
-from assistant_axis.cap import layer_range, load_capping, percentile_thresholds
+from assistant_axis.cap import layer_range, percentile_thresholds
 from assistant_axis.errors import InputError
 from assistant_axis.evaluate import first_of_each_category, load_eval_prompts
+from assistant_axis.interop import load_capping
 
 from workflow_helpers import ROOT, snakemake
 

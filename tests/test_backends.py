@@ -517,8 +517,8 @@ def test_a_misspelt_vllm_setting_stops_planning(section):
 def test_the_schema_lists_the_engine_settings_the_backend_passes():
     import yaml
 
-    from assistant_axis.backends import VLLM_ENGINE_KEYS
     from assistant_axis.judge import VLLMJudge
+    from assistant_axis.vllm_engine import VLLM_ENGINE_KEYS
 
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     generate = set(schema["properties"]["generate"]["properties"]["vllm"]["properties"])

@@ -15,9 +15,9 @@ import torch
 
 from assistant_axis.artifacts import read_tensors, write_tensors
 from assistant_axis.axis import load_axis
-from assistant_axis.cap import CappingConfig, cap, load_capping, read_capping
+from assistant_axis.cap import CappingConfig, cap, read_capping
 from assistant_axis.errors import InputError
-from assistant_axis.interop import export_file, import_capping, import_file
+from assistant_axis.interop import export_file, import_capping, import_file, load_capping
 from assistant_axis.models import find_blocks
 from assistant_axis.provenance import DIRECTION, FLOOR, LAYER_CONVENTION
 from assistant_axis.steer import steer

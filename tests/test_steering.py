@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 
 from assistant_axis.axis import load_axis, unit_rows
 from assistant_axis.backends import Sampling, TransformersBackend
-from assistant_axis.cap import CappingConfig, cap, layer_range, load_capping, percentile_thresholds
+from assistant_axis.cap import CappingConfig, cap, layer_range, percentile_thresholds
 from assistant_axis.errors import InputError
+from assistant_axis.interop import load_capping
 from assistant_axis.interventions import install
 from assistant_axis.models import find_blocks
 from assistant_axis.project import conversation_projections, turn_activations

@@ -1,4 +1,4 @@
-"""Counting each position once (`vllm_runner.count_once`), by construction: the schedules vLLM makes on a
+"""Counting each position once (`vllm_engine.count_once`), by construction: the schedules vLLM makes on a
 GPU (preemption with recomputation, prefix-cache hits, async scheduling's step past the end of turn) fed
 through the same accounting the hooks and the recorder use, against the schedule without them.
 The same accounting on a real engine: tests/test_vllm_serve.py and tests/vllm_engine_checks.py."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from assistant_axis.vllm_runner import ScheduledRequest, count_once
+from assistant_axis.vllm_engine import ScheduledRequest, count_once
 
 
 def _counted(steps: list[tuple[int, int, bool]], prompt_len: int, since=None, until=math.inf) -> list[int]:

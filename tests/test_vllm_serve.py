@@ -222,7 +222,7 @@ def test_chat_on_the_vllm_engine_keeps_the_conversation_and_shows_the_capped_pro
 def capped_setting(tiny_run):
     """The tiny run's axis, and its late-p25 capping config (unit vectors), as the server loads them."""
     from assistant_axis.axis import load_axis, unit_rows
-    from assistant_axis.cap import load_capping
+    from assistant_axis.interop import load_capping
 
     results = tiny_run / "results/smollm2-135m-instruct"
     axis, axis_layers, _ = load_axis(results / "axis.safetensors")
@@ -512,9 +512,8 @@ def test_a_hooked_engine_runs_model_runner_v1_whatever_the_environment_asks(engi
 def test_the_runner_check_names_the_setting_before_an_engine_starts(tiny_run):
     """A setting that forces Model Runner V2 (watermarking) is one line naming it, before vLLM starts."""
     _need_vllm()
-    from assistant_axis.backends import vllm_engine_args
     from assistant_axis.errors import InputError
-    from assistant_axis.vllm_runner import check_runner
+    from assistant_axis.vllm_engine import check_runner, vllm_engine_args
 
     args = {**vllm_engine_args(str(tiny_paths(tiny_run)[0]), ENGINE, "test", "float32"), "watermark_config": {"key": 7}}
     with pytest.raises(InputError, match="Model Runner V2") as caught:

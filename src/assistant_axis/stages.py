@@ -316,8 +316,7 @@ def _vllm_activations(info, sequences, spans, layer_ids, settings, compute_dtype
     """`vllm_mean_activations` in an engine started for this job; prefix caching off unless configured (a
     cached span token is not computed, so it could not be recorded)."""
     from assistant_axis.activations import vllm_mean_activations
-    from assistant_axis.backends import vllm_engine_args
-    from assistant_axis.vllm_hooks import recording_engine
+    from assistant_axis.vllm_engine import recording_engine, vllm_engine_args
 
     engine = {"enable_prefix_caching": False, **(settings or {})}
     args = vllm_engine_args(info["path"], engine, "activations.vllm", compute_dtype, 0, trust_remote_code)
@@ -840,12 +839,11 @@ def _evaluate_in_vllm(
     template_options,
 ):
     from assistant_axis.axis import unit_rows
-    from assistant_axis.backends import vllm_engine_args
     from assistant_axis.evaluate import _watched, answer_every_setting_vllm
     from assistant_axis.models import load_tokenizer
     from assistant_axis.templates import ChatTemplate
     from assistant_axis.vllm_chat import VLLMSession
-    from assistant_axis.vllm_hooks import hooked_engine
+    from assistant_axis.vllm_engine import hooked_engine, vllm_engine_args
 
     log.info("evaluate: %d settings in one vLLM engine", len(configs) + 1)
     cap_layers, watched = _watched(configs, layer)
@@ -879,7 +877,7 @@ def _check_rendering(axis_meta: dict, axis_file: str, template_options: dict | N
 
 def _sweep_configs(capping_files: list[str], info: dict) -> dict:
     """The calibrate stage's capping configs, by setting name (`late-p25`), checked against the model."""
-    from assistant_axis.cap import load_capping
+    from assistant_axis.interop import load_capping
     from assistant_axis.plan.params import CapSetting
 
     configs = {}

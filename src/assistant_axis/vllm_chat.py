@@ -27,13 +27,15 @@ from pathlib import Path
 import torch
 
 from assistant_axis.axis import load_axis, unit_rows
-from assistant_axis.backends import Sampling, vllm_engine_args
-from assistant_axis.cap import CappingConfig, load_capping
+from assistant_axis.backends import Sampling
+from assistant_axis.cap import CappingConfig
 from assistant_axis.chat import Conversation, Reply, TokenLogprob, check_context
 from assistant_axis.errors import InputError
+from assistant_axis.interop import load_capping
 from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate, split_reasoning
-from assistant_axis.vllm_hooks import EngineHooks, Telemetry, hooked_engine
+from assistant_axis.vllm_engine import hooked_engine, vllm_engine_args
+from assistant_axis.vllm_hooks import EngineHooks, Telemetry
 
 __all__ = ["Chunk", "ReplyStream", "VLLMSession", "load_vllm_session"]
 

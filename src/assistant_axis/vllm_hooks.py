@@ -18,8 +18,8 @@ is the stream (the add is deferred into the next layer's fused norm). `EngineHoo
 A reply's tokens, as measured here, are the generated tokens fed back into the model: all of a reply
 that stopped at its end-of-turn token (which is not counted, even where async scheduling feeds it
 back), all but the last of one cut by `max_tokens`; each position once, also when a preempted request
-is recomputed (`vllm_runner.count_once`). What the hooks read from vLLM's model runner is in
-`vllm_runner`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
+is recomputed (`vllm_engine.count_once`). What the hooks read from vLLM's model runner is in
+`vllm_engine`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
 add per edited layer and token, and a gather/scatter per setting present in the step.
 
 Tensor parallel: after each block's all-reduce every rank holds the whole stream, so the hooks live in
@@ -40,7 +40,6 @@ the edits into the graph would need them written as custom ops).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,9 +49,9 @@ from assistant_axis.cap import CappingConfig
 from assistant_axis.errors import InputError
 from assistant_axis.interventions import Intervention, check_fit
 from assistant_axis.models import check_layers, find_blocks
-from assistant_axis.vllm_runner import EXTRA_ARGS_KEY, V1Runner, check_runner, count_once, pin_v1_runner
+from assistant_axis.vllm_engine import EXTRA_ARGS_KEY, V1Runner, count_once
 
-__all__ = ["Telemetry", "EngineHooks", "ActivationRecorder", "hooked_engine", "recording_engine", "EXTRA_ARGS_KEY"]
+__all__ = ["Telemetry", "EngineHooks", "ActivationRecorder", "EXTRA_ARGS_KEY"]
 
 
 @dataclass(frozen=True)
@@ -73,36 +72,6 @@ class Telemetry:
             "correction": self.correction,
             "tokens": self.tokens,
         }
-
-
-def hooked_engine(args: dict, key: str = "engine"):
-    """A vLLM `LLM` for `EngineHooks`: eager, its engine core in this process, any tensor parallel size
-    (every rank holds every layer; pipeline parallel would split them)."""
-    if int(args.get("pipeline_parallel_size", 1) or 1) != 1:
-        raise InputError("config", f"{key}.pipeline_parallel_size", "interventions need every layer on every rank")
-    return recording_engine(args, key)
-
-
-def recording_engine(args: dict, key: str = "engine"):
-    """A vLLM `LLM` for `ActivationRecorder` and `EngineHooks`: eager (hooks do not fire inside CUDA graphs)
-    and its engine core in this process; the model is too with tensor parallel 1, with more each worker
-    process holds hooks alike."""
-    from assistant_axis.backends import vllm_engine
-
-    # Only this engine: another one started later in this process (a test's, say) keeps its own process,
-    # so that shutting it down does not take this process's distributed state with it.
-    args = {**args, "enforce_eager": True}
-    pin_v1_runner()
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        check_runner(args, key)
-        return vllm_engine(args, key)
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 class EngineHooks:

