@@ -221,6 +221,8 @@ def paper_shaped_config(judge_url: str) -> dict:
     config["vectors"] = tiny["vectors"]
     config["analysis"] = {"layer": 15, **tiny["analysis"]}
     config["evaluate"].update(tiny["evaluate"])
+    assert config["evaluate"]["backend"] == "vllm"  # every setting in one engine, as the paper config runs it
+    config["evaluate"]["vllm"] = {"tensor_parallel_size": 1, **VLLM_CPU}  # 9 heads: tensor parallel 2 cannot split them
     config["capping"].update(tiny["capping"])  # one capping config, not the paper's 16
     config["shards"] = 1
     # Another memory and time limit for every stage, so that a job given another stage's shows.
