@@ -169,7 +169,8 @@ def check_runner(args: dict, key: str) -> None:
         raise InputError("config", key, problem)
 
 
-# Engine settings a config may pass to vLLM (`generate.vllm`, `judge.vllm`); the schema checks the same list.
+# Engine settings a config may pass to vLLM (`generate.vllm`, `activations.vllm`, `judge.vllm`, `evaluate.vllm`);
+# the schema checks the same list.
 # On vLLM's CPU build `gpu_memory_utilization` is the share of RAM the worker may hold (weights included);
 # `kv_cache_memory_bytes` sets the KV cache size outright, on either build.
 VLLM_ENGINE_KEYS = (

@@ -176,6 +176,11 @@ class _WorkerHooks:
         self.n_blocks, self.layers = len(blocks), layers
         self.measures = getattr(worker, "rank", 0) == 0  # every rank holds the same stream: one measures
         self.settings = {name: [iv.to(device) for iv in ivs] for name, ivs in settings.items()}
+        # Settings with an edit at the last position only (`--steer-positions last`): the rows it acts on
+        # are worked out per step for these alone.
+        self.positional = {
+            name for name, ivs in self.settings.items() if any(getattr(iv, "positions", "all") != "all" for iv in ivs)
+        }
         self.units = units.to(device)
         self.step: _Step | None = None
         self.pending: dict[str, torch.Tensor] = {}  # key -> [layers, 4] sums not yet collected
@@ -232,10 +237,11 @@ class _WorkerHooks:
             reply[a:b] = True
             if setting in self.settings and self.settings[setting]:
                 rows.setdefault(setting, []).append(torch.arange(request.start, request.end))
+            if setting in self.positional:
                 # "Last position" edits act on the prompt's last token and each token after it: in a
                 # chunked prefill a chunk's last row is not the prompt's last.
-                a = request.start + max(0, request.prompt_len - 1 - request.first)
-                last.setdefault(setting, []).append(torch.arange(min(a, request.end), request.end))
+                first = request.start + max(0, request.prompt_len - 1 - request.first)
+                last.setdefault(setting, []).append(torch.arange(min(first, request.end), request.end))
         counts = torch.tensor([request.end - request.start for request in requests])
         slot = torch.repeat_interleave(torch.arange(len(requests)), counts).to(device)
         rows = {setting: torch.cat(parts).to(device) for setting, parts in rows.items()}
