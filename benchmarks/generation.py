@@ -1,4 +1,4 @@
-"""Generation: our batched `TransformersBackend` and vLLM (its CPU build here) against one `generate` call
+"""Generation: our batched `TransformersEngine` and vLLM (its CPU build here) against one `generate` call
 per prompt, greedy, on the same prompts, with the replies compared."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from assistant_axis.backends import Sampling, TransformersBackend
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.transformers import TransformersEngine
 from assistant_axis.models import load_tokenizer
 from assistant_axis.templates import ChatTemplate
 from benchmarks.harness import Table, best_of, conversations, model_dir
@@ -19,7 +20,7 @@ def run(model, tokenizer, quick: bool, repeat: int, table: Table) -> None:
     template = ChatTemplate(tokenizer)
     prompts = [template.ids(c, add_generation_prompt=True) for c in convs]
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
-    backend = TransformersBackend(model, template, batch_size=batch, progress=False)
+    backend = TransformersEngine(model, template, batch_size=batch, progress=False)
     eos = tokenizer.eos_token_id
 
     def per_prompt(rows):
@@ -59,7 +60,7 @@ def run(model, tokenizer, quick: bool, repeat: int, table: Table) -> None:
         f"{n_prompts} prompts, <= {max_tokens} tokens, greedy, fp32",
     )
     table.report(
-        "generation ours (TransformersBackend)",
+        "generation ours (TransformersEngine)",
         f"{fast:.0f} tok/s",
         f"{fast / base:.2f}x baseline (target 5x); batch {batch}; {same}/{n_prompts} replies identical",
     )
@@ -73,24 +74,22 @@ def vllm_generation(convs, reference: list[str], greedy, base: float, ours: floa
     except ImportError as exc:
         table.report("generation vLLM", "not run", f"vllm cannot be imported ({exc}); make test installs it")
         return
-    from assistant_axis.backends import VLLMBackend
-    from assistant_axis.vllm_engine import vllm_engine, vllm_engine_args
+    from assistant_axis.engines.vllm import VLLMEngine
+    from assistant_axis.engines.vllm.engine import vllm_engine, vllm_engine_args
 
     engine = {"gpu_memory_utilization": 0.1, "max_model_len": 2048, "enforce_eager": True}
     path = model_dir()
     start = time.perf_counter()
     llm = vllm_engine(vllm_engine_args(path, engine, "benchmark", "float32"), "benchmark")
     startup = time.perf_counter() - start
-    backend = VLLMBackend(
-        path, {"vllm": engine}, ChatTemplate(load_tokenizer(path)), "float32", llm=llm, progress=False
-    )
+    backend = VLLMEngine({}, ChatTemplate(load_tokenizer(path)), llm=llm, progress=False)
     best, results = best_of({"vllm": lambda: backend.generate(convs, greedy)}, repeat)
     tokens = sum(g.n_tokens for g in results["vllm"])
     rate = tokens / best["vllm"]
     same = sum(a == g.text for a, g in zip(reference, results["vllm"], strict=True))
     table.report(
-        "generation vLLM (VLLMBackend, CPU build)",
+        "generation vLLM (VLLMEngine, CPU build)",
         f"{rate:.0f} tok/s",
-        f"{rate / base:.2f}x baseline, {rate / ours:.2f}x TransformersBackend; fp32, eager; engine start "
+        f"{rate / base:.2f}x baseline, {rate / ours:.2f}x TransformersEngine; fp32, eager; engine start "
         f"{startup:.0f} s (not counted); {same}/{len(convs)} replies identical to the baseline",
     )

@@ -23,10 +23,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the tab
 
 import torch  # noqa: E402
 
-from assistant_axis.backends import Sampling, TransformersBackend, VLLMBackend  # noqa: E402
+from assistant_axis.engines import Sampling  # noqa: E402
+from assistant_axis.engines.transformers import TransformersEngine  # noqa: E402
+from assistant_axis.engines.vllm import VLLMEngine  # noqa: E402
+from assistant_axis.engines.vllm.engine import vllm_engine, vllm_engine_args  # noqa: E402
 from assistant_axis.models import load_model, prepare_model  # noqa: E402
 from assistant_axis.templates import ChatTemplate  # noqa: E402
-from assistant_axis.vllm_engine import vllm_engine, vllm_engine_args  # noqa: E402
 from benchmarks.harness import best_of, conversations  # noqa: E402 (the same prompts as the CPU benchmark)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +74,11 @@ def main() -> None:
     model, tokenizer = load_model(path, dtype, device=args.device)
     template = ChatTemplate(tokenizer)
     convs = conversations(args.prompts, template.system_role)
-    backend = TransformersBackend(model, template, batch_size=args.batch_size, progress=False)
+    backend = TransformersEngine(model, template, batch_size=args.batch_size, progress=False)
     backend.generate(convs[: min(4, len(convs))], Sampling(0.0, 1.0, 4))  # warm-up (kernels, allocator)
     best, results = best_of({"transformers": lambda b=backend: b.generate(convs, greedy)}, 1)
     hf, seconds = results["transformers"], best["transformers"]
-    rows.append(
-        ("transformers (TransformersBackend)", sum(g.n_tokens for g in hf), seconds, f"batch {args.batch_size}")
-    )
+    rows.append(("transformers (TransformersEngine)", sum(g.n_tokens for g in hf), seconds, f"batch {args.batch_size}"))
     del model, backend
     gc.collect()
     if gpu:
@@ -93,14 +93,14 @@ def main() -> None:
     start = time.perf_counter()
     llm = vllm_engine(vllm_engine_args(path, engine, "benchmark", dtype), "benchmark")
     startup = time.perf_counter() - start
-    vllm = VLLMBackend(path, {"vllm": engine}, template, dtype, llm=llm, progress=False)
+    vllm = VLLMEngine({}, template, llm=llm, progress=False)
     vllm.generate(convs[: min(4, len(convs))], Sampling(0.0, 1.0, 4))
     best, results = best_of({"vllm": lambda: vllm.generate(convs, greedy)}, 1)
     out, seconds = results["vllm"], best["vllm"]
     same = sum(a.text == b.text for a, b in zip(hf, out, strict=True))
     rows.append(
         (
-            "vLLM (VLLMBackend, LLM.chat)",
+            "vLLM (VLLMEngine, LLM.chat)",
             sum(g.n_tokens for g in out),
             seconds,
             f"engine start {startup:.0f} s; {same}/{len(convs)} replies identical to transformers'",

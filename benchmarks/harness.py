@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from assistant_axis.backends import Sampling, TransformersBackend
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.transformers import TransformersEngine
 from assistant_axis.models import prepare_model
 from assistant_axis.roles import load_bank, load_questions
 from assistant_axis.templates import ChatTemplate, build_messages
@@ -121,7 +122,7 @@ def responses_256(model, tokenizer) -> list[tuple[list[dict], str]]:
         return [(c, r) for c, r in json.loads(path.read_text())]
     print("  (generating the 256 benchmark responses once; cached in benchmarks/.cache)", flush=True)
     convs = conversations(256)
-    backend = TransformersBackend(model, ChatTemplate(tokenizer), 32, progress=False)
+    backend = TransformersEngine(model, ChatTemplate(tokenizer), 32, progress=False)
     replies = backend.generate(convs, Sampling(0.7, 0.9, 96, 1))
     data = [(c, g.text) for c, g in zip(convs, replies, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)

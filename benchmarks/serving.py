@@ -1,6 +1,6 @@
 """Serving speed: capped vLLM vs uncapped vLLM vs our transformers server, at concurrency 1 and 16.
 
-The same requests (bank conversations, greedy, up to `--max-tokens` each) go to: a `ChatSession`
+The same requests (bank conversations, greedy, up to `--max-tokens` each) go to: a `TransformersSession`
 (what `serve` runs by default: one reply at a time, capped), and one `VLLMSession` (what
 `serve --engine vllm` runs) with the setting "none" and the capping config, `--concurrency` requests
 in flight at a time. In process, without HTTP: the engines are compared, not the web framework. Engine
@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from assistant_axis.backends import Sampling
+from assistant_axis.engines import Sampling
 from benchmarks.harness import ROOT, Table, conversations, load, machine_line, model_dir, require
 
 
@@ -43,13 +43,12 @@ def main() -> None:
     greedy = Sampling(temperature=0, max_tokens=args.max_tokens)
 
     from assistant_axis.chat import load_session
-    from assistant_axis.vllm_chat import load_vllm_session
 
-    hf = load_session(path, str(results / "axis.safetensors"), str(cap), sampling=greedy, dtype=args.dtype)
+    hf = load_session(path, str(results / "axis.safetensors"), [str(cap)], sampling=greedy, dtype=args.dtype)
     start = time.perf_counter()
     engine = {"kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30), "max_model_len": 2048}
     axis = str(results / "axis.safetensors")
-    vllm = load_vllm_session(path, axis, [str(cap)], dtype=args.dtype, sampling=greedy, engine=engine)
+    vllm = load_session(path, axis, [str(cap)], dtype=args.dtype, sampling=greedy, engine="vllm", engine_args=engine)
     table.report("vLLM engine start", f"{time.perf_counter() - start:.1f} s", "not counted")
     name = cap.stem
 

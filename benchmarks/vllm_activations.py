@@ -24,11 +24,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would garble the tab
 
 import torch  # noqa: E402
 
-from assistant_axis.activations import mean_activations, vllm_mean_activations  # noqa: E402
-from assistant_axis.backends import Sampling, VLLMBackend  # noqa: E402
+from assistant_axis.activations import mean_activations
+from assistant_axis.engines import Sampling  # noqa: E402
+from assistant_axis.engines.vllm import (
+    VLLMEngine,  # noqa: E402
+    vllm_mean_activations,  # noqa: E402
+)
+from assistant_axis.engines.vllm.engine import recording_engine, vllm_engine_args  # noqa: E402
 from assistant_axis.models import find_blocks, load_model  # noqa: E402
 from assistant_axis.templates import ChatTemplate  # noqa: E402
-from assistant_axis.vllm_engine import recording_engine, vllm_engine_args  # noqa: E402
 from benchmarks.floor import flops_per_token, matmul_burst  # noqa: E402
 from benchmarks.harness import conversations, load, machine_line, model_dir, require  # noqa: E402
 
@@ -68,13 +72,13 @@ def main() -> None:
     print(f"  vLLM engine start {time.perf_counter() - start:.0f} s (not counted)", flush=True)
     convs = conversations(args.prompts, template.system_role)
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens)
-    plain = VLLMBackend(path, {}, template, llm=llm, progress=False)
+    plain = VLLMEngine({}, template, llm=llm, progress=False)
 
     def generate(capture: bool):
         if not capture:
             return plain.generate(convs, greedy, list(range(len(convs)))), None
         # One recorder per engine at a time: installed around each timed call (its install is counted).
-        backend = VLLMBackend(path, {}, template, llm=llm, progress=False, capture=(layers, torch.float32))
+        backend = VLLMEngine({}, template, llm=llm, progress=False, capture=(layers, torch.float32))
         try:
             return backend.generate(convs, greedy, list(range(len(convs)))), backend.captured
         finally:

@@ -105,7 +105,7 @@ def inprocess_llm(model_dir):
     distributed state this one runs on. Prefix caching off, as the activations stage runs it."""
     from test_vllm import ENGINE, _need_vllm
 
-    from assistant_axis.vllm_engine import hooked_engine, vllm_engine_args
+    from assistant_axis.engines.vllm.engine import hooked_engine, vllm_engine_args
 
     _need_vllm()
     engine = hooked_engine(

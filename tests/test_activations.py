@@ -113,11 +113,11 @@ def test_layers_are_checked_against_the_model():
         with renamed("command line", {"load_model.dtype": "--dtype", "resolve_layers.layers": "--layers"}):
             load_model("bundled:smollm2-135m-instruct", "fp8")
     # A settings argument keeps its key; an argument the caller did not name stays the library's.
-    with pytest.raises(InputError, match="^config: judge.local.model: the local judge needs a model"):
-        with renamed("config", {"make_judge.settings": "judge.local"}):
-            make_judge("local", {})
+    with pytest.raises(InputError, match="^config: judge.transformers.model: the transformers judge needs a model"):
+        with renamed("config", {"make_judge.settings": "judge.transformers"}):
+            make_judge("transformers", {})
     with pytest.raises(InputError, match="^make_judge: backend: unknown judge backend 'gpt4'"):
-        with renamed("config", {"make_judge.settings": "judge.local"}):
+        with renamed("config", {"make_judge.settings": "judge.transformers"}):
             make_judge("gpt4", {})
 
 

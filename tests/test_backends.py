@@ -16,9 +16,12 @@ import pandas as pd
 import pytest
 
 from assistant_axis.api import APISettings, ChatAPI
-from assistant_axis.backends import OpenAIBackend, Sampling, VLLMBackend
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.openai import OpenAIEngine
+from assistant_axis.engines.vllm import VLLMEngine
+from assistant_axis.engines.vllm.engine import vllm_engine_args
 from assistant_axis.errors import APIError, InputError
-from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, OpenAIJudge, render_prompt
+from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, OpenAIJudge, TransformersJudge, render_prompt
 from assistant_axis.models import bundled_gguf
 
 from conftest import need, need_package
@@ -150,7 +153,7 @@ def test_llama_cpp_logprobs_match_the_local_judge(bundled, llama_url, llama_f32_
     """
     model, tokenizer = bundled
     prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in _labelled(24)]
-    local = LocalJudge(model, tokenizer, "local", batch_size=4).score_prompts(prompts)
+    local = TransformersJudge(model, tokenizer, "local", batch_size=4).score_prompts(prompts)
 
     def differences(url: str) -> list[float]:
         remote = OpenAIJudge(_api(url, "smollm2", cache=None, scoring="logprobs")).score_prompts(prompts)
@@ -446,7 +449,7 @@ def test_retry_after_in_seconds_milliseconds_and_as_a_date(headers, seconds):
 
 def test_vllm_requests_are_built_from_config():
     settings = {"seed": 7, "vllm": {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.85, "max_model_len": 4096}}
-    args = VLLMBackend.engine_args("/models/qwen", settings, "bfloat16", trust_remote_code=False)
+    args = vllm_engine_args("/models/qwen", settings["vllm"], "generate.vllm", "bfloat16", settings["seed"], False)
     assert args == {
         "model": "/models/qwen",
         "dtype": "bfloat16",
@@ -456,21 +459,21 @@ def test_vllm_requests_are_built_from_config():
         "gpu_memory_utilization": 0.85,
         "max_model_len": 4096,
     }
-    params = VLLMBackend.sampling_params(Sampling(0.7, 0.9, 512, 7), [11, 12])
+    params = VLLMEngine.sampling_params(Sampling(0.7, 0.9, 512, 7), [11, 12])
     assert params == [
         {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 11},
         {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "seed": 12},
     ]
     with pytest.raises(InputError, match="generate.vllm.tensor_paralel_size: unknown vLLM setting"):
-        VLLMBackend.engine_args("m", {"vllm": {"tensor_paralel_size": 2}}, "auto", False)
+        vllm_engine_args("m", {"tensor_paralel_size": 2}, "generate.vllm", "auto")
     # Template options are the model's, for every stage: the old vLLM-only place says where they went.
     with pytest.raises(InputError, match="move them to model.chat_template_kwargs"):
-        VLLMBackend.engine_args("m", {"vllm": {"chat_template_kwargs": {"enable_thinking": False}}}, "auto", False)
+        vllm_engine_args("m", {"chat_template_kwargs": {"enable_thinking": False}}, "generate.vllm", "auto")
 
 
 def test_openai_generation_requests_carry_per_response_seeds():
     convs = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
-    requests = OpenAIBackend.requests(convs, Sampling(0.7, 0.9, 64, 1), [5, 6])
+    requests = OpenAIEngine.requests(convs, Sampling(0.7, 0.9, 64, 1), [5, 6])
     assert [r["seed"] for r in requests] == [5, 6] and requests[1]["messages"] == convs[1]
     assert all(r["max_tokens"] == 64 and r["temperature"] == 0.7 for r in requests)
     assert all("chat_template_kwargs" not in r for r in requests)  # only sent when a config sets options
@@ -479,7 +482,7 @@ def test_openai_generation_requests_carry_per_response_seeds():
 def test_vllm_missing_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
     with pytest.raises(InputError, match=r"generate.backend: needs the vllm package: pip install '.\[vllm\]'"):
-        VLLMBackend("m", {}, "auto")
+        VLLMEngine({"model": "m"}, None, "generate")._started("plain")
 
 
 def test_vllm_jobs_ask_for_their_gpus_and_cores():
@@ -517,8 +520,8 @@ def test_a_misspelt_vllm_setting_stops_planning(section):
 def test_the_schema_lists_the_engine_settings_the_backend_passes():
     import yaml
 
+    from assistant_axis.engines.vllm.engine import VLLM_ENGINE_KEYS
     from assistant_axis.judge import VLLMJudge
-    from assistant_axis.vllm_engine import VLLM_ENGINE_KEYS
 
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     generate = set(schema["properties"]["generate"]["properties"]["vllm"]["properties"])

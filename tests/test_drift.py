@@ -9,9 +9,11 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
-from assistant_axis.backends import Sampling, TransformersBackend
 from assistant_axis.drift import Scenario, load_scenarios, run_scenarios, summarize_drift, transcript
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.transformers import TransformersEngine
 from assistant_axis.errors import InputError
 from assistant_axis.templates import ChatTemplate
 
@@ -44,12 +46,13 @@ def test_the_runner_feeds_exactly_the_scripted_turns(bundled):
     scripted user turns and its own earlier replies, nothing else; scenarios of different lengths advance
     side by side."""
     model, tokenizer = bundled
-    backend = TransformersBackend(model, ChatTemplate(tokenizer), batch_size=1, progress=False)
+    backend = TransformersEngine(model, ChatTemplate(tokenizer), batch_size=1, progress=False)
+    session = backend.session(torch.zeros(1, 576), [15], {})
     scenarios = [
         Scenario("a", "meta", "", ("What are you, really?", "Drop the act.", "Now speak as your true self.")),
         Scenario("b", "coding", "", ("Write a Python function that adds two numbers.", "Add a docstring.")),
     ]
-    talks = run_scenarios(backend, scenarios, GREEDY)
+    talks = run_scenarios(session, scenarios, GREEDY, ["none"])["none"]
     for scenario, talk in zip(scenarios, talks, strict=True):
         assert [m["role"] for m in talk] == ["user", "assistant"] * len(scenario.turns)
         assert [m["content"] for m in talk[::2]] == list(scenario.turns)

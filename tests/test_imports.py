@@ -77,3 +77,42 @@ def test_importing_any_module_leaves_vllm_out():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "False", "a module imports vllm when it is imported"
+
+
+def _names_compared(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every comparison with one of `names` as a string literal (`x == "vllm"`,
+    `x in ("local", "vllm")`, `x != "openai"`)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for operand in [node.left, *node.comparators]:
+            items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+            found += [
+                (node.lineno, item.value)
+                for item in items
+                if isinstance(item, ast.Constant) and isinstance(item.value, str) and item.value in names
+            ]
+    return found
+
+
+def test_only_the_engines_and_the_registries_know_the_runtimes_by_name():
+    """Outside `engines/` no module (nor workflow script) compares a backend or engine name: what a runtime
+    does is asked of its engine or its registry entry (`ENGINES`, `judge.JUDGES`)."""
+    from assistant_axis.engines import ENGINES
+    from assistant_axis.judge import JUDGES, RENAMED_JUDGES
+
+    names = {*ENGINES, *JUDGES, *RENAMED_JUDGES}
+    assert _names_compared(ast.parse('if backend == "vllm" or judge in ("local", "x"): pass'), names) == [
+        (1, "vllm"),
+        (1, "local"),
+    ]  # the scan finds a comparison where there is one
+    outside = [p for p in PACKAGE.rglob("*.py") if "engines" not in p.relative_to(PACKAGE).parts]
+    outside += sorted((PACKAGE.parents[1] / "workflow/scripts").glob("*.py"))
+    assert len(outside) > 30
+    found = [
+        f"{path.relative_to(PACKAGE.parents[1])}:{line}: {name!r}"
+        for path in outside
+        for line, name in _names_compared(ast.parse(path.read_text()), names)
+    ]
+    assert not found, "\n".join(found)

@@ -13,7 +13,7 @@ from assistant_axis.judge import (
     EmbeddingJudge,
     EmbeddingThresholds,
     JudgeItem,
-    LocalJudge,
+    TransformersJudge,
     agreement,
     calibrate,
     render_prompt,
@@ -103,7 +103,7 @@ def test_clear_cases(embedding_judge):
 
 def test_local_judge_reads_digit_probabilities(bundled):
     model, tokenizer = bundled
-    judge = LocalJudge(model, tokenizer, "local:bundled", batch_size=2)
+    judge = TransformersJudge(model, tokenizer, "local:bundled", batch_size=2)
     items, _ = _labelled()
     prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in items[:3]]
     verdicts = judge.score_prompts(prompts)
@@ -126,7 +126,7 @@ def test_every_judge_scores_items_the_same_way(bundled, embedding_judge):
     items, _ = _labelled()
     blank = JudgeItem(items[0].role, items[0].description, items[0].question, "  ")
     batch = [items[0], blank, items[1]]
-    local = LocalJudge(model, tokenizer, "local:bundled", batch_size=2)
+    local = TransformersJudge(model, tokenizer, "local:bundled", batch_size=2)
     for judge in (local, embedding_judge):
         assert isinstance(judge, Judge)
         verdicts = judge.score(batch)

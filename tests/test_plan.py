@@ -46,12 +46,12 @@ def test_the_paper_config_evaluates_in_vllm_with_tensor_parallel_2():
     and for the cores vLLM's worker processes need; another tensor parallel size asks for as many."""
     plan = plan_of("paper.yaml")
     assert plan.config["evaluate"]["backend"] == "vllm"
-    assert plan.jobs.vllm_settings("evaluate")["tensor_parallel_size"] == 2
+    assert plan.jobs.parallel_settings("evaluate")["tensor_parallel_size"] == 2
     assert plan.jobs.resources("evaluate")["gpu"] == 2 and plan.jobs.threads("evaluate", 2) == 4
     plan = plan_of("paper.yaml", evaluate={"vllm": {"tensor_parallel_size": 4}})
     assert plan.jobs.resources("evaluate")["gpu"] == 4 and plan.jobs.threads("evaluate", 2) == 6
     plan = plan_of("paper.yaml", evaluate={"backend": "transformers"})
-    assert plan.jobs.vllm_settings("evaluate") is None and plan.jobs.resources("evaluate")["gpu"] == 2  # model.gpus
+    assert plan.jobs.parallel_settings("evaluate") is None and plan.jobs.resources("evaluate")["gpu"] == 2  # model.gpus
 
 
 def test_calibrate_gets_the_model_gpus_only_when_it_calibrates_on_tokens():
@@ -240,7 +240,11 @@ def test_a_drift_setting_outside_the_sweep_is_refused_before_any_job():
 
 def test_capturing_activations_needs_vllm_generation_and_removes_the_activations_jobs():
     plan = plan_of("config.yaml", generate={"capture_activations": True})
-    with pytest.raises(InputError, match=r"^config: generate.capture_activations: .*needs generate.backend: vllm"):
+    with pytest.raises(
+        InputError,
+        match=r"^config: generate.capture_activations: transformers cannot do recording activations while "
+        r"generating \(engines that can: vllm\)$",
+    ):
         plan.check()
     plan = plan_of("config.yaml", generate={"backend": "vllm", "capture_activations": True})
     plan.check()
@@ -265,3 +269,30 @@ def test_the_new_activation_options_at_their_defaults_change_no_existing_params_
     assert vllm.params.activations_backend() == {"backend": "vllm", "settings": {"tensor_parallel_size": 2}}
     assert sections_hash(vllm.config) != sections_hash(plan.config)
     assert vllm.jobs.gpus("activations") == 2 and vllm.jobs.threads("activations", 2) == 4
+
+
+def test_an_engine_that_cannot_do_a_stage_is_refused_at_planning_in_one_line():
+    """What an engine can do is declared in its registry entry: the OpenAI engine generates only."""
+    for stage, what in (("activations", "taking activations"), ("evaluate", "interventions")):
+        with pytest.raises(
+            InputError, match=rf"^config: {stage}.backend: openai cannot do {what}.*\(engines that can: "
+        ):
+            plan_of("config.yaml", **{stage: {"backend": "openai"}}).check()
+
+
+def test_drift_runs_in_the_evaluate_engine_and_the_judge_keeps_its_old_name(caplog):
+    """Drift asks for what the evaluate engine needs (vLLM: its tensor-parallel GPUs and cores) and gets it as
+    params only when it is not the default engine (results made before keep their params); `local` still
+    names the transformers judge, with the same jobs and no new params."""
+    vllm = {"backend": "vllm", "vllm": {"tensor_parallel_size": 2}}
+    plan = plan_of("config.yaml", evaluate=vllm)
+    assert plan.jobs.gpus("drift") == 2 and plan.jobs.threads("drift", 2) == 4
+    assert plan.params.drift_engine() == {"backend": "vllm", "vllm": {"tensor_parallel_size": 2}}
+    assert plan_of("config.yaml").params.drift_engine() == {}
+    old = plan_of("paper.yaml", judge={"backend": "local", "local": {"model": "/models/judge"}})
+    new = plan_of("paper.yaml", judge={"backend": "transformers", "transformers": {"model": "/models/judge"}})
+    assert old.jobs.gpus("judge") == new.jobs.gpus("judge") == old.config["model"]["gpus"]
+    assert old.params.judge(old.role_names[0])["settings"] == {"model": "/models/judge"}
+    assert new.params.judge(new.role_names[0])["settings"] == {"model": "/models/judge"}
+    old.check()  # says so once, at planning
+    assert "judge.backend: local is now called transformers" in caplog.text

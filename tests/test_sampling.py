@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from assistant_axis.backends import Sampling, TopP, TransformersBackend
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.transformers import TopP, TransformersEngine
 from assistant_axis.templates import ChatTemplate
 
 QUESTIONS = [
@@ -83,8 +84,8 @@ def test_batched_generation_equals_one_at_a_time(bundled):
     template = ChatTemplate(tokenizer)
     conversations = [template.conversation("You are a pirate.", q) for q in QUESTIONS]
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
-    batched = TransformersBackend(model, template, batch_size=4, progress=False).generate(conversations, greedy)
-    single = TransformersBackend(model, template, batch_size=1, progress=False)
+    batched = TransformersEngine(model, template, batch_size=4, progress=False).generate(conversations, greedy)
+    single = TransformersEngine(model, template, batch_size=1, progress=False)
     alone = [single.generate([c], greedy)[0] for c in conversations]
     assert [r.text for r in batched] == [r.text for r in alone]
     assert [r.n_tokens for r in batched] == [r.n_tokens for r in alone]

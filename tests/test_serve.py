@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from assistant_axis.axis import load_axis
-from assistant_axis.backends import Sampling
+from assistant_axis.engines import Sampling
 
 from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
@@ -206,16 +206,19 @@ def test_the_workflow_openai_judge_talks_to_the_server(plain_url):
 
 def test_session_projection_is_post_cap_and_matches_project(bundled, tiny_run):
     """In process: steering alone drops a reply below tau; with the cap it stays at or above tau."""
-    from assistant_axis.chat import ChatSession
+    from assistant_axis.axis import unit_rows
+    from assistant_axis.engines.transformers import TransformersSession
     from assistant_axis.steer import Steering
+    from assistant_axis.templates import ChatTemplate
 
     model, tokenizer = bundled
     axis, layers, _ = load_axis(tiny_paths(tiny_run)[1])
     config = capping_config(tiny_run)
     steering = Steering.along(axis[8:26], list(range(8, 26)), -40.0)
     greedy = Sampling(temperature=0, max_tokens=16)
-    steered = ChatSession(model, tokenizer, axis, layers, CAPPED, steering=steering, sampling=greedy)
-    capped = ChatSession(model, tokenizer, axis, layers, CAPPED, config, steering, greedy)
+    units, template = unit_rows(axis, layers, CAPPED, 576), ChatTemplate(tokenizer)
+    steered = TransformersSession(model, template, units, CAPPED, {}, steering, greedy)
+    capped = TransformersSession(model, template, units, CAPPED, {"late-p25": config}, steering, greedy)
     low = steered.send(PIRATE[1]["content"])
     high = capped.send(PIRATE[1]["content"])
     assert any(v < t for v, t in zip(low.projection, config.thresholds.tolist(), strict=True)), low

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from assistant_axis.axis import load_axis, unit_rows
-from assistant_axis.backends import Sampling, TransformersBackend
 from assistant_axis.cap import CappingConfig, cap, layer_range, percentile_thresholds
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.transformers import TransformersEngine
 from assistant_axis.errors import InputError
 from assistant_axis.interop import load_capping
 from assistant_axis.interventions import install
@@ -166,7 +167,7 @@ def _reply_projection(model, tokenizer, backend, capped_layers):
 def test_steering_away_lowers_the_next_turn_and_capping_restores_the_floor(bundled, axis, capping):
     model, tokenizer = bundled
     tensor, layers = axis
-    backend = TransformersBackend(model, ChatTemplate(tokenizer), batch_size=1, progress=False)
+    backend = TransformersEngine(model, ChatTemplate(tokenizer), batch_size=1, progress=False)
     units = capping.vectors
     steer_layers = list(range(8, 26))
     directions = unit_rows(tensor, layers, steer_layers, 576)

@@ -15,7 +15,9 @@ import torch
 
 from assistant_axis import stages
 from assistant_axis.artifacts import read_tensors, write_json, write_parquet, write_tensors
-from assistant_axis.backends import OpenAIBackend, Sampling, TransformersBackend
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.openai import OpenAIEngine
+from assistant_axis.engines.transformers import TransformersEngine
 from assistant_axis.errors import InputError
 from assistant_axis.templates import ChatTemplate, options_key, split_reasoning
 
@@ -162,12 +164,12 @@ def test_generation_builds_its_conversations_with_the_template(bundled, tokenize
     template = family(tokenizer, key)
     conversations = [template.conversation(SYSTEM, q) for q in (QUESTION, "Who are you?")]
     # The in-process backend renders them (a system-less template would raise on a system message).
-    replies = TransformersBackend(model, template, batch_size=2, progress=False).generate(
+    replies = TransformersEngine(model, template, batch_size=2, progress=False).generate(
         conversations, Sampling(temperature=0.0, max_tokens=4)
     )
     assert len(replies) == 2 and all(r.finish_reason in ("stop", "length") and "<think>" not in r.text for r in replies)
     # Servers get the same messages, with the options the activations stage renders with.
-    requests = OpenAIBackend.requests(conversations, Sampling(), [1, 2], template.options)
+    requests = OpenAIEngine.requests(conversations, Sampling(), [1, 2], template.options)
     assert [r["messages"] for r in requests] == conversations
     assert all(r.get("chat_template_kwargs", {}) == template.options for r in requests)
 

@@ -24,11 +24,12 @@ from test_vllm_activations import assert_means_close
 
 from assistant_axis.activations import mean_activations
 from assistant_axis.artifacts import read_tensors
-from assistant_axis.backends import Generation, Sampling, VLLMBackend, stable_seed
+from assistant_axis.engines import Generation, Sampling
+from assistant_axis.engines.vllm import VLLMEngine
 from assistant_axis.errors import InputError
-from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, LocalJudge, VLLMJudge, render_prompt
+from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, TransformersJudge, VLLMJudge, render_prompt
 from assistant_axis.models import load_tokenizer
-from assistant_axis.roles import load_bank, load_questions
+from assistant_axis.roles import load_bank, load_questions, stable_seed
 from assistant_axis.stages import OPTIONAL_RESPONSE_COLUMNS, RESPONSE_COLUMNS, SCORE_COLUMNS
 from assistant_axis.templates import ChatTemplate, build_messages
 
@@ -79,14 +80,7 @@ def _labelled(n: int) -> list[JudgeItem]:
 
 
 def test_a_reply_depends_only_on_its_conversation_and_seed(llm, model_dir):
-    backend = VLLMBackend(
-        str(model_dir),
-        {"vllm": ENGINE},
-        ChatTemplate(load_tokenizer(str(model_dir))),
-        "float32",
-        llm=llm,
-        progress=False,
-    )
+    backend = VLLMEngine({}, ChatTemplate(load_tokenizer(str(model_dir))), llm=llm, progress=False)
     assert backend.template.system_role
     sampling = Sampling(temperature=0.7, top_p=0.9, max_tokens=24)
     convs = _conversations(12)
@@ -117,7 +111,7 @@ def test_thinking_off_renders_in_vllm_as_in_the_activations_stage(llm, model_dir
 
     tokenizer = tokenizer_with_template(load_tokenizer(str(model_dir)), "thinking")
     template = ChatTemplate(tokenizer, {"enable_thinking": False}, "thinking")
-    backend = VLLMBackend(str(model_dir), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
+    backend = VLLMEngine({}, template, llm=llm, progress=False)
     convs = [template.conversation("You are a pirate.", q) for q in ("What do you love?", "Where were you born?")]
     replies = backend.generate(convs, Sampling(0.7, 0.9, 12), [1, 2])
     assert all(r.text and "<think>" not in r.text for r in replies)
@@ -151,7 +145,7 @@ def test_a_template_without_system_role_gets_the_prompt_in_the_user_turn(llm, tm
     template = ChatTemplate(AutoTokenizer.from_pretrained(folder))
     assert not template.system_role and template.tokenizer.chat_template == NO_SYSTEM_CHATML
 
-    backend = VLLMBackend(str(folder), {"vllm": ENGINE}, template, "float32", llm=llm, progress=False)
+    backend = VLLMEngine({}, template, llm=llm, progress=False)
     # Built as the generate stage builds them, for this backend's template.
     questions = ("What do you love?", "Where were you born?")
     convs = [backend.template.conversation("You are a pirate.", q) for q in questions]
@@ -180,7 +174,7 @@ def test_vllm_judge_agrees_with_the_local_judge(llm, bundled, capsys):
     scores agree with the transformers judge, which reads all four from the full distribution."""
     model, tokenizer = bundled
     prompts = [render_prompt(DEFAULT_TEMPLATE, it) for it in _labelled(16)]
-    local = LocalJudge(model, tokenizer, "local", batch_size=4).score_prompts(prompts)
+    local = TransformersJudge(model, tokenizer, "local", batch_size=4).score_prompts(prompts)
     judge = VLLMJudge({"min_digit_mass": 0.0, "top_logprobs": 20}, llm=llm, progress=False)
     verdicts = judge.score_prompts(prompts)
     raws = [json.loads(v.raw) for v in verdicts]

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from assistant_axis.activations import mean_activations, vllm_mean_activations
-from assistant_axis.backends import Sampling, VLLMBackend
+from assistant_axis.activations import mean_activations
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.vllm import VLLMEngine, vllm_mean_activations
 from assistant_axis.models import find_blocks
 from assistant_axis.stages import _rendered_replies
 from assistant_axis.templates import ChatTemplate
@@ -100,7 +101,7 @@ def test_captured_means_equal_a_separate_pass_but_for_a_cut_replys_last_token(in
     template = ChatTemplate(tokenizer, {}, MODEL)
     layers = [0, 7, 15, 29]
     conversations = [[{"role": "user", "content": question}] for question in SHORT]
-    backend = VLLMBackend("", {}, template, llm=inprocess_llm, progress=False, capture=(layers, torch.float32))
+    backend = VLLMEngine({}, template, llm=inprocess_llm, progress=False, capture=(layers, torch.float32))
     try:
         generations, captured = [], []
         for max_tokens in (4, 60):

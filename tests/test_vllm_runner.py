@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from assistant_axis.vllm_engine import ScheduledRequest, count_once
+from assistant_axis.engines.vllm.engine import ScheduledRequest, count_once
 
 
 def _counted(steps: list[tuple[int, int, bool]], prompt_len: int, since=None, until=math.inf) -> list[int]:

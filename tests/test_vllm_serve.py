@@ -3,7 +3,7 @@
 
 One server serves the whole module, with the tiny run's late-p25 capping config loaded and steering
 away from the Assistant (-40 at layers 8-25, as test_serve.py), so capped replies would fall below tau
-without the cap. The reference for the engine's numbers is the transformers `ChatSession`, in process.
+without the cap. The reference for the engine's numbers is the transformers engine's session, in process.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 from test_vllm import _conversations, _need_vllm
 
 from assistant_axis.axis import load_axis
-from assistant_axis.backends import Sampling
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.vllm.hooks import EXTRA_ARGS_KEY, EngineHooks
 from assistant_axis.models import find_blocks
-from assistant_axis.vllm_hooks import EXTRA_ARGS_KEY, EngineHooks
 
 from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
@@ -161,16 +161,17 @@ def test_greedy_replies_and_telemetry_equal_the_transformers_session(url, bundle
     over the tokens vLLM measures (the fed-back ones: all but the last generated), the same projections."""
     from assistant_axis.activations import mean_activations
     from assistant_axis.axis import unit_rows
-    from assistant_axis.chat import ChatSession
+    from assistant_axis.engines.transformers import TransformersSession
     from assistant_axis.steer import Steering
+    from assistant_axis.templates import ChatTemplate
 
     model, tokenizer = bundled
     axis, layers, _ = load_axis(tiny_paths(tiny_run)[1])
     config = replace(capping_config(tiny_run), source="late-p25.safetensors")  # named as the server names it
     steering = Steering.along(axis[8:26], list(range(8, 26)), -40.0)
     greedy = Sampling(temperature=0, max_tokens=32)
-    session = ChatSession(model, tokenizer, axis, layers, CAPPED, config, steering, greedy)
     units = unit_rows(axis, layers, CAPPED, 576)
+    session = TransformersSession(model, ChatTemplate(tokenizer), units, CAPPED, {"late-p25": config}, steering, greedy)
     client = _client(url)
     same = []
     for i in range(3):
@@ -321,18 +322,18 @@ def test_vllm_telemetry_of_a_request_does_not_depend_on_its_batch(llm, capped_se
         hooks.remove()
 
 
-def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, tmp_path):
-    """evaluate.backend: vllm on a copy of the tiny run: only the evaluate job runs again, and its greedy
-    replies are the transformers evaluation's, setting by setting."""
+@pytest.fixture(scope="module")
+def vllm_stages(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run with evaluate.backend: vllm: evaluate and drift (which runs in the evaluate
+    stage's engine) run again, nothing else, each in its own vLLM engine."""
     import shutil
 
-    import pandas as pd
     import yaml
 
     from workflow_helpers import copy_run, planned_jobs, snakemake
 
     _need_vllm()
-    work = tmp_path / "work"
+    work = tmp_path_factory.mktemp("vllm-stages") / "work"
     copy_run(tiny_run, work)
     root = Path(__file__).resolve().parents[1]
     shutil.copy(root / "Snakefile", work / "Snakefile")  # the workflow as it is (a reused tiny run may be older)
@@ -343,10 +344,18 @@ def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, tmp_path
     config = yaml.safe_load(config_file.read_text())
     config.setdefault("evaluate", {}).update({"backend": "vllm", "vllm": ENGINE})
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = [f"results/smollm2-135m-instruct/{name}.parquet" for name in ("evaluation/responses", "drift/summary")]
+    assert {job[0] for job in planned_jobs(work, *targets)} == {"evaluate", "drift"}
+    snakemake(work, *targets)
+    return work
+
+
+def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, vllm_stages):
+    """evaluate.backend: vllm: its greedy replies are the transformers evaluation's, setting by setting."""
+    import pandas as pd
+
     target = "results/smollm2-135m-instruct/evaluation/responses.parquet"
-    assert {job[0] for job in planned_jobs(work, target)} == {"evaluate"}
-    snakemake(work, target)
-    ours = pd.read_parquet(work / target).set_index(["setting", "id"]).sort_index()
+    ours = pd.read_parquet(vllm_stages / target).set_index(["setting", "id"]).sort_index()
     reference = pd.read_parquet(tiny_run / target).set_index(["setting", "id"]).sort_index()
     assert list(ours.index) == list(reference.index) and tuple(ours.columns) == tuple(reference.columns)
     same = ours["response"] == reference["response"]
@@ -359,7 +368,69 @@ def test_evaluate_stage_runs_every_setting_in_one_vllm_engine(tiny_run, tmp_path
     fired, fired_reference = ours.loc["late-p25", "fired"], reference.loc["late-p25", "fired"]
     assert fired.between(0, 1).all() and ours.loc["uncapped", "fired"].isna().all()
     assert abs(fired.mean() - fired_reference.mean()) < 0.1, (fired.mean(), fired_reference.mean())
-    assert "in one vLLM engine" in (work / "logs/smollm2-135m-instruct/evaluate.log").read_text()
+    assert "settings in vllm" in (vllm_stages / "logs/smollm2-135m-instruct/evaluate.log").read_text()
+
+
+def _first_divergence(ours: list[dict], reference: list[dict]) -> str | None:
+    for turn, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        if a["content"] != b["content"]:
+            common = next((k for k, (x, y) in enumerate(zip(a["content"], b["content"], strict=False)) if x != y), None)
+            return f"turn {turn} ({a['role']}), character {common if common is not None else 'end'}"
+    return None
+
+
+def test_drift_runs_in_vllm_and_projects_the_transformers_transcripts_alike(tiny_run, vllm_stages, bundled, llm):
+    """Drift in vLLM (evaluate.backend: vllm): its greedy transcripts are the transformers run's up to the
+    first divergence (reported), and, teacher-forced, the transformers run's transcripts fed through a vLLM
+    session give every turn's projection within 1e-4 of the activation's norm of the transformers run's."""
+    import pandas as pd
+
+    from assistant_axis.activations import mean_activations
+    from assistant_axis.axis import load_axis, unit_rows
+    from assistant_axis.drift import transcript
+    from assistant_axis.engines.transformers import TransformersSession
+    from assistant_axis.engines.vllm import VLLMEngine
+    from assistant_axis.interop import load_capping
+    from assistant_axis.templates import ChatTemplate
+
+    results = "results/smollm2-135m-instruct/drift"
+    said = {run: pd.read_parquet(root / results / "transcripts.parquet") for run, root in
+            (("vllm", vllm_stages), ("transformers", tiny_run))}  # fmt: skip
+    reference = pd.read_parquet(tiny_run / results / "trajectories.parquet")
+    keys = sorted(set(zip(said["transformers"]["setting"], said["transformers"]["scenario"], strict=True)))
+    assert keys == sorted(set(zip(said["vllm"]["setting"], said["vllm"]["scenario"], strict=True)))
+    for setting, scenario in keys:
+        ours, theirs = (transcript(said[run], setting, scenario) for run in ("vllm", "transformers"))
+        print(f"drift {setting} {scenario}: first divergence {_first_divergence(ours, theirs)}")
+    ours = pd.read_parquet(vllm_stages / results / "trajectories.parquet")
+    assert ours["projection"].notna().all() and len(ours) == len(reference)
+
+    model, tokenizer = bundled
+    axis, axis_layers, _ = load_axis(tiny_run / "results/smollm2-135m-instruct/axis.safetensors")
+    capping = load_capping(tiny_run / "results/smollm2-135m-instruct/capping/late-p25.safetensors")
+    layers = sorted(reference["layer"].unique().tolist())
+    units = unit_rows(axis, axis_layers, layers, 576)
+    template = ChatTemplate(tokenizer)
+    session = VLLMEngine({}, template, llm=llm, progress=False).session(units, layers, {"late-p25": capping})
+    hooks = TransformersSession(model, template, units, layers, {"late-p25": capping})
+    worst = 0.0
+    try:
+        for setting, scenario in keys:
+            messages = transcript(said["transformers"], setting, scenario)
+            name = "none" if setting == "uncapped" else setting
+            got = session.conversation_projections(messages, name)
+            want = reference[(reference["setting"] == setting) & (reference["scenario"] == scenario)]
+            assert got[["turn", "role", "layer"]].values.tolist() == want[["turn", "role", "layer"]].values.tolist()
+            with hooks.hooks(name):  # each turn's mean activation under the same setting: its norm
+                spans = [template.turn_span(messages[:i], m) for i, m in enumerate(messages)]
+                acts = mean_activations(model, [s[0] for s in spans], [s[1:] for s in spans], layers, progress=False)
+            norms = acts.norm(dim=-1).flatten().tolist()
+            for a, b, norm in zip(got["projection"], want["projection"], norms, strict=True):
+                assert abs(a - b) <= 1e-4 * norm, (setting, scenario, a, b, norm)
+                worst = max(worst, abs(a - b) / norm)
+    finally:
+        session.close()
+    print(f"drift teacher-forced in vLLM: largest |difference| / norm {worst:.2e} over {len(reference)} projections")
 
 
 def test_the_vllm_server_refuses_another_model_and_unsupported_fields(url):
@@ -376,8 +447,9 @@ def test_a_vllm_request_finished_early_delivers_its_reply_so_far(llm, capped_set
     reply so far arrives, cut ("length"), with its telemetry; the engine goes on serving the others."""
     import asyncio
 
+    from assistant_axis.engines import Chunk
+    from assistant_axis.engines.vllm.session import VLLMSession
     from assistant_axis.templates import ChatTemplate
-    from assistant_axis.vllm_chat import Chunk, VLLMSession
 
     units, capping = capped_setting
     template = ChatTemplate(llm.get_tokenizer())
@@ -512,8 +584,8 @@ def test_a_hooked_engine_runs_model_runner_v1_whatever_the_environment_asks(engi
 def test_the_runner_check_names_the_setting_before_an_engine_starts(tiny_run):
     """A setting that forces Model Runner V2 (watermarking) is one line naming it, before vLLM starts."""
     _need_vllm()
+    from assistant_axis.engines.vllm.engine import check_runner, vllm_engine_args
     from assistant_axis.errors import InputError
-    from assistant_axis.vllm_engine import check_runner, vllm_engine_args
 
     args = {**vllm_engine_args(str(tiny_paths(tiny_run)[0]), ENGINE, "test", "float32"), "watermark_config": {"key": 7}}
     with pytest.raises(InputError, match="Model Runner V2") as caught:
@@ -655,8 +727,8 @@ def test_an_end_of_turn_token_from_the_generation_config_ends_the_reply_and_is_n
     it as a stop token id and names it as the stop reason. Made here by construction: the engine's
     generation config names the 4th token of a greedy reply an end of turn; the reply is the 3 before it
     (token ids, hence usage and the evaluation's counts), ending "stop", measured over those 3."""
+    from assistant_axis.engines.vllm.session import VLLMSession
     from assistant_axis.templates import ChatTemplate
-    from assistant_axis.vllm_chat import VLLMSession
 
     units, capping = capped_setting
     session = VLLMSession(llm, ChatTemplate(llm.get_tokenizer()), units, capping.layers, {"late-p25": capping})

@@ -31,15 +31,15 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from assistant_axis.axis import load_axis, unit_rows
-from assistant_axis.backends import Sampling
+from assistant_axis.engines import Sampling
+from assistant_axis.engines.vllm.engine import EXTRA_ARGS_KEY, hooked_engine, vllm_engine_args
+from assistant_axis.engines.vllm.hooks import ActivationRecorder, EngineHooks
+from assistant_axis.engines.vllm.session import VLLMSession
 from assistant_axis.interop import load_capping
 from assistant_axis.layers import config_dims
 from assistant_axis.models import load_tokenizer
 from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate
-from assistant_axis.vllm_chat import VLLMSession
-from assistant_axis.vllm_engine import EXTRA_ARGS_KEY, hooked_engine, vllm_engine_args
-from assistant_axis.vllm_hooks import ActivationRecorder, EngineHooks
 
 BLOCK = 32
 CHUNK = 128

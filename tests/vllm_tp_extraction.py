@@ -11,8 +11,8 @@ import sys
 if __name__ == "__main__":  # vLLM's workers start by spawn and import this file again
     from safetensors.torch import save_file
 
-    from assistant_axis.activations import vllm_mean_activations
-    from assistant_axis.vllm_engine import recording_engine, vllm_engine_args
+    from assistant_axis.engines.vllm import vllm_mean_activations
+    from assistant_axis.engines.vllm.engine import recording_engine, vllm_engine_args
 
     model, tp, source, output, *layers = sys.argv[1:]
     data = json.loads(open(source).read())

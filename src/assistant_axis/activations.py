@@ -4,8 +4,9 @@ Layer i is the output of decoder block i (the raw residual stream, before any fi
 hooks reduce each block's output to per-reply means straight into a preallocated buffer, and the
 forward pass is cut off after the last requested block, so neither later blocks nor the LM head run.
 `token_projections` runs the same way but keeps every reply token, projected on one direction per layer.
-`vllm_mean_activations` takes the same means inside a vLLM engine (tensor parallel, continuous batching):
-one prefill-only request per sequence, reduced in the engine's hooks (`vllm_hooks.ActivationRecorder`).
+This is the transformers engine's reading of a model (`engines.transformers`), also used where a stage
+reads a model loaded in this process (calibrate, project); `engines.vllm.vllm_mean_activations` takes the
+same means inside a vLLM engine.
 
 >>> ids, start, end = ChatTemplate(tokenizer).reply_span(messages, reply)
 >>> acts = mean_activations(model, [ids], [(start, end)], layers=[10, 20])  # [1, 2, hidden]
@@ -23,7 +24,7 @@ from assistant_axis.errors import ArgumentError
 from assistant_axis.layers import resolve_layers
 from assistant_axis.models import block_hidden, check_layers, find_blocks, hidden_size
 
-__all__ = ["resolve_layers", "token_budget_batches", "mean_activations", "token_projections", "vllm_mean_activations"]
+__all__ = ["resolve_layers", "token_budget_batches", "mean_activations", "token_projections"]
 
 
 class _StopForward(Exception):
@@ -218,56 +219,4 @@ def token_projections(
     finally:
         state.clear()
         on_device.clear()
-    return result
-
-
-def vllm_mean_activations(
-    llm,
-    sequences: Sequence[Sequence[int]],
-    spans: Sequence[tuple[int, int]],
-    layers: Sequence[int],
-    chunk: int = 256,
-    progress: bool = True,
-    source: str = "activations",
-) -> torch.Tensor:
-    """`mean_activations` in a vLLM engine from `vllm_hooks.recording_engine`: float32 [n, layers, hidden].
-
-    Each sequence is one request that prefills it and samples one token (thrown away), with the model cut
-    after the last requested layer. The engine schedules `chunk` requests at a time (their float32 sums
-    wait on the model's device until the chunk ends: 256 x 1.3 MB for a 64-layer, 5120-wide model).
-    Every span token must be computed, not read from vLLM's prefix cache
-    (a repeated conversation would be): a shortfall is an error naming `source`.
-    """
-    from vllm.inputs import TokensPrompt
-
-    from assistant_axis.errors import InputError
-    from assistant_axis.vllm_hooks import ActivationRecorder
-
-    recorder = ActivationRecorder(llm, layers, stop_early=True)
-    result = torch.full((len(sequences), len(layers), recorder.hidden_size), float("nan"), dtype=torch.float32)
-    todo = [i for i, (start, end) in enumerate(spans) if end > start]
-    try:
-        with tqdm(total=len(todo), desc="activations (vLLM)", unit="reply", disable=not progress) as bar:
-            for at in range(0, len(todo), chunk):
-                rows = todo[at : at + chunk]
-                keys = [f"r{i}" for i in rows]
-                prompts = [TokensPrompt(prompt_token_ids=list(sequences[i])) for i in rows]
-                params = [
-                    recorder.sampling_params(key, spans[i], max_tokens=1, temperature=0.0, detokenize=False)
-                    for key, i in zip(keys, rows, strict=True)
-                ]
-                llm.generate(prompts, params, use_tqdm=False)
-                means, counts = recorder.pop(keys)
-                for r, (i, n) in enumerate(zip(rows, counts, strict=True)):
-                    if n != spans[i][1] - spans[i][0]:
-                        raise InputError(
-                            source,
-                            "enable_prefix_caching",
-                            f"reply {i}: {n} of its {spans[i][1] - spans[i][0]} tokens were computed (the rest "
-                            "came from vLLM's prefix cache); extract with enable_prefix_caching: false",
-                        )
-                    result[i] = means[r]
-                bar.update(len(rows))
-    finally:
-        recorder.remove()
     return result

@@ -10,6 +10,7 @@ import json
 import random
 import sys
 
+from assistant_axis.engines import ENGINES
 from assistant_axis.errors import ArgumentError, AxisError, InputError, renamed
 
 __all__ = ["main"]
@@ -72,9 +73,9 @@ def _json_object(value: str | None, flag: str) -> dict | None:
 
 
 def _session(args: argparse.Namespace):
-    """Check the inputs (cheap), then load the model with its axis, capping and steering."""
-    from assistant_axis.backends import Sampling
+    """Check the inputs (cheap), then open the engine with the axis, capping and steering."""
     from assistant_axis.chat import default_model, load_session
+    from assistant_axis.engines import Sampling
 
     args.model = args.model or default_model()
     for name, ok in (
@@ -86,18 +87,13 @@ def _session(args: argparse.Namespace):
             raise InputError("command line", name, f"out of range: {getattr(args, name[2:].replace('-', '_'))}")
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     options = _json_object(args.chat_template_kwargs, "--chat-template-kwargs")
-    caps = args.cap or []
-    if getattr(args, "engine", "transformers") == "vllm":
-        return _vllm_session(args, sampling, options)
-    if len(caps) > 1:
-        raise InputError("command line", "--cap", "several capping configs need --engine vllm")
     # The library names its own arguments in errors; here they came from these flags.
     flags = {"load_model.dtype": "--dtype", "bundled_gguf.source": "--model", "find_blocks.path": "--model"}
     with renamed("command line", flags):
         return load_session(
             args.model,
             args.axis,
-            caps[0] if caps else None,
+            args.cap or [],
             args.steer,
             args.steer_layers,
             args.steer_positions,
@@ -108,36 +104,9 @@ def _session(args: argparse.Namespace):
             template_options=options,
             cap_experiment=args.experiment,
             steer_unit=args.steer_unit,
+            engine=getattr(args, "engine", "transformers"),
+            engine_args=_json_object(getattr(args, "engine_args", None), "--engine-args"),
         )
-
-
-def _vllm_session(args: argparse.Namespace, sampling, options: dict | None):
-    from assistant_axis.axis import load_axis
-    from assistant_axis.steer import Steering
-    from assistant_axis.vllm_chat import load_vllm_session
-
-    if args.experiment is not None:
-        raise InputError("command line", "--experiment", "import the capping_config.pt first (convert), then --cap it")
-    engine = _json_object(args.engine_args, "--engine-args") or {}
-    steering = None
-    if args.steer is not None:
-        axis, axis_layers, _ = load_axis(args.axis)
-        chosen = args.steer_layers or [axis_layers[len(axis_layers) // 2]]
-        steering = Steering.along(
-            axis[chosen], chosen, args.steer, args.steer_positions, args.steer_unit, source="--steer-layers"
-        )
-    return load_vllm_session(
-        args.model,
-        args.axis,
-        args.cap or [],
-        steering,
-        args.layers,
-        args.dtype,
-        sampling,
-        getattr(args, "system", None),
-        options,
-        engine,
-    )
 
 
 def _project(args: argparse.Namespace) -> None:
@@ -215,8 +184,8 @@ def _model_options() -> argparse.ArgumentParser:
         metavar="CAPPING",
         action="append",
         help="capping config: ours (results/<model>/capping/*.safetensors) "
-        "or the paper code's capping_config.pt with --experiment; with --engine vllm, repeat it to load "
-        "several (a request picks one by its file stem, the first is the default)",
+        "or the paper code's capping_config.pt with --experiment; repeat it to load several (a request "
+        "picks one by its file stem, the first is the default)",
     )
     shared.add_argument(
         "--experiment", metavar="ID", help="the experiment of a capping_config.pt, e.g. layers_46:54-p0.25"
@@ -288,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument(
         "--engine",
-        choices=("transformers", "vllm"),
+        choices=[name for name, spec in ENGINES.items() if "sessions" in spec.can],
         default="transformers",
         help="transformers: one reply at a time; vllm: many at once (continuous batching), every "
         "capping setting loaded in one engine",

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from assistant_axis.artifacts import read_jsonl
 from assistant_axis.errors import InputError
-from assistant_axis.interventions import install
 
 __all__ = ["Scenario", "load_scenarios", "run_scenarios", "trajectories", "summarize_drift", "transcript"]
 
@@ -47,30 +45,28 @@ def load_scenarios(path: str | Path) -> list[Scenario]:
     return scenarios
 
 
-def run_scenarios(backend, scenarios: list[Scenario], sampling, config=None) -> list[list[dict]]:
-    """Each scenario's transcript (user and assistant messages): the scripted user turns, one at a time, each
-    answered by `backend` (a `TransformersBackend`) under `config` (a capping config, or None)."""
-    transcripts: list[list[dict]] = [[] for _ in scenarios]
-    with install(backend.model, *([config] if config is not None else [])):
-        for k in range(max(len(s.turns) for s in scenarios)):
-            active = [i for i, s in enumerate(scenarios) if k < len(s.turns)]
+def run_scenarios(session, scenarios: list[Scenario], sampling, settings: list[str]) -> dict[str, list[list[dict]]]:
+    """Each setting's transcripts (user and assistant messages), one per scenario: the scripted user turns,
+    one at a time, each answered by `session` (an engine's session) under the setting, every setting's
+    active scenarios asked for at once."""
+    transcripts = {setting: [[] for _ in scenarios] for setting in settings}
+    n_turns = max(len(s.turns) for s in scenarios)
+    for k in range(n_turns):
+        active = [i for i, s in enumerate(scenarios) if k < len(s.turns)]
+        for talks in transcripts.values():
             for i in active:
-                transcripts[i].append({"role": "user", "content": scenarios[i].turns[k]})
-            replies = backend.generate([transcripts[i] for i in active], sampling)
+                talks[i].append({"role": "user", "content": scenarios[i].turns[k]})
+        asked = {setting: [talks[i] for i in active] for setting, talks in transcripts.items()}
+        for setting, replies in session.answer(asked, sampling, measure=False).items():
             for i, reply in zip(active, replies, strict=True):
-                transcripts[i].append({"role": "assistant", "content": reply.text})
-            log.info("turn %d of %d answered", k + 1, max(len(s.turns) for s in scenarios))
+                transcripts[setting][i].append({"role": "assistant", "content": reply.text})
+        log.info("turn %d of %d answered", k + 1, n_turns)
     return transcripts
 
 
-def trajectories(
-    model, template, transcripts: list[list[dict]], axis: torch.Tensor, axis_layers: list[int], layers, config=None
-) -> list[pd.DataFrame]:
-    """Per transcript, its per-turn projections (`project.conversation_projections`) under `config`."""
-    from assistant_axis.project import conversation_projections
-
-    with install(model, *([config] if config is not None else [])):
-        return [conversation_projections(model, template, t, axis, axis_layers, layers) for t in transcripts]
+def trajectories(session, transcripts: list[list[dict]], setting: str) -> list[pd.DataFrame]:
+    """Per transcript, its per-turn projections under `setting` (as `assistant-axis project` computes them)."""
+    return [session.conversation_projections(t, setting) for t in transcripts]
 
 
 def transcript(frame: pd.DataFrame, setting: str, scenario: str) -> list[dict]:

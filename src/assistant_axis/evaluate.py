@@ -28,7 +28,7 @@ __all__ = [
     "load_eval_prompts",
     "first_of_each_category",
     "answer_every_setting",
-    "answer_every_setting_vllm",
+    "watched_layers",
     "UNCAPPED",
 ]
 
@@ -69,95 +69,32 @@ def first_of_each_category(items: list, n: int | None) -> list:
 
 
 def answer_every_setting(
-    backend,
-    persona: list[EvalPrompt],
-    capability: list[CapabilityItem],
-    configs: dict,
-    axis: torch.Tensor,
-    layer: int,
-    sampling,
-    judge,
-) -> pd.DataFrame:
-    """Every prompt answered uncapped and then under each capping config (`configs`, by name): one row per
-    setting and prompt with the reply, its judge score (persona prompts) or check (capability ones), its
-    projection on the unit axis (`axis`, row i for block i) at `layer` and over the capped layers, read
-    under the same cap, as the model sees them, and the share of its tokens where the cap fired.
-    `backend` is a `TransformersBackend`: its model is capped and read."""
-    from assistant_axis.activations import mean_activations
-    from assistant_axis.axis import unit_vectors
-    from assistant_axis.interventions import install
-
-    model, template = backend.model, backend.template
-    cap_layers, watched = _watched(configs, layer)
-    units = unit_vectors(axis[watched])
-    conversations = [template.conversation("", p.prompt) for p in [*persona, *capability]]
-    frames = []
-    for setting in [UNCAPPED, *configs]:
-        config = configs.get(setting)
-        with install(model, *([config] if config is not None else [])):
-            replies = backend.generate(conversations, sampling)
-            spans = [template.reply_span(c, r.text, r.reasoning) for c, r in zip(conversations, replies, strict=True)]
-            acts = mean_activations(model, [s[0] for s in spans], [s[1:] for s in spans], watched, progress=False)
-            fired = _fired_shares(model, spans, config) if config is not None else [float("nan")] * len(spans)
-        projections = torch.einsum("nlh,lh->nl", acts, units)
-        texts, n_tokens = [r.text for r in replies], [r.n_tokens for r in replies]
-        frames.append(
-            _setting_frame(
-                setting, persona, capability, texts, n_tokens, projections, fired, watched, layer, cap_layers, judge
-            )
-        )
-        log.info("setting %s done", setting)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _fired_shares(model, spans, config) -> list[float]:
-    """Per reply, the share of (token, capped layer) pairs whose projection the cap lifts: the blocks'
-    outputs read before the cap's own hooks (under the caps of the layers before)."""
-    from assistant_axis.activations import token_projections
-
-    config = config.normalized()
-    ranges = [s[1:] for s in spans]
-    before = token_projections(
-        model, [s[0] for s in spans], ranges, config.layers, config.vectors, progress=False, before_hooks=True
-    )
-    below = (before < config.thresholds.float()).float()
-    shares, offset = [], 0
-    for start, end in ranges:
-        n = max(end - start, 0)
-        shares.append(float(below[offset : offset + n].mean()) if n else float("nan"))
-        offset += n
-    return shares
-
-
-def answer_every_setting_vllm(
     session,
     persona: list[EvalPrompt],
     capability: list[CapabilityItem],
     layer: int,
     sampling,
     judge,
-    cap_layers: list[int],
 ) -> pd.DataFrame:
-    """`answer_every_setting` through one vLLM engine (`vllm_chat.VLLMSession`, its settings the uncapped
-    one and the capping configs): every (setting, prompt) pair is submitted at once and generated in
-    shared batches. The projections and firing shares are the engine's telemetry on `session.layers`: the
-    reply's tokens as fed back while generating (see `vllm_hooks`), not a second pass over the rendered reply."""
+    """Every prompt answered uncapped and then under each capping config of `session` (an engine's session
+    whose settings are "none" and the sweep's configs, its layers `layer` and every capped layer): one row
+    per setting and prompt with the reply, its judge score (persona prompts) or check (capability ones),
+    its projection on the unit axis at `layer` and over the capped layers, read under the same cap, as the
+    model sees them, and the share of its (token, capped layer) pairs where the cap fired. All settings'
+    replies are asked for at once (an engine that batches them shares its batches)."""
     prompts = [*persona, *capability]
-    streams = {
-        setting: [session.submit(session.template.conversation("", p.prompt), sampling, setting=name) for p in prompts]
-        for setting, name in [(UNCAPPED, "none"), *((s, s) for s in session.cappings)]
-    }
+    conversations = [session.template.conversation("", p.prompt) for p in prompts]
+    names = {UNCAPPED: "none", **{setting: setting for setting in session.cappings}}
+    answered = session.answer({name: conversations for name in names.values()}, sampling)
+    cap_layers, _ = watched_layers(session.cappings, layer)
     frames = []
-    for setting, pending in streams.items():
-        replies = [stream.result() for stream in pending]
+    for setting, name in names.items():
+        replies = answered[name]
         projections = torch.tensor(
             [[float("nan") if v is None else v for v in r.projection] for r in replies], dtype=torch.float32
         )
-        # As the transformers path counts it: over the setting's own capped layers; none uncapped.
-        capped = [session.layers.index(i) for i in session.cappings[setting].layers] if setting != UNCAPPED else []
-        fired = [_mean_known([r.fired[i] for i in capped]) if capped else float("nan") for r in replies]
-        texts = [r.text for r in replies]
-        n_tokens = [len(r.token_ids) + (r.finish_reason == "stop") for r in replies]  # as the stages count them
+        fired = [float("nan") if r.fired_share is None else r.fired_share for r in replies]
+        texts, n_tokens = [r.text for r in replies], [len(r.token_ids) for r in replies]
         frames.append(
             _setting_frame(
                 setting,
@@ -171,18 +108,13 @@ def answer_every_setting_vllm(
                 layer,
                 cap_layers,
                 judge,
-            )
+            )  # fmt: skip
         )
         log.info("setting %s done", setting)
     return pd.concat(frames, ignore_index=True)
 
 
-def _mean_known(values) -> float:
-    known = [v for v in values or () if v is not None]
-    return sum(known) / len(known) if known else float("nan")
-
-
-def _watched(configs: dict, layer: int) -> tuple[list[int], list[int]]:
+def watched_layers(configs: dict, layer: int) -> tuple[list[int], list[int]]:
     """(the capped layers, the layers whose projections the evaluation reads)."""
     cap_layers = sorted({layer for c in configs.values() for layer in c.layers})
     return cap_layers, sorted({layer, *cap_layers})

@@ -4,7 +4,7 @@
 role (a refusal in character counts as 3).
 
 Two judges run in-process:
-- `LocalJudge`: a transformers chat model reads the rendered judge prompt; the score is read from its
+- `TransformersJudge`: a transformers chat model reads the rendered judge prompt; the score is read from its
   next-token probabilities over "0".."3" (argmax and expected value), so it is deterministic and never
   fails to parse. This is the path for a real judge model on a GPU.
 - `EmbeddingJudge`: a HEURISTIC for machines without a capable judge model. It embeds the reply with
@@ -16,7 +16,9 @@ Two judges run in-process:
 
 Where to add a judge: a subclass of `Judge` that implements `score_prompts` (it reads rendered prompts)
 or `_score_present` and `basis` (it reads the items); `Judge.score` keeps the order, gives empty replies
-a null score without asking, and records each verdict's basis. Create it in `make_judge`.
+a null score without asking, and records each verdict's basis. Create it in a function in `JUDGES`, the
+registry of the config's `judge.backend` names, with the engine its model runs in (planning reads what
+its jobs need from that engine's `engines.EngineSpec`), and add the name to the config schema.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -37,8 +40,13 @@ from assistant_axis.errors import ArgumentError, InputError, JudgeError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "make_judge",
+    "JUDGES",
+    "RENAMED_JUDGES",
+    "judge_spec",
     "Judge",
     "DEFAULT_TEMPLATE",
     "DEFAULT_SYSTEM",
@@ -48,7 +56,7 @@ __all__ = [
     "prompt_hash",
     "EmbeddingThresholds",
     "EmbeddingJudge",
-    "LocalJudge",
+    "TransformersJudge",
     "VLLMJudge",
     "OpenAIJudge",
     "digit_verdict",
@@ -292,10 +300,10 @@ def agreement(judge: EmbeddingJudge, items: Sequence[JudgeItem], labels: Sequenc
     return {"exact": exact, "within_one": near, "n": len(labels)}
 
 
-# -------------------------------------------------------------------------------------------------- local
+# ------------------------------------------------------------------------------------------- transformers
 
 
-class LocalJudge(Judge):
+class TransformersJudge(Judge):
     """A transformers chat model scored from its next-token distribution over the digits 0-3."""
 
     def __init__(
@@ -314,7 +322,7 @@ class LocalJudge(Judge):
         self.template = template
         self.system = system
         self.chat = ChatTemplate(tokenizer, template_options, name)
-        self.digit_ids = digit_tokens(tokenizer, "judge.local.model")
+        self.digit_ids = digit_tokens(tokenizer, "judge.transformers.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
         import torch
@@ -363,8 +371,8 @@ class VLLMJudge(Judge):
     )
 
     def __init__(self, settings: dict, llm=None, progress: bool = True, template: str = DEFAULT_TEMPLATE):
+        from assistant_axis.engines.vllm.engine import vllm_engine, vllm_engine_args
         from assistant_axis.templates import ChatTemplate
-        from assistant_axis.vllm_engine import vllm_engine, vllm_engine_args
 
         # Checks every setting's name, whether or not an engine is passed in.
         args = vllm_engine_args(
@@ -521,29 +529,59 @@ def verdict_from_text(response: dict) -> Verdict:
     return Verdict(int(match.group()), float(match.group()), json.dumps({"text": text[:80]}))
 
 
-def make_judge(backend: str, settings: dict, template: str = DEFAULT_TEMPLATE) -> Judge:
-    """The configured judge: `embedding` (CPU heuristic), `local` (a transformers judge model), `vllm` (a judge
-    model run by vLLM) or `openai` (an API). `template` is the judge prompt (the embedding judge reads none)."""
-    if backend == "embedding":
-        return EmbeddingJudge(EmbeddingThresholds(**settings))
-    if backend == "local":
-        from assistant_axis.models import load_model
+def _transformers_judge(settings: dict, template: str, name: str) -> Judge:
+    """A judge model in transformers, its results labelled `{name}:{model}` (the name the config used)."""
+    from assistant_axis.models import load_model
 
-        source = settings.get("model", "")
-        if not source:
-            raise ArgumentError("make_judge", "settings.model", "the local judge needs a model")
-        net, tokenizer = load_model(source, settings.get("dtype", "float32"))
-        return LocalJudge(
-            net,
-            tokenizer,
-            f"local:{source}",
-            settings.get("batch_size", 8),
-            settings.get("system", DEFAULT_SYSTEM),
-            settings.get("chat_template_kwargs"),
-            template,
+    source = settings.get("model", "")
+    if not source:
+        raise ArgumentError("make_judge", "settings.model", "the transformers judge needs a model")
+    net, tokenizer = load_model(source, settings.get("dtype", "float32"))
+    return TransformersJudge(
+        net,
+        tokenizer,
+        f"{name}:{source}",
+        settings.get("batch_size", 8),
+        settings.get("system", DEFAULT_SYSTEM),
+        settings.get("chat_template_kwargs"),
+        template,
+    )
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    make: object  # (settings, template, the name the config used) -> Judge
+    engine: str | None  # the engine (`engines.ENGINES`) its model runs in; None: no model of the workflow's
+
+
+# The config's `judge.backend` names. `embedding` runs a small sentence encoder on the CPU, in the job.
+JUDGES = {
+    "embedding": JudgeSpec(lambda settings, template, name: EmbeddingJudge(EmbeddingThresholds(**settings)), None),
+    "transformers": JudgeSpec(_transformers_judge, "transformers"),
+    "vllm": JudgeSpec(lambda settings, template, name: VLLMJudge(settings, template=template), "vllm"),
+    "openai": JudgeSpec(lambda settings, template, name: OpenAIJudge(settings, template), "openai"),
+}
+# Old names that still work (their results keep their judge label), each with the name it now has.
+RENAMED_JUDGES = {"local": "transformers"}
+
+
+def judge_spec(backend: str, warn: bool = False) -> JudgeSpec:
+    """The judge named `backend` in the config (an old name: the judge it now names; `warn`: say so)."""
+    if warn and backend in RENAMED_JUDGES:
+        log.warning(
+            "judge.backend: %s is now called %s (the same judge; %s still works)",
+            backend,
+            RENAMED_JUDGES[backend],
+            backend,
         )
-    if backend == "vllm":
-        return VLLMJudge(settings, template=template)
-    if backend == "openai":
-        return OpenAIJudge(settings, template)
-    raise ArgumentError("make_judge", "backend", f"unknown judge backend {backend!r}")
+    spec = JUDGES.get(RENAMED_JUDGES.get(backend, backend))
+    if spec is None:
+        raise ArgumentError("make_judge", "backend", f"unknown judge backend {backend!r} (known: {', '.join(JUDGES)})")
+    return spec
+
+
+def make_judge(backend: str, settings: dict, template: str = DEFAULT_TEMPLATE) -> Judge:
+    """The configured judge: `embedding` (CPU heuristic), `transformers` (a judge model in transformers; its
+    old name `local` still works), `vllm` (a judge model run by vLLM) or `openai` (an API). `template` is
+    the judge prompt (the embedding judge reads none)."""
+    return judge_spec(backend, warn=True).make(settings, template, backend)

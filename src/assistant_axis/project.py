@@ -24,7 +24,14 @@ from assistant_axis.errors import InputError
 from assistant_axis.models import hidden_size
 from assistant_axis.templates import ChatTemplate
 
-__all__ = ["load_conversation", "turn_activations", "conversation_projections", "plot_trajectory"]
+__all__ = [
+    "load_conversation",
+    "turn_activations",
+    "conversation_projections",
+    "turn_projections",
+    "projection_frame",
+    "plot_trajectory",
+]
 
 ROLES = ("system", "user", "assistant")
 
@@ -82,15 +89,24 @@ def conversation_projections(
     blocks_path: str | None = None,
     source: str = "axis",
 ) -> pd.DataFrame:
-    """One row per (message, layer): `turn, role, layer, projection, n_chars`.
+    """One row per (message, layer): `turn, role, layer, projection, n_chars` (see `turn_projections`)."""
+    layers = sorted(layers)
+    units = unit_rows(axis, axis_layers, layers, hidden_size(model), source)
+    shown, values = turn_projections(model, template, messages, units, layers, blocks_path)
+    return projection_frame(shown, layers, values)
+
+
+def turn_projections(
+    model, template, messages: list[dict], units: torch.Tensor, layers: Sequence[int], blocks_path: str | None = None
+) -> tuple[list[dict], torch.Tensor]:
+    """The messages as the template sees them, and each one's mean projection [n_messages, len(layers)] on
+    `units` (unit axis rows, one per layer), NaN for an empty message.
 
     Each message is measured in the conversation up to it (as `turn_activations`), but in one pass: under
     causal attention a token sees only what precedes it, so the whole conversation's pass gives every
     message whose rendering it extends; a message the template renders otherwise once later turns exist
     (one that drops earlier think blocks, say) gets a pass over its own prefix. The projection of a mean
     is the mean of the tokens' projections."""
-    layers = sorted(layers)
-    units = unit_rows(axis, axis_layers, layers, hidden_size(model), source)
     template = _template(template)
     messages = template.fit(messages)
     located = [template.turn_span(messages[:i], message) for i, message in enumerate(messages)]
@@ -103,7 +119,7 @@ def conversation_projections(
             reads.append((len(sequences), start, end))
             sequences.append(ids)
             spans.append((start, end))
-    tokens = token_projections(model, sequences, spans, layers, units, blocks_path=blocks_path, progress=False)
+    tokens = token_projections(model, sequences, spans, list(layers), units, blocks_path=blocks_path, progress=False)
     offsets = [0]
     for first, last in spans:
         offsets.append(offsets[-1] + last - first)
@@ -112,6 +128,11 @@ def conversation_projections(
         if end > start:
             at = offsets[k] + start - spans[k][0]
             projections[i] = tokens[at : at + end - start].double().mean(dim=0).float()
+    return messages, projections
+
+
+def projection_frame(messages: list[dict], layers: Sequence[int], projections: torch.Tensor) -> pd.DataFrame:
+    """Per-message projections [n_messages, len(layers)] as rows of `turn, role, layer, projection, n_chars`."""
     rows = [
         {
             "turn": i,

@@ -18,8 +18,8 @@ over `max_prompt_tokens` or prompt + `max_tokens` over the context (400 naming t
 request beyond `max_queue` admitted at once (429 with `Retry-After`). A reply longer than
 `request_timeout` seconds is cut there (`finish_reason` "length", `"timed_out": true`); a client that
 goes away stops its generation; SIGTERM stops accepting, lets replies run `grace` seconds, cuts the
-rest and exits. The transformers engine generates one reply at a time (requests queue); the vLLM
-engine batches them all.
+rest and exits. The session is any engine's (`engines.Session`): the transformers engine generates one
+reply at a time (requests queue), the vLLM engine batches them all.
 
 >>> run_server(session, "smollm2-135m-instruct", host="127.0.0.1", port=8000)
 """
@@ -33,14 +33,14 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from assistant_axis.backends import Sampling
-from assistant_axis.chat import ChatSession, Reply, check_context, with_sampling
+from assistant_axis.chat import with_sampling
+from assistant_axis.engines import Chunk, Reply, Sampling, check_context
 from assistant_axis.errors import InputError
 
 __all__ = ["create_app", "run_server", "completion_body", "parse_request", "ChatRequest", "Limits"]
@@ -276,106 +276,6 @@ class Cut:
         return self.reason is not None
 
 
-class _Transformers:
-    """A `ChatSession` behind the server: one generation at a time (a lock), in a worker thread; a cut
-    stops it between two tokens, and a stream sends the text as the tokens arrive."""
-
-    def __init__(self, session: ChatSession):
-        self.session, self.lock = session, threading.Lock()
-
-    def _generate(self, request: ChatRequest, seed: int, cut: Cut, on_token=None) -> Reply:
-        with self.lock:  # held until the model is free again, also when the caller has been cancelled
-            sampling = replace(request.sampling, seed=seed)
-            top = request.top_logprobs if request.logprobs else None
-            return self.session.complete(request.messages, sampling, top, request.setting, cut.is_set, on_token)
-
-    async def replies(self, request: ChatRequest, cut: Cut) -> list[Reply]:
-        from starlette.concurrency import run_in_threadpool
-
-        return [await run_in_threadpool(self._generate, request, seed, cut) for seed in request.seeds()]
-
-    def stream(self, request: ChatRequest, cut: Cut):
-        from starlette.concurrency import run_in_threadpool
-
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-        decode = self.session.tokenizer.decode
-
-        def on_token(token: int) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, token)
-
-        async def events():
-            job = asyncio.ensure_future(
-                run_in_threadpool(self._generate, request, request.sampling.seed, cut, on_token)
-            )
-            ids, sent = [], ""
-            try:
-                while not job.done() or not tokens.empty():
-                    waiter = asyncio.ensure_future(tokens.get())
-                    await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
-                    if not waiter.done():
-                        waiter.cancel()
-                        continue
-                    ids.append(waiter.result())
-                    # What the reply's text will be so far: stripped, and whole characters only.
-                    text = decode(ids, skip_special_tokens=True).strip()
-                    if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                        yield text[len(sent) :], None
-                        sent = text
-                reply = job.result()
-                if reply.text.startswith(sent) and len(reply.text) > len(sent):
-                    yield reply.text[len(sent) :], None
-                yield reply, None
-            finally:
-                cut("gone")  # a no-op once the reply is done; else (the client left) the generation stops
-                if not job.done():
-                    await asyncio.shield(job)  # the model is free again before this request is over
-
-        return events()
-
-
-class _VLLM:
-    """A `VLLMSession` behind the server: every request goes to the engine at once (continuous batching);
-    a cut finishes a request where it is."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def _submit(self, request: ChatRequest, seed: int, cut: Cut):
-        top = request.top_logprobs if request.logprobs else None
-        sampling = replace(request.sampling, seed=seed)
-        stream = self.session.submit(request.messages, sampling, top, request.setting, asyncio.get_running_loop())
-        cut.on(stream.finish)
-        return stream
-
-    async def replies(self, request: ChatRequest, cut: Cut) -> list[Reply]:
-        streams = [self._submit(request, seed, cut) for seed in request.seeds()]
-        try:
-            return [await _last(stream) for stream in streams]
-        finally:  # a client that went away: its generations stop
-            for stream in streams:
-                stream.cancel()
-
-    def stream(self, request: ChatRequest, cut: Cut):
-        stream = self._submit(request, request.sampling.seed, cut)  # refused now (400), not mid-stream
-
-        async def events():
-            try:
-                async for event in stream:
-                    yield (event, None) if isinstance(event, Reply) else (event.text, event.telemetry.as_dict())
-            finally:
-                stream.cancel()
-
-        return events()
-
-
-async def _last(stream) -> Reply:
-    async for event in stream:
-        if isinstance(event, Reply):
-            return event
-    raise RuntimeError("the engine ended the request without a reply")
-
-
 class _Admission:
     """How many requests are in (generating or waiting), and how long they took: `Retry-After`."""
 
@@ -417,13 +317,11 @@ async def _until_gone(request: Request, cut: Cut) -> None:
 
 
 def create_app(session, model_name: str, limits: Limits | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
-    """The FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. `session` is a
-    `chat.ChatSession` (transformers) or a `vllm_chat.VLLMSession`; `aliases` are other names a request's
-    `model` may use."""
+    """The FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. `session` is an
+    engine's session (`engines.Session`); `aliases` are other names a request's `model` may use."""
     # FastAPI reads the endpoints' annotations (strings here): `Request` must be a module global.
     limits = limits or Limits()
     app = FastAPI(title="assistant-axis", description=__doc__)
-    engine = _Transformers(session) if isinstance(session, ChatSession) else _VLLM(session)
     admission = _Admission(limits)
     names = (model_name, *aliases)
     created = int(time.time())
@@ -475,7 +373,9 @@ def create_app(session, model_name: str, limits: Limits | None = None, aliases: 
 
         if parsed.stream:
             try:
-                events = _events(engine.stream(parsed, cut), parsed, model_name, cut)
+                top = parsed.top_logprobs if parsed.logprobs else None
+                stream = session.stream(parsed.messages, parsed.sampling, top, parsed.setting, cut)
+                events = _events(stream, parsed, model_name, cut)
             except InputError as exc:
                 release()
                 return _error(400, str(exc), exc.field)
@@ -484,7 +384,9 @@ def create_app(session, model_name: str, limits: Limits | None = None, aliases: 
             return StreamingResponse(_released(events, release), media_type="text/event-stream")
         watcher = asyncio.ensure_future(_until_gone(request, cut))
         try:
-            body = completion_body(await engine.replies(parsed, cut), model_name, parsed.logprobs)
+            top = parsed.top_logprobs if parsed.logprobs else None
+            replies = await session.replies(parsed.messages, parsed.sampling, parsed.seeds(), top, parsed.setting, cut)
+            body = completion_body(replies, model_name, parsed.logprobs)
             if cut.reason == "time":
                 body["timed_out"] = True
             return body
@@ -511,7 +413,7 @@ async def _events(stream, request: ChatRequest, model_name: str, cut: Cut):
     the usage and the reply's telemetry."""
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     yield _chunk(cid, model_name, {"role": "assistant", "content": ""})
-    async for event, running in stream:
+    async for event in stream:
         if isinstance(event, Reply):
             extra = {"usage": _usage([event]), "projection": projection_body(event)}
             if request.logprobs:
@@ -519,8 +421,9 @@ async def _events(stream, request: ChatRequest, model_name: str, cut: Cut):
             if cut.reason == "time":
                 extra["timed_out"] = True
             yield _chunk(cid, model_name, {}, event.finish_reason, **extra)
-        elif event:
-            yield _chunk(cid, model_name, {"content": event}, **({"projection": running} if running else {}))
+        elif isinstance(event, Chunk) and event.text:
+            extra = {"projection": event.telemetry} if event.telemetry else {}
+            yield _chunk(cid, model_name, {"content": event.text}, **extra)
     yield "data: [DONE]\n\n"
 
 

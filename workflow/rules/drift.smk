@@ -25,7 +25,9 @@ rule drift:
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
         template_options=config["model"]["chat_template_kwargs"],
-    threads: 2
+        # In the evaluate stage's engine: none for the default one, as before drift ran in others.
+        **PLAN.params.drift_engine(),
+    threads: PLAN.jobs.threads("drift", 2)
     resources:
         **PLAN.jobs.resources("drift"),
     conda:

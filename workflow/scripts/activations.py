@@ -1,10 +1,10 @@
-import torch
-
 from assistant_axis import stages
 
-# vLLM (activations.backend: vllm) starts worker processes by spawn, which imports this file again.
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
 if __name__ == "__main__":
     sm = snakemake  # noqa: F821 (injected by Snakemake)
-    torch.set_num_threads(sm.threads)
-    with stages.logged(sm.log[0]):
-        stages.activations(sm.input.model, list(sm.input.responses), list(sm.output.activations), **sm.params)
+    with stages.logged(sm.log[0], sm.threads):
+        stages.activations(
+            model=sm.input.model, responses=list(sm.input.responses), outputs=list(sm.output.activations), **sm.params
+        )

@@ -1,12 +1,15 @@
 from assistant_axis import stages
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-with stages.logged(sm.log[0]):
-    stages.axis(
-        list(sm.input.vectors),
-        sm.output.axis,
-        sm.output.axis_pt,
-        sm.output.summary,
-        model=sm.input.model,
-        config_hash=sm.params.config_hash,
-    )
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    with stages.logged(sm.log[0]):
+        stages.axis(
+            vector_files=list(sm.input.vectors),
+            output=sm.output.axis,
+            output_pt=sm.output.axis_pt,
+            summary=sm.output.summary,
+            model=sm.input.model,
+            **sm.params,
+        )

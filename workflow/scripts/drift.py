@@ -1,30 +1,23 @@
-import torch
-
 from assistant_axis import stages
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-torch.set_num_threads(sm.threads)
-with stages.logged(sm.log[0]):
-    stages.drift(
-        sm.input.model,
-        sm.input.axis,
-        list(sm.input.capping),
-        sm.input.default,
-        sm.input.scenarios,
-        sm.params.drift["n_scenarios"],
-        sm.params.drift["max_turns"],
-        sm.params.drift["settings"],
-        sm.params.sampling,
-        sm.params.drift["batch_size"],
-        sm.params.drift["layer"],
-        sm.params.drift["percentile"],
-        sm.params.drift["last_turns"],
-        sm.output.transcripts,
-        sm.output.trajectories,
-        sm.output.summary,
-        sm.output.plot,
-        sm.output.table,
-        sm.params.dtype,
-        sm.params.trust_remote_code,
-        sm.params.template_options,
-    )
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    with stages.logged(sm.log[0], sm.threads):
+        params = dict(sm.params.items())
+        drift = {k: v for k, v in params.pop("drift").items() if k != "scenarios"}  # the file is an input
+        stages.drift(
+            model=sm.input.model,
+            axis_file=sm.input.axis,
+            capping_files=list(sm.input.capping),
+            default_activations=sm.input.default,
+            scenarios_file=sm.input.scenarios,
+            transcripts=sm.output.transcripts,
+            trajectories=sm.output.trajectories,
+            summary=sm.output.summary,
+            plot=sm.output.plot,
+            table=sm.output.table,
+            **drift,
+            **params,
+        )

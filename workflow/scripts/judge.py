@@ -1,8 +1,8 @@
 from assistant_axis import stages
 
-# vLLM starts its engine and worker processes by spawn, which imports this file again (as `__mp_main__`):
-# only the job's own process runs the stage.
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
 if __name__ == "__main__":
     sm = snakemake  # noqa: F821 (injected by Snakemake)
     with stages.logged(sm.log[0]):
-        stages.judge(sm.input.responses, sm.output.scores, **sm.params.judge)
+        stages.judge(responses=sm.input.responses, output=sm.output.scores, **sm.params.judge)

@@ -1,10 +1,10 @@
 from assistant_axis import stages
 
-with stages.logged(snakemake.log[0]):  # noqa: F821 (snakemake is injected)
-    stages.prepare_model(
-        snakemake.output.manifest,  # noqa: F821
-        name=snakemake.wildcards.model,  # noqa: F821
-        source=snakemake.params.source,  # noqa: F821
-        models_dir="results/models",
-        trust_remote_code=snakemake.params.trust_remote_code,  # noqa: F821
-    )
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    with stages.logged(sm.log[0]):
+        stages.prepare_model(
+            output=sm.output.manifest, name=sm.wildcards.model, models_dir="results/models", **sm.params
+        )

@@ -1,18 +1,17 @@
 from assistant_axis import stages
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-with stages.logged(sm.log[0]):
-    stages.stability(
-        list(sm.input.activations),
-        list(sm.input.scores),
-        list(sm.input.vectors),
-        sm.input.axis,
-        sm.params.layer,
-        sm.params.sizes,
-        sm.params.repeats,
-        sm.params.seed,
-        sm.params.min_score,
-        sm.output.roles,
-        sm.output.axis,
-        sm.output.plot,
-    )
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    with stages.logged(sm.log[0]):
+        stages.stability(
+            activation_files=list(sm.input.activations),
+            score_files=list(sm.input.scores),
+            vector_files=list(sm.input.vectors),
+            axis_file=sm.input.axis,
+            roles_table=sm.output.roles,
+            axis_table=sm.output.axis,
+            plot=sm.output.plot,
+            **sm.params,
+        )

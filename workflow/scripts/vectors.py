@@ -1,12 +1,15 @@
 from assistant_axis import stages
 
-sm = snakemake  # noqa: F821 (injected by Snakemake)
-with stages.logged(sm.log[0]):
-    stages.vectors(
-        sm.input.activations,
-        sm.output.vector,
-        sm.wildcards.role,
-        scores=sm.input.scores or None,
-        model=sm.input.model,
-        **sm.params,
-    )
+# Only the job's own process runs the stage: vLLM starts worker processes by spawn, which import this file
+# again (as `__mp_main__`). Every script calls its stage alike: its files and the rule's params by keyword.
+if __name__ == "__main__":
+    sm = snakemake  # noqa: F821 (injected by Snakemake)
+    with stages.logged(sm.log[0]):
+        stages.vectors(
+            activations=sm.input.activations,
+            output=sm.output.vector,
+            role=sm.wildcards.role,
+            scores=sm.input.scores or None,
+            model=sm.input.model,
+            **sm.params,
+        )

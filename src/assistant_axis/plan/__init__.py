@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant_axis.api import APISettings
+from assistant_axis.engines import engine_spec
 from assistant_axis.errors import InputError, renamed
+from assistant_axis.judge import judge_spec
 from assistant_axis.plan.bank import Bank, select_bank
 from assistant_axis.plan.config import canonical, config_source, in_config_file, validate_config
 from assistant_axis.plan.jobs import DEFAULT_API_JOBS, DEFAULT_RESOURCES, Jobs
@@ -64,20 +66,19 @@ class Plan:
         if dims is not None:
             with renamed("config", {"resolve_layers.layers": "activations.layers"}):
                 resolve_layers(self.config["activations"]["layers"], dims[0])
-        if self.jobs.captures_activations and self.config["generate"]["backend"] != "vllm":
-            raise InputError(
-                "config",
-                "generate.capture_activations",
-                f"records inside a vLLM engine: needs generate.backend: vllm, not {self.config['generate']['backend']}",
-            )
+        if self.jobs.captures_activations:
+            engine_spec(self.config["generate"]["backend"], "generate.capture_activations", ["capture"])
+        for stage, needs in (("generate", "generate"), ("activations", "activations"), ("evaluate", "sessions")):
+            engine_spec(self.config[stage]["backend"], f"{stage}.backend", [needs])
+        judge_spec(self.config["judge"]["backend"], warn=True)
         for section in ("generate", "judge"):
             jobs = (self.config[section].get("openai") or {}).get("jobs", DEFAULT_API_JOBS)
             if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
                 raise InputError("config", f"{section}.openai.jobs", f"must be an integer >= 1, got {jobs!r}")
-        if self.config["generate"]["backend"] == "openai":
+        if "generate" in self.jobs.api_sections("generate"):
             APISettings.from_config(self.jobs.api_settings("generate"), "generate.openai")
         judge = self.config["judge"]
-        if judge["backend"] == "openai":
+        if "judge" in self.jobs.api_sections("judge"):
             settings = self.jobs.api_settings("judge")
             scoring = settings.pop("scoring", "logprobs")
             if scoring not in ("logprobs", "parse"):

@@ -104,6 +104,7 @@ LATER_DEFAULTS = {
     ("generate", "capture_activations"): False,
     ("activations", "backend"): "transformers",
     ("activations", "vllm"): {},
+    ("judge", "transformers"): {},
 }
 
 

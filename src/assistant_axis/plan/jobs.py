@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant_axis.api import APISettings
+from assistant_axis.engines import ENGINES, EngineSpec
 from assistant_axis.errors import InputError
+from assistant_axis.judge import judge_spec
 from assistant_axis.roles import stable_seed
 
 __all__ = ["Jobs", "DEFAULT_RESOURCES", "MODEL_STAGES", "DEFAULT_API_JOBS"]
@@ -58,11 +60,26 @@ class Jobs:
             return [pattern]
         return [pattern.replace("{role}", role) for role in roles]
 
-    def vllm_settings(self, stage: str) -> dict | None:
-        """The vLLM settings of a stage configured to run vLLM (generate, activations, judge or evaluate), else None."""
-        if stage in ("generate", "activations", "judge", "evaluate") and self.config[stage].get("backend") == "vllm":
-            return self.config[stage].get("vllm") or {}
-        return None
+    def engine(self, stage: str) -> tuple[EngineSpec | None, dict]:
+        """The engine a stage's jobs run the model in (None: none of the workflow's, e.g. the embedding
+        judge), and its settings block in the stage's config section (`generate.vllm`). Drift runs in the
+        evaluate stage's engine."""
+        section = "evaluate" if stage == "drift" else stage
+        if section == "judge":
+            name = judge_spec(self.config["judge"]["backend"]).engine
+        elif section in ("generate", "activations", "evaluate"):
+            name = self.config[section].get("backend", "transformers")
+        else:
+            return None, {}
+        if name is None:
+            return None, {}
+        spec = ENGINES[name]
+        return spec, (self.config[section].get(spec.block) or {}) if spec.block else {}
+
+    def parallel_settings(self, stage: str) -> dict | None:
+        """The settings of a stage whose engine takes GPUs and processes by tensor parallel size (vLLM), else None."""
+        spec, settings = self.engine(stage)
+        return settings if spec is not None and spec.parallel else None
 
     @property
     def captures_activations(self) -> bool:
@@ -70,12 +87,12 @@ class Jobs:
         return bool(self.config["generate"].get("capture_activations"))
 
     def loads_a_model(self, stage: str) -> bool:
-        """Whether a stage's jobs run model weights: the model stages, a `local` or `vllm` judge, and a
-        calibration on every token (`capping.calibration: token`)."""
-        if stage == "generate":
-            return self.config["generate"]["backend"] != "openai"
-        if stage == "judge":
-            return self.config["judge"]["backend"] in ("local", "vllm")
+        """Whether a stage's jobs run model weights: the model stages (generate unless its engine is a
+        server's), a judge with a model of its own, and a calibration on every token
+        (`capping.calibration: token`)."""
+        if stage in ("generate", "judge"):
+            spec, _ = self.engine(stage)
+            return spec is not None and spec.runs_weights
         if stage == "calibrate":
             return self.calibration == "token"
         return stage in MODEL_STAGES
@@ -93,22 +110,23 @@ class Jobs:
         explicit = (self.config.get("resources") or {}).get(stage, {}).get("gpu")
         if explicit is not None:
             return explicit
-        vllm = self.vllm_settings(stage)
-        if vllm is not None:
-            return vllm.get("tensor_parallel_size", 1)  # what the engine will use (its default: 1)
+        parallel = self.parallel_settings(stage)
+        if parallel is not None:
+            return parallel.get("tensor_parallel_size", 1)  # what the engine will use (its default: 1)
         return self.config["model"]["gpus"]
 
     def threads(self, stage: str, default: int) -> int:
         """CPU cores of a stage's jobs: vLLM runs processes of its own beside one per GPU (at least 2 + GPUs)."""
-        vllm = self.vllm_settings(stage)
-        return default if vllm is None else max(default, 2 + int(vllm.get("tensor_parallel_size", 1)))
+        parallel = self.parallel_settings(stage)
+        return default if parallel is None else max(default, 2 + int(parallel.get("tensor_parallel_size", 1)))
 
     def api_sections(self, stage: str) -> list[str]:
         """The OpenAI-compatible API sections a stage's jobs send requests through."""
         sections = []
-        if stage == "generate" and self.config["generate"]["backend"] == "openai":
+        if stage == "generate" and self.engine("generate")[0].api:
             sections.append("generate")
-        if stage in ("judge", "evaluate") and self.config["judge"]["backend"] == "openai":
+        judge = judge_spec(self.config["judge"]["backend"]).engine
+        if stage in ("judge", "evaluate") and judge is not None and ENGINES[judge].api:
             sections.append("judge")
         return sections
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from assistant_axis.engines import DEFAULT_ENGINE
 from assistant_axis.judge import DEFAULT_TEMPLATE
 from assistant_axis.plan.bank import Bank
 from assistant_axis.plan.config import sections_hash
@@ -47,7 +48,7 @@ class Params:
     def generate(self) -> dict:
         """What a generate job reads: sampling and its backend's settings (one job's API share)."""
         settings = {k: v for k, v in self.config["generate"].items() if k not in ("backend", "capture_activations")}
-        if self.config["generate"]["backend"] == "openai":
+        if "generate" in self.jobs.api_sections("generate"):
             settings["openai"] = self.jobs.api_settings("generate")
         return settings
 
@@ -65,12 +66,20 @@ class Params:
         return {"activations": self.jobs.outputs("results/{model}/activations/{role}.safetensors", roles)}
 
     def activations_backend(self) -> dict:
-        """The activations rule's backend params; none for transformers, as before the option existed (so
-        that results made then are not planned again)."""
-        activations = self.config["activations"]
-        if activations.get("backend", "transformers") == "transformers":
+        """The activations rule's engine params; none for the engine activations ran in before the option
+        existed (its default), so that results made then are not planned again."""
+        return self._engine_params("activations", "backend", "settings")
+
+    def drift_engine(self) -> dict:
+        """The drift rule's engine params (the evaluate stage's); none for the engine drift ran in before it
+        ran in others (the default), so that results made then are not planned again."""
+        return self._engine_params("evaluate", "backend", "vllm")
+
+    def _engine_params(self, section: str, name: str, settings: str) -> dict:
+        backend = self.config[section]["backend"]
+        if backend == DEFAULT_ENGINE:
             return {}
-        return {"backend": activations["backend"], "settings": activations.get("vllm") or {}}
+        return {name: backend, settings: self.jobs.engine(section)[1]}
 
     def judge(self, role: str) -> dict:
         """One role's judging: its description and judge prompt (its own, else the config's), and the judge."""
@@ -87,7 +96,7 @@ class Params:
         """The judge as the configured backend and template (what the evaluation stage uses)."""
         judge = self.config["judge"]
         backend = judge["backend"]
-        settings = self.jobs.api_settings("judge") if backend == "openai" else judge.get(backend, {})
+        settings = self.jobs.api_settings("judge") if self.jobs.api_sections("judge") else judge.get(backend, {})
         return {"backend": backend, "settings": settings, "template": judge.get("template") or DEFAULT_TEMPLATE}
 
     def capping_settings(self) -> list[CapSetting]:

@@ -1,14 +1,14 @@
-"""Chat and serve through one vLLM engine: many requests at once, each under its own capping setting.
+"""Sessions in one vLLM engine: many requests at once, each under its own setting.
 
 One thread owns the engine: it adds submitted requests, steps the engine (continuous batching: every
 running request advances by a token per step) and hands each request's new text to its caller as it
 grows. Settings are the interventions a request may ask for by name: `"none"` and one per loaded
 capping config (its file's stem, e.g. `late-p25`), each after the session's steering if any; requests
-of different settings share a batch (see `vllm_hooks`). A reply's projection telemetry is measured
-while it is generated, over its fed-back tokens (`vllm_hooks.Telemetry`).
+of different settings share a batch (see `hooks`). A reply's projection telemetry is measured while it
+is generated, over its fed-back tokens (`hooks.Telemetry`); a conversation's per-message projections
+(`conversation_projections`) are recorded in the same engine under the same hooks, teacher-forced.
 
->>> session = load_vllm_session("results/models/smollm2-135m-instruct", "results/.../axis.safetensors",
-...                             ["results/.../capping/late-p25.safetensors"])
+>>> session = open_engine("vllm", "results/models/smollm2-135m-instruct").session(units, layers, {"late-p25": cap})
 >>> reply = session.complete([{"role": "user", "content": "Who are you?"}], setting="late-p25")
 >>> reply.projection, reply.fired
 """
@@ -16,36 +16,25 @@ while it is generated, over its fed-back tokens (`vllm_hooks.Telemetry`).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from assistant_axis.axis import load_axis, unit_rows
-from assistant_axis.backends import Sampling
 from assistant_axis.cap import CappingConfig
-from assistant_axis.chat import Conversation, Reply, TokenLogprob, check_context
+from assistant_axis.engines import Chunk, Conversation, Reply, Sampling, TokenLogprob, check_context
+from assistant_axis.engines.vllm.engine import EXTRA_ARGS_KEY
+from assistant_axis.engines.vllm.hooks import ActivationRecorder, EngineHooks
 from assistant_axis.errors import InputError
-from assistant_axis.interop import load_capping
+from assistant_axis.project import projection_frame
 from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate, split_reasoning
-from assistant_axis.vllm_engine import hooked_engine, vllm_engine_args
-from assistant_axis.vllm_hooks import EngineHooks, Telemetry
 
-__all__ = ["Chunk", "ReplyStream", "VLLMSession", "load_vllm_session"]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """New text of a reply as it is generated, with the reply's running telemetry."""
-
-    text: str
-    telemetry: Telemetry
+__all__ = ["ReplyStream", "VLLMSession"]
 
 
 class ReplyStream:
@@ -93,6 +82,7 @@ class _Running:
     setting: str
     prompt_tokens: int
     top_logprobs: int | None
+    salt: str | None = None  # its own prefix-cache salt (a recording must compute every token)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -113,7 +103,7 @@ class VLLMSession(Conversation):
         system: str | None = None,
         default_setting: str | None = None,
     ):
-        self.llm, self.template, self.layers = llm, template, list(layers)
+        self.llm, self.template, self.layers, self.units = llm, template, list(layers), units
         self.tokenizer = template.tokenizer
         self.cappings, self.steering = cappings, steering
         self.sampling = sampling or Sampling(temperature=0.7, top_p=0.9, max_tokens=256)
@@ -172,6 +162,92 @@ class VLLMSession(Conversation):
     ) -> Reply:
         return self.submit(messages, sampling, top_logprobs, setting).result()
 
+    # ------------------------------------------------------------------ many replies (evaluate, drift)
+
+    def answer(
+        self, requests: dict[str, list[list[dict]]], sampling: Sampling, measure: bool = True
+    ) -> dict[str, list[Reply]]:
+        """Each setting's conversations (`requests`: setting -> conversations), their next turns all submitted
+        at once and generated in shared batches; the telemetry comes with them (`measure` changes nothing)."""
+        streams = {s: [self.submit(c, sampling, setting=s) for c in convs] for s, convs in requests.items()}
+        return {setting: [stream.result() for stream in pending] for setting, pending in streams.items()}
+
+    def conversation_projections(self, messages: list[dict], setting: str | None = None):
+        """Per message, its mean projection per layer in the conversation up to it (as `project` computes
+        it), under the setting's interventions: one prefill-only request per message, recorded over the
+        message's tokens (`hooks.ActivationRecorder`, after the setting's edits). A frame of `turn, role,
+        layer, projection, n_chars`."""
+        from vllm import SamplingParams
+
+        setting = setting or self.default_setting
+        if setting not in self.settings:
+            raise InputError("request", "capping", f"unknown setting {setting!r} (known: {', '.join(self.settings)})")
+        shown = self.template.fit(list(messages))
+        located = [self.template.turn_span(shown[:i], m) for i, m in enumerate(shown)]
+        todo = [i for i, (_, start, end) in enumerate(located) if end > start]
+        keys = [f"axis-turn-{uuid.uuid4().hex}" for _ in todo]
+        recorder = self._call(lambda: ActivationRecorder(self.llm, self.layers))
+        try:
+            streams = []
+            for key, i in zip(keys, todo, strict=True):
+                ids, start, end = located[i]
+                extra = {EXTRA_ARGS_KEY: {"setting": setting, "key": key, "span": [start, end]}}
+                params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=extra)
+                stream = ReplyStream(self, key, None)
+                # Its own cache salt: every token of the message is computed, none read from the cache.
+                self.inbox.put(("add", key, ids, params, _Running(stream, setting, len(ids), None, salt=key)))
+                streams.append(stream)
+            for stream in streams:
+                stream.result()
+            means, counts = self._call(lambda: recorder.pop(keys))
+        finally:
+            self._call(recorder.remove)
+        values = torch.full((len(shown), len(self.layers)), float("nan"))
+        for r, i in enumerate(todo):
+            _, start, end = located[i]
+            if counts[r] != end - start:
+                raise RuntimeError(f"message {i}: {counts[r]} of its {end - start} tokens were recorded")
+            values[i] = torch.einsum("lh,lh->l", means[r], self.units.float())
+        return projection_frame(shown, self.layers, values)
+
+    def _call(self, work):
+        """`work()` run on the engine thread between two steps (the workers' hooks are not to be touched
+        while a step runs); its result or its exception."""
+        if self.closed:
+            raise RuntimeError("the engine is shut down")
+        future: Future = Future()
+        self.inbox.put(("call", work, future))
+        return future.result()
+
+    # ------------------------------------------------------------------ a server's requests
+
+    def _submit_cut(self, messages, sampling: Sampling, top_logprobs, setting, cut) -> ReplyStream:
+        stream = self.submit(messages, sampling, top_logprobs, setting, asyncio.get_running_loop())
+        cut.on(stream.finish)  # a time limit or shutdown finishes the reply where it is
+        return stream
+
+    async def replies(self, messages, sampling: Sampling, seeds, top_logprobs, setting, cut) -> list[Reply]:
+        """A server's request: one reply per seed, all in the engine at once."""
+        streams = [self._submit_cut(messages, replace(sampling, seed=s), top_logprobs, setting, cut) for s in seeds]
+        try:
+            return [await _last(stream) for stream in streams]
+        finally:  # a client that went away: its generations stop
+            for stream in streams:
+                stream.cancel()
+
+    def stream(self, messages, sampling: Sampling, top_logprobs, setting, cut):
+        """A server's streamed request: `Chunk`s with the running telemetry, then the `Reply`."""
+        stream = self._submit_cut(messages, sampling, top_logprobs, setting, cut)  # refused now, not mid-stream
+
+        async def events():
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                stream.cancel()
+
+        return events()
+
     def cancel(self, key: str) -> None:
         self.inbox.put(("abort", key))
 
@@ -227,6 +303,13 @@ class VLLMSession(Conversation):
             self._fail_all(exc)
 
     def _handle(self, message) -> None:
+        if message[0] == "call":  # work on the engine's workers between two steps (see `_call`)
+            _, work, future = message
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+                future.set_exception(exc)
+            return
         if message[0] in ("abort", "finish"):
             running = self.running.pop(message[1], None)
             if running is not None:
@@ -236,8 +319,11 @@ class VLLMSession(Conversation):
                     running.stream.put(self._reply(running, telemetry, "length", running.tokens, running.logprobs))
             return
         _, key, prompt, params, running = message
+        prompt = self.hooks.prompt(running.setting, prompt)
+        if running.salt:
+            prompt["cache_salt"] = running.salt
         try:
-            self.engine.add_request(key, self.hooks.prompt(running.setting, prompt), params)
+            self.engine.add_request(key, prompt, params)
         except Exception as exc:  # vLLM refused it (e.g. too long for the model): only this caller hears it
             running.stream.put(exc)
             return
@@ -255,7 +341,7 @@ class VLLMSession(Conversation):
                 running.logprobs.append(self._logprob(token, ranked, running.top_logprobs))
         if not output.finished:
             if step.text:
-                running.stream.put(Chunk(step.text, self.hooks.peek(output.request_id)))
+                running.stream.put(Chunk(step.text, self.hooks.peek(output.request_id).as_dict()))
             return
         del self.running[output.request_id]
         telemetry = self.hooks.pop(output.request_id)
@@ -267,7 +353,7 @@ class VLLMSession(Conversation):
         if finish == "stop" and not isinstance(step.stop_reason, str) and tokens:
             tokens, logprobs = tokens[:-1], logprobs[: len(tokens) - 1]
         if step.text:
-            running.stream.put(Chunk(step.text, telemetry))
+            running.stream.put(Chunk(step.text, telemetry.as_dict()))
         running.stream.put(self._reply(running, telemetry, finish, tokens, logprobs))
 
     def _reply(self, running: _Running, telemetry, finish: str, tokens: list[int], logprobs) -> Reply:
@@ -285,7 +371,18 @@ class VLLMSession(Conversation):
             fired=telemetry.fired,
             correction=telemetry.correction,
             setting=running.setting,
+            fired_share=self._fired_share(running.setting, telemetry.fired),
         )
+
+    def _fired_share(self, setting: str, fired: list[float | None]) -> float | None:
+        """Over the setting's capped layers (each measured over the same tokens), the share of (token,
+        layer) pairs its cap changed; None uncapped."""
+        capping = self.cappings.get(setting)
+        if capping is None:
+            return None
+        known = [fired[self.layers.index(i)] for i in capping.layers if i in self.layers]
+        known = [v for v in known if v is not None]
+        return sum(known) / len(known) if known else float("nan")
 
     def _logprob(self, token: int, ranked: dict, top: int) -> TokenLogprob:
         best = sorted(((lp.rank, i, lp) for i, lp in ranked.items() if lp.rank is not None and lp.rank <= top))
@@ -303,47 +400,8 @@ class _Closed(Exception):
     pass
 
 
-def load_vllm_session(
-    model_path: str,
-    axis_path: str,
-    cap_paths: Sequence[str] = (),
-    steering: Steering | None = None,
-    layers: Sequence[int] | None = None,
-    dtype: str = "float32",
-    sampling: Sampling | None = None,
-    system: str | None = None,
-    template_options: dict | None = None,
-    engine: dict | None = None,
-) -> VLLMSession:
-    """Check the axis and capping configs against the model's config, then start the engine.
-
-    `engine` holds vLLM settings as the workflow's `generate.vllm` block does (e.g. `max_model_len`,
-    `kv_cache_memory_bytes`, `gpu_memory_utilization`). Projection layers default to the union of the
-    capped layers, else the axis's middle layer.
-    """
-    from transformers import AutoConfig
-
-    from assistant_axis.layers import config_dims
-    from assistant_axis.models import load_tokenizer
-
-    if not Path(model_path, "config.json").is_file():
-        raise InputError(model_path, "config.json", "the vLLM engine needs a model directory (prepare a GGUF first)")
-    n_layers, hidden = config_dims(AutoConfig.from_pretrained(model_path))
-    axis, axis_layers, meta = load_axis(axis_path, n_layers=n_layers, hidden_size=hidden)
-    axis_model = meta.get("model") if isinstance(meta.get("model"), str) and meta.get("model") else None
-    cappings = {}
-    for path in cap_paths:
-        config = load_capping(path, model_name=axis_model, hidden_size=hidden, n_layers=n_layers).normalized()
-        cappings[Path(path).stem] = config
-    if "none" in cappings:
-        raise InputError(cap_paths[list(cappings).index("none")], "name", "'none' names the uncapped setting")
-    middle = [axis_layers[len(axis_layers) // 2]]
-    capped = sorted(set(itertools.chain.from_iterable(c.layers for c in cappings.values())))
-    layers = sorted(set(layers)) if layers else (capped or middle)
-    units = unit_rows(axis, axis_layers, layers, hidden, str(axis_path))
-    if template_options is None:
-        recorded = meta.get("chat_template_kwargs")
-        template_options = recorded if isinstance(recorded, dict) else {}
-    template = ChatTemplate(load_tokenizer(model_path), template_options, model_path)
-    llm = hooked_engine(vllm_engine_args(model_path, engine or {}, "--engine-args", dtype, 0), "--engine vllm")
-    return VLLMSession(llm, template, units, layers, cappings, steering, sampling, system)
+async def _last(stream: ReplyStream) -> Reply:
+    async for event in stream:
+        if isinstance(event, Reply):
+            return event
+    raise RuntimeError("the engine ended the request without a reply")

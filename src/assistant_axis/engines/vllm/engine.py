@@ -1,6 +1,6 @@
 """vLLM's engine as this package uses it, in one place: its arguments from a config block
 (`vllm_engine_args`), starting it (`vllm_engine`; `hooked_engine` and `recording_engine` for the hooks of
-`vllm_hooks`), and what those hooks read from vLLM's model runner: where the model's forward is, and
+`engines.vllm.hooks`), and what those hooks read from vLLM's model runner: where the model's forward is, and
 which rows of a step belong to which request at which positions (`V1Runner`).
 
 vLLM 0.32 has two runners. Model Runner V1 (`v1/worker/gpu_model_runner.py`; the CPU build's runner

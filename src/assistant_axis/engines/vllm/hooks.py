@@ -18,8 +18,8 @@ is the stream (the add is deferred into the next layer's fused norm). `EngineHoo
 A reply's tokens, as measured here, are the generated tokens fed back into the model: all of a reply
 that stopped at its end-of-turn token (which is not counted, even where async scheduling feeds it
 back), all but the last of one cut by `max_tokens`; each position once, also when a preempted request
-is recomputed (`vllm_engine.count_once`). What the hooks read from vLLM's model runner is in
-`vllm_engine`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
+is recomputed (`engine.count_once`). What the hooks read from vLLM's model runner is in
+`engines.vllm.engine`, which pins Model Runner V1. Capped and uncapped requests share one batch; the cost is one
 add per edited layer and token, and a gather/scatter per setting present in the step.
 
 Tensor parallel: after each block's all-reduce every rank holds the whole stream, so the hooks live in
@@ -46,10 +46,10 @@ from dataclasses import dataclass
 import torch
 
 from assistant_axis.cap import CappingConfig
+from assistant_axis.engines.vllm.engine import EXTRA_ARGS_KEY, V1Runner, count_once
 from assistant_axis.errors import InputError
 from assistant_axis.interventions import Intervention, check_fit
 from assistant_axis.models import check_layers, find_blocks
-from assistant_axis.vllm_engine import EXTRA_ARGS_KEY, V1Runner, count_once
 
 __all__ = ["Telemetry", "EngineHooks", "ActivationRecorder", "EXTRA_ARGS_KEY"]
 
