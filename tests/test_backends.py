@@ -148,7 +148,7 @@ def test_llama_cpp_logprobs_match_the_local_judge(bundled, llama_url, llama_f32_
     """Same weights, same rendered prompts: expected scores agree wherever all four digits are returned.
 
     Served from the bundled Q4_1 file, llama.cpp multiplies by quantised activations and differs from
-    the float32 local judge by up to ~0.09 (printed, not asserted); served from the float32 copy of the
+    the float32 transformers judge by up to ~0.09 (printed, not asserted); served from the float32 copy of the
     same weights, it computes what transformers computes, and the two agree to 0.05.
     """
     model, tokenizer = bundled
@@ -166,7 +166,7 @@ def test_llama_cpp_logprobs_match_the_local_judge(bundled, llama_url, llama_f32_
     f32, q4 = differences(llama_f32_url), differences(llama_url)
     with capsys.disabled():
         print(
-            f"\nlogprob judge vs local judge on {len(prompts)} prompts: all four digits among the top logprobs "
+            f"\nlogprob judge vs transformers judge on {len(prompts)} prompts: all four digits among the top logprobs "
             f"on {len(f32)} (float32 GGUF) and {len(q4)} (Q4_1 GGUF); max |expected score difference| "
             f"{max(f32, default=0):.4f} (float32) and {max(q4, default=0):.4f} (Q4_1, quantised arithmetic)"
         )

@@ -183,7 +183,7 @@ def test_vllm_judge_agrees_with_the_local_judge(llm, bundled, capsys):
     gaps = [abs(a.expected_score - b.expected_score) for a, b in complete]
     with capsys.disabled():
         print(
-            f"\nvllm judge vs local judge on {len(prompts)} prompts: all four digits among vLLM's top 20 "
+            f"\nvllm judge vs transformers judge on {len(prompts)} prompts: all four digits among vLLM's top 20 "
             f"logprobs on {len(complete)}; max |expected score difference| {max(gaps, default=0):.4f}"
         )
     assert len(complete) >= len(prompts) // 2

@@ -20,7 +20,7 @@ from assistant_axis.activations import mean_activations
 from assistant_axis.engines import Sampling
 from assistant_axis.engines.vllm import VLLMEngine, vllm_mean_activations
 from assistant_axis.models import find_blocks
-from assistant_axis.stages import _rendered_replies
+from assistant_axis.stages.common import rendered_replies
 from assistant_axis.templates import ChatTemplate
 
 TOLERANCE = 1e-5  # of the mean's norm, per component
@@ -55,7 +55,7 @@ def replies(tiny_run, bundled):
     extra["response"] = [" ".join(["The tide comes in and the tide goes out."] * 40), "Yes.", "..."]
     extra.loc[extra.index[2], "response"] = ""
     template = ChatTemplate(tokenizer, {}, MODEL)
-    sequences, spans = _rendered_replies(template, [*paths, "extra"], [*frames, extra])
+    sequences, spans = rendered_replies(template, [*paths, "extra"], [*frames, extra])
     assert spans[-1][0] == spans[-1][1]  # the empty reply
     return sequences, spans
 

@@ -219,6 +219,7 @@ class ChatAPI:
         )
 
     async def _send_all(self, work: list[tuple[dict, str]], desc: str) -> list[Outcome]:
+        # the OpenAI client only when requests are sent
         from openai import AsyncOpenAI
 
         client = AsyncOpenAI(
@@ -246,6 +247,7 @@ class ChatAPI:
             await client.close()
 
     async def _send(self, client, limit: _RateLimit, payload: dict) -> Outcome:
+        # the OpenAI client only when requests are sent
         import openai
 
         body = {k: v for k, v in payload.items() if k not in ("model", "messages")}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from assistant_axis.errors import InputError
@@ -69,7 +69,6 @@ def write_html_table(frame: pd.DataFrame, path: str | Path, caption: str = "") -
 def read_jsonl(path: str | Path, strings: Iterable[str] = ("id",)) -> list[tuple[str, dict]]:
     """`(where, row)` for each JSON object line of `path` (blank lines skipped; `where` is "path:line"), each
     with the non-empty string fields `strings` and a unique `id`. Errors name the line and the field."""
-    from assistant_axis.errors import InputError
 
     path = Path(path)
     try:
@@ -149,7 +148,6 @@ def read_tensors(
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """A safetensors file's metadata (what the file says it holds), without reading its tensors."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -160,7 +158,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_layer(path: str | Path, name: str, index: int) -> torch.Tensor:
     """Row `index` of dimension 1 of tensor `name` ([n, layers, hidden] -> [n, hidden]), reading only that slice."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -185,6 +182,7 @@ def write_json(data: dict, path: str | Path) -> None:
 
 def save_figure(fig, path: str | Path) -> None:
     """Save a matplotlib figure atomically (format from the final name) and close it."""
+    # matplotlib only for a plot
     import matplotlib.pyplot as plt
 
     path = Path(path)

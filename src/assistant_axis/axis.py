@@ -18,6 +18,7 @@ import torch
 
 from assistant_axis.artifacts import read_tensors
 from assistant_axis.errors import InputError
+from assistant_axis.provenance import check_provenance, decoded_value, warn_unchecked
 
 __all__ = ["RoleVector", "role_vector", "compute_axis", "load_axis", "by_block", "project", "unit_rows", "unit_vectors"]
 
@@ -74,7 +75,6 @@ def load_axis(
 ) -> tuple[torch.Tensor, list[int], dict]:
     """The axis [n_layers, hidden] indexed by block (`axis[i]` is block i's; NaN where not extracted), the
     blocks it has, and the metadata. The provenance is checked against what is given (None: unchecked)."""
-    from assistant_axis.provenance import check_provenance, decoded_value, warn_unchecked
 
     tensors, meta = read_tensors(path)
     checked = check_provenance(

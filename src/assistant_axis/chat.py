@@ -26,6 +26,7 @@ from assistant_axis.engines import Reply, Sampling, engine_spec, open_engine
 from assistant_axis.errors import InputError
 from assistant_axis.interop import load_capping
 from assistant_axis.models import check_layers, config_dims
+from assistant_axis.provenance import config_sha
 from assistant_axis.steer import Steering
 
 __all__ = ["load_session", "format_projection", "run_chat", "default_model", "with_sampling"]
@@ -46,9 +47,8 @@ def _model_shape(model_path: str) -> tuple[int, int, str] | None:
     """(n_layers, hidden_size, config hash) from the model's config, without loading weights; None when unknown."""
     if not Path(model_path, "config.json").is_file():
         return None  # a bundled GGUF or a hub id: checked once the model is loaded
+    # transformers loads only with a model (light paths import this module)
     from transformers import AutoConfig
-
-    from assistant_axis.provenance import config_sha
 
     config = AutoConfig.from_pretrained(model_path)
     return *config_dims(config), config_sha(config)

@@ -9,11 +9,15 @@ import argparse
 import json
 import random
 import sys
+from pathlib import Path
 
 from assistant_axis.engines import ENGINES
 from assistant_axis.errors import ArgumentError, AxisError, InputError, renamed
 
 __all__ = ["main"]
+
+# Each command imports what it runs inside its own function: `--help` and `lint` load no torch,
+# transformers or vLLM.
 
 
 def _lint(args: argparse.Namespace) -> None:
@@ -23,8 +27,6 @@ def _lint(args: argparse.Namespace) -> None:
 
 
 def _read_labels(path: str):
-    from pathlib import Path
-
     from assistant_axis.judge import JudgeItem
     from assistant_axis.roles import _jsonl  # the same JSON Lines reader as the question bank
 
@@ -129,8 +131,6 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from assistant_axis.axis import load_axis
     from assistant_axis.serve import Limits, run_server
 

@@ -22,6 +22,7 @@ import torch
 from assistant_axis.artifacts import read_jsonl
 from assistant_axis.capability import CapabilityItem, passes
 from assistant_axis.errors import InputError
+from assistant_axis.judge import JudgeItem
 
 __all__ = [
     "EvalPrompt",
@@ -134,7 +135,6 @@ def _setting_frame(
     judge,
 ) -> pd.DataFrame:
     """One setting's rows (persona prompts, then capability ones): each reply judged or checked, its projections."""
-    from assistant_axis.judge import JudgeItem
 
     items = [JudgeItem(p.persona, p.description, p.prompt, t) for p, t in zip(persona, texts, strict=False)]
     scores = [s.score for s in judge.score(items)] + [None] * len(capability)

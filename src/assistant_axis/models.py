@@ -21,6 +21,7 @@ import torch
 
 from assistant_axis.errors import ArgumentError, InputError
 from assistant_axis.layers import check_layers, config_dims
+from assistant_axis.provenance import config_sha
 
 log = logging.getLogger("assistant_axis")
 
@@ -88,6 +89,7 @@ def bundled_gguf(source: str) -> Path:
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype):
+    # transformers loads only with a model (light paths import this module)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
@@ -100,6 +102,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
 
 def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_code: bool = False) -> ModelInfo:
     """Make `source` loadable quickly: convert a bundled GGUF once; pass directories and hub ids through."""
+    # transformers loads only with a model (light paths import this module)
     from transformers import AutoConfig
 
     if source.startswith("bundled:"):
@@ -122,7 +125,6 @@ def prepare_model(name: str, source: str, models_dir: str | Path, trust_remote_c
     else:
         path = source
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    from assistant_axis.provenance import config_sha
 
     return ModelInfo(
         name, source, path, *config_dims(config), getattr(config, "_commit_hash", None) or "", config_sha(config)
@@ -151,6 +153,7 @@ def placement(model) -> str:
 def load_model(path: str, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
     """Load a prepared model (or a bundled GGUF directly) in eval mode, with its tokenizer, its weights put
     straight onto the devices `device_map(device)` names."""
+    # transformers loads only with a model (light paths import this module)
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
@@ -178,6 +181,7 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None, tru
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The model's tokenizer alone (its chat template), for stages that render but run no weights here."""
+    # transformers loads only with a model (light paths import this module)
     from transformers import AutoTokenizer
 
     if path.startswith("bundled:"):

@@ -149,9 +149,11 @@ def projection_frame(messages: list[dict], layers: Sequence[int], projections: t
 
 def plot_trajectory(frame: pd.DataFrame, path: str | Path, title: str = "Projection on the Assistant Axis") -> None:
     """Projection per turn, one line per layer; assistant turns as filled markers, others hollow."""
+    # matplotlib only for a plot
     import matplotlib
 
     matplotlib.use("Agg")
+    # matplotlib only for a plot
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))

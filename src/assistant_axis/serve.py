@@ -437,6 +437,7 @@ def run_server(
 ) -> None:
     """Serve until SIGTERM/SIGINT: then stop accepting, let replies run `limits.grace` seconds, cut the
     rest (each stops at its next token) and return."""
+    # the server's parts only when serving
     import uvicorn
 
     limits = limits or Limits()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from assistant_axis.api import APISettings, ChatAPI
 from assistant_axis.engines import Generation, Sampling, generation
+from assistant_axis.models import load_tokenizer
 from assistant_axis.templates import ChatTemplate
 
 __all__ = ["OpenAIEngine"]
@@ -32,7 +33,6 @@ class OpenAIEngine:
         model_name: str = "model",
         **_: object,  # the model's options for engines that load it: this one does not
     ) -> OpenAIEngine:
-        from assistant_axis.models import load_tokenizer
 
         template = ChatTemplate(load_tokenizer(model_path, trust_remote_code), template_options, model_name)
         return cls(section.get("openai") or {}, template, key)

@@ -37,7 +37,7 @@ from assistant_axis.engines import (
 )
 from assistant_axis.errors import ArgumentError, InputError
 from assistant_axis.interventions import install
-from assistant_axis.models import hidden_size
+from assistant_axis.models import hidden_size, load_model
 from assistant_axis.project import projection_frame, turn_projections
 from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate, split_reasoning
@@ -133,6 +133,7 @@ def sample_batch(
 
     `stop()`, checked after every token, cuts the batch short (a reply cut so ends with "length");
     `on_token(id)` receives each new token as it is sampled (one prompt only: a server's stream)."""
+    # transformers loads only with a model (light paths import this module)
     from transformers import StoppingCriteriaList
 
     if on_token is not None and len(prompts) != 1:
@@ -228,7 +229,6 @@ class TransformersEngine:
         progress: bool = True,
         seed: int = 0,
     ) -> TransformersEngine:
-        from assistant_axis.models import load_model
 
         size = section.get("batch_size", 32)
         if size < 1:
@@ -450,6 +450,7 @@ class TransformersSession(Conversation):
 
     async def replies(self, messages, sampling: Sampling, seeds, top_logprobs, setting, cut) -> list[Reply]:
         """A server's request: one reply per seed, one after another (a cut stops the current one)."""
+        # the server's parts only when serving
         from starlette.concurrency import run_in_threadpool
 
         return [
@@ -460,6 +461,7 @@ class TransformersSession(Conversation):
     def stream(self, messages, sampling: Sampling, top_logprobs, setting, cut):
         """A server's streamed request: `Chunk`s of text as the tokens arrive (whole characters only), then
         the `Reply`; a cut stops generation between two tokens."""
+        # the server's parts only when serving
         from starlette.concurrency import run_in_threadpool
 
         loop = asyncio.get_running_loop()

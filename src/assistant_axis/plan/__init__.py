@@ -20,6 +20,7 @@ from assistant_axis.api import APISettings
 from assistant_axis.engines import engine_spec
 from assistant_axis.errors import InputError, renamed
 from assistant_axis.judge import judge_spec
+from assistant_axis.layers import resolve_layers
 from assistant_axis.plan.bank import Bank, select_bank
 from assistant_axis.plan.config import canonical, config_source, in_config_file, validate_config
 from assistant_axis.plan.jobs import DEFAULT_API_JOBS, DEFAULT_RESOURCES, Jobs
@@ -60,7 +61,6 @@ class Plan:
     def check(self) -> None:
         """Semantic checks of a schema-valid config: layers against the model (when its size is known),
         API settings, the drift settings among the sweep's, and judge prompts that show the judge the response."""
-        from assistant_axis.layers import resolve_layers
 
         dims = self.jobs.model_dims()
         if dims is not None:

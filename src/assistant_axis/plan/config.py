@@ -42,6 +42,7 @@ def config_source(files: Sequence[str | Path], key: Sequence[str | int]) -> str:
 def validate_config(config: dict, schema_file: str | Path, files: Sequence[str | Path] = ()) -> None:
     """Check `config` against the JSON schema and fill in its defaults (as Snakemake's `validate` does);
     the first problem is raised as one line naming the config file and the key."""
+    # only when a config is validated (the Snakefile's first step)
     import jsonschema
 
     schema = yaml.safe_load(Path(schema_file).read_text())

@@ -11,6 +11,7 @@ from assistant_axis.api import APISettings
 from assistant_axis.engines import ENGINES, EngineSpec
 from assistant_axis.errors import InputError
 from assistant_axis.judge import judge_spec
+from assistant_axis.layers import config_dims
 from assistant_axis.roles import stable_seed
 
 __all__ = ["Jobs", "DEFAULT_RESOURCES", "MODEL_STAGES", "DEFAULT_API_JOBS"]
@@ -186,8 +187,6 @@ class Jobs:
             return model["n_layers"], model["hidden_size"]
         config_file = Path(model["source"]) / "config.json"
         if config_file.is_file():
-            from assistant_axis.layers import config_dims
-
             return config_dims(json.loads(config_file.read_text()))
         return None
 

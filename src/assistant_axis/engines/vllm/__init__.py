@@ -15,6 +15,7 @@ for sessions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +23,9 @@ from tqdm.auto import tqdm
 from assistant_axis.engines import Generation, Sampling, generation
 from assistant_axis.engines.vllm.engine import hooked_engine, recording_engine, vllm_engine, vllm_engine_args
 from assistant_axis.engines.vllm.hooks import ActivationRecorder
+from assistant_axis.engines.vllm.session import VLLMSession
 from assistant_axis.errors import InputError
+from assistant_axis.models import load_tokenizer
 from assistant_axis.templates import ChatTemplate
 
 __all__ = ["VLLMEngine", "vllm_mean_activations", "CAPTURE_CHUNK"]
@@ -65,9 +68,6 @@ class VLLMEngine:
         progress: bool = True,
         **_: object,  # the transformers engine's own options (device)
     ) -> VLLMEngine:
-        from pathlib import Path
-
-        from assistant_axis.models import load_tokenizer
 
         if not Path(model_path, "config.json").is_file():
             raise InputError(
@@ -115,6 +115,7 @@ class VLLMEngine:
         on its conversation and seed, not on the batch it was scheduled in. Every prompt vLLM rendered is
         checked against the template as the activations stage renders it."""
         llm = self._started("recording" if self.capture else "plain")
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import SamplingParams
 
         seeds = seeds or [sampling.seed + i for i in range(len(conversations))]
@@ -173,7 +174,6 @@ class VLLMEngine:
         )
 
     def session(self, units, layers, cappings, steering=None, sampling=None, system=None):
-        from assistant_axis.engines.vllm.session import VLLMSession
 
         cappings = {name: capping.normalized() for name, capping in cappings.items()}
         return VLLMSession(self._started("hooked"), self.template, units, layers, cappings, steering, sampling, system)
@@ -206,6 +206,7 @@ def vllm_mean_activations(
     Every span token must be computed, not read from vLLM's prefix cache
     (a repeated conversation would be): a shortfall is an error naming `source`.
     """
+    # vLLM loads only where an engine runs: planning and the light paths never import it
     from vllm.inputs import TokensPrompt
 
     recorder = ActivationRecorder(llm, layers, stop_early=True)

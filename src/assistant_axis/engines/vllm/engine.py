@@ -152,6 +152,7 @@ def pin_v1_runner() -> None:
 def check_runner(args: dict, key: str) -> None:
     """One line naming the setting if vLLM would build another runner than V1 for `args` (`vllm.LLM`'s
     keyword arguments), before any engine starts: on the CPU build a forced V2 cannot even start."""
+    # vLLM loads only where an engine runs: planning and the light paths never import it
     from vllm import envs
     from vllm.engine.arg_utils import EngineArgs
 
@@ -217,6 +218,7 @@ def vllm_engine_args(
 def vllm_engine(args: dict, key: str):
     """A vLLM `LLM` (weights loaded once per job); a missing vllm package is one line naming `key`."""
     try:
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import LLM
         from vllm.platforms import current_platform
     except ImportError as exc:

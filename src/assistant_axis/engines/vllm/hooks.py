@@ -102,6 +102,7 @@ class EngineHooks:
 
     def sampling_params(self, setting: str, key: str, **sampling):
         """`SamplingParams` for one request under `setting`, its telemetry filed under `key`."""
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import SamplingParams
 
         if setting not in self.settings:
@@ -345,6 +346,7 @@ class ActivationRecorder:
         self.n_blocks, self.hidden_size = llm.collective_rpc(_install_recorder, args=(self.layers, stop_early))[0]
 
     def sampling_params(self, key: str, span: tuple[int | None, int | None] = (None, None), **sampling):
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import SamplingParams
 
         extra = {EXTRA_ARGS_KEY: {"key": key, "span": list(span)}}

@@ -177,6 +177,7 @@ class VLLMSession(Conversation):
         it), under the setting's interventions: one prefill-only request per message, recorded over the
         message's tokens (`hooks.ActivationRecorder`, after the setting's edits). A frame of `turn, role,
         layer, projection, n_chars`."""
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import SamplingParams
 
         setting = setting or self.default_setting
@@ -261,6 +262,7 @@ class VLLMSession(Conversation):
 
     @staticmethod
     def _sampling_kwargs(sampling: Sampling, top_logprobs: int | None) -> dict:
+        # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm.sampling_params import RequestOutputKind
 
         return {
