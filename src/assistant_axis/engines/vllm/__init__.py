@@ -59,7 +59,7 @@ class VLLMEngine:
         model_path: str,
         section: dict,
         key: str,
-        dtype: str = "auto",
+        dtype: str = "float32",  # as the transformers engine: the model config's default (model.dtype)
         trust_remote_code: bool = False,
         template_options: dict | None = None,
         model_name: str = "model",
