@@ -5,6 +5,8 @@
     .venv/bin/python -m benchmarks.gpu --device cpu --prompts 16 --max-tokens 16   # a smoke run on a CPU
     .venv/bin/python -m benchmarks.gpu --model /models/Qwen3-32B --extraction --tensor-parallel-size 2
         # activations instead: transformers vs vLLM extraction vs capture (benchmarks/vllm_activations.py)
+    .venv/bin/python -m benchmarks.gpu --model /models/Qwen3-8B --interventions --results results/qwen3-8b
+        # capping and recording compiled (CUDA graphs) vs eager vs uncapped (benchmarks/serving.py)
 
 Needs the vLLM extra (`make test VLLM=vllm` or `pip install -e '.[vllm]'`). Both backends decode greedily,
 so their replies can be compared; the transformers model is freed before vLLM loads, and vLLM's engine
@@ -45,6 +47,8 @@ def main() -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, help="default: 0.85 on a GPU, 0.1 of RAM on a CPU")
     parser.add_argument("--extraction", action="store_true", help="benchmark activation extraction instead")
+    parser.add_argument("--interventions", action="store_true", help="benchmark compiled capping/recording instead")
+    parser.add_argument("--results", help="with --interventions: the model's results (axis, capping)")
     args = parser.parse_args()
     gpu = args.device.startswith("cuda")
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -57,6 +61,25 @@ def main() -> None:
         sys.argv += ["--max-tokens", str(args.max_tokens), "--tensor-parallel-size", str(args.tensor_parallel_size)]
         sys.argv += ["--model", args.model] if args.model else []
         return vllm_activations.main()
+    if args.interventions:
+        import sys
+
+        from benchmarks import serving
+
+        # The same table as on the CPU, at GPU sizes: compiled means CUDA graphs there.
+        sys.argv = [
+            sys.argv[0],
+            "--dtype",
+            dtype,
+            "--requests",
+            str(args.prompts),
+            "--max-tokens",
+            str(args.max_tokens),
+        ]
+        sys.argv += ["--kv-cache-gib", "20", "--concurrency", "1,16,64"]
+        sys.argv += ["--model", args.model] if args.model else []
+        sys.argv += ["--results", args.results] if args.results else []
+        return serving.main()
     path = (
         args.model
         or prepare_model(

@@ -19,18 +19,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_vllm import _conversations, _need_vllm
+from test_vllm_activations import assert_means_close
 
+from assistant_axis.activations import mean_activations
 from assistant_axis.axis import load_axis
 from assistant_axis.engines import Sampling
 from assistant_axis.engines.vllm.hooks import EXTRA_ARGS_KEY, EngineHooks
+from assistant_axis.engines.vllm.ops import CUSTOM_OPS
+from assistant_axis.interop import load_capping
 from assistant_axis.models import find_blocks
+from assistant_axis.steer import Steering
+from assistant_axis.templates import ChatTemplate
 
 from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
 
 STEER = ["--steer", "-40", "--steer-layers", *map(str, range(8, 26))]
-ENGINE = {"kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 2048}
+ENGINE = {"kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 2048, "enforce_eager": True}
 QUESTIONS = [
     "What do you like to do on a day off?",
     "Tell me about yourself.",
@@ -223,7 +230,6 @@ def test_chat_on_the_vllm_engine_keeps_the_conversation_and_shows_the_capped_pro
 def capped_setting(tiny_run):
     """The tiny run's axis, and its late-p25 capping config (unit vectors), as the server loads them."""
     from assistant_axis.axis import load_axis, unit_rows
-    from assistant_axis.interop import load_capping
 
     results = tiny_run / "results/smollm2-135m-instruct"
     axis, axis_layers, _ = load_axis(results / "axis.safetensors")
@@ -240,10 +246,10 @@ def _stream_recorder(layers, store):
 
         def hook_for(layer):
             def hook(_m, _a, output):
-                step = worker._axis_hooks.step
-                if step is not None:
+                rows = worker.axis_ops.step_rows
+                if rows:
                     hidden, residual = output
-                    store.setdefault(layer, []).append((hidden + residual)[: step.n_tokens].detach().clone())
+                    store.setdefault(layer, []).append((hidden + residual)[:rows].detach().clone())
 
             return hook
 
@@ -392,7 +398,6 @@ def test_drift_runs_in_vllm_and_projects_the_transformers_transcripts_alike(tiny
     from assistant_axis.drift import transcript
     from assistant_axis.engines.transformers import TransformersSession
     from assistant_axis.engines.vllm import VLLMEngine
-    from assistant_axis.interop import load_capping
     from assistant_axis.templates import ChatTemplate
 
     results = "results/smollm2-135m-instruct/drift"
@@ -543,11 +548,13 @@ def test_a_stop_token_fed_back_after_the_end_of_turn_is_not_measured(llm, capped
         hooks.remove()
 
 
-def _run_engine_checks(tiny_run, capping_file, out: Path, tensor_parallel: int = 1) -> dict:
+def _run_engine_checks(tiny_run, capping_file, out: Path, tensor_parallel: int = 1, mode: str = "compiled") -> dict:
     _need_vllm()
     model_dir, axis = tiny_paths(tiny_run)
     script = Path(__file__).with_name("vllm_engine_checks.py")
     env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1"}
+    dump = out.with_name("compiled.log")  # what torch.compile traced and inductor made of it
+    env.update(TORCH_LOGS="graph_code,output_code", TORCH_LOGS_OUT=str(dump))
     if tensor_parallel > 1:  # the CPU build binds each worker to a NUMA node of its own unless told not to
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1")
     command = [
@@ -558,10 +565,11 @@ def _run_engine_checks(tiny_run, capping_file, out: Path, tensor_parallel: int =
         str(capping_file),
         str(out),
         str(tensor_parallel),
+        mode,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "dump": str(dump)}
 
 
 @pytest.fixture(scope="module")
@@ -574,9 +582,12 @@ def engine_checks(tiny_run, capping_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine_checks_tp3(tiny_run, capping_file, tmp_path_factory):
     """The same engine with tensor parallel 3 (worker processes of their own; the bundled model's 9
-    attention heads and 3 KV heads split 3 ways, not 2): its tensor-parallel and steer-last checks."""
+    attention heads and 3 KV heads split 3 ways, not 2): its tensor-parallel and steer-last checks. Eager:
+    compiled, its three workers compile on this machine's two cores and the checks take 289 s instead of
+    136 (measured 2026-12-06), past the suite's budget; compiled it passes the same tests (run by hand,
+    the closing note of issue 36), and the ops are the same in both modes."""
     out = tmp_path_factory.mktemp("engine_checks_tp3") / "seen.json"
-    return _run_engine_checks(tiny_run, capping_file, out, tensor_parallel=3)
+    return _run_engine_checks(tiny_run, capping_file, out, tensor_parallel=3, mode="eager")
 
 
 def test_a_hooked_engine_runs_model_runner_v1_whatever_the_environment_asks(engine_checks):
@@ -624,7 +635,7 @@ def test_preempted_requests_are_measured_and_recorded_once_per_position(engine_c
     same = 0
     for together, alone in zip(seen["together"], seen["one_by_one"], strict=True):
         for reply in (together, alone):  # all fed-back tokens: all but the last of a cut reply
-            assert reply["measured"] == len(reply["tokens"]) - (len(reply["tokens"]) == 96)
+            assert reply["measured"] == len(reply["tokens"]) - (len(reply["tokens"]) == 64)
         if together["tokens"] == alone["tokens"]:  # the same token ids: the same numbers
             same += 1
             torch.testing.assert_close(
@@ -679,8 +690,6 @@ def test_tensor_parallel_ranks_cap_and_measure_as_one_process(engine_checks, eng
     the running telemetry after every step equal tensor parallel 1's within 1e-5 of the stream's norm.
     (A token whose projection lies within rounding of tau may fire on one path and not the other: one
     such token per reply is allowed in the fired share.)"""
-    from safetensors.torch import load_file
-
     default = load_file(tiny_run / f"results/{MODEL}/activations/default.safetensors")["activations"]
     norms = default[:, CAPPED].float().norm(dim=-1).mean(0).double()
     one, three = engine_checks["tensor_parallel"], engine_checks_tp3["tensor_parallel"]
@@ -748,3 +757,75 @@ def test_an_end_of_turn_token_from_the_generation_config_ends_the_reply_and_is_n
         session.close()
     assert reply.finish_reason == "stop" and reply.token_ids == plain.token_ids[:3]
     assert reply.text and end not in reply.token_ids
+
+
+# ---------------------------------------------------------------------- compiled (the engine checks' engine)
+
+
+def _close_to_norm(got: list, want: list, norms: list, tolerance: float = 1e-5) -> None:
+    """Each layer's value within `tolerance` of the stream's norm there."""
+    for g, w, n in zip(got, want, norms, strict=True):
+        assert abs(g - w) <= tolerance * n, f"{g} vs {w}: {abs(g - w) / n:.2e} of the norm {n:.1f}"
+
+
+def test_the_default_engine_is_compiled_with_the_ops_in_its_one_graph(engine_checks):
+    """The engine a GPU user gets compiles the model (vLLM's default; on this CPU build one Dynamo trace
+    with inductor), and the trace it compiled is one graph holding every op the layout asked for (edits and
+    telemetry at the 5 capped layers, recording there and at layer 3), each still called in inductor's
+    output (a mutating op the compiler thought unused would be gone)."""
+    assert engine_checks["compilation"] != 0  # CompilationMode.NONE
+    dump = Path(engine_checks["dump"]).read_text()
+    traced = dump.split("TRACED GRAPH")
+    assert len(traced) == 2, f"{len(traced) - 1} traced graphs: the model's forward broke into pieces"
+    graph, output = traced[1].split("Output code", 1) if "Output code" in traced[1] else (traced[1], "")
+    for name, count in zip(CUSTOM_OPS, (5, 5, 6), strict=True):
+        call = f"torch.ops.{name.replace('::', '.')}"
+        assert graph.count(f"{call}(") == count, f"{name}: {graph.count(f'{call}(')} calls in the traced graph"
+        assert output.count(f"{call}.default(") == count, f"{name}: {output.count(f'{call}.default(')} in the output"
+
+
+def test_compiled_telemetry_equals_the_eager_engines_on_the_same_tokens(
+    engine_checks, llm, capped_setting, capping_file, tiny_run
+):
+    """Four settings in one batch (none, a cap, steering then the cap, steering alone) over the same token
+    ids, teacher-forced, in the compiled engine and in the eager one: the same telemetry within 1e-5 of the
+    stream's norm; then a setting added after the compiled engine started applies (a floor 2 higher: the
+    trace kept no value of the tables it read) and holds every token of its greedy reply at or above tau."""
+    from vllm_engine_checks import mixed_settings  # imports vLLM: a test that runs it has it
+
+    units, _ = capped_setting
+    capping = load_capping(capping_file).normalized()  # the one the engine checks ran with
+    steering = Steering.along(units[0], capping.layers[:1], 4.0)
+    template = ChatTemplate(llm.get_tokenizer(), {}, MODEL)
+    eager = mixed_settings(llm, template, units, capping, steering)
+    compiled = engine_checks["mixed"]
+    default = load_file(tiny_run / f"results/{MODEL}/activations/default.safetensors")["activations"]
+    norms = default[:, CAPPED].float().norm(dim=-1).mean(0).tolist()  # the stream's norm at each capped layer
+    for part in ("first", "added"):
+        assert compiled[part].keys() == eager[part].keys()
+        for key, want in eager[part].items():
+            got = compiled[part][key]
+            assert got["tokens"] == want["tokens"] > 20, key
+            _close_to_norm(got["values"], want["values"], norms)
+            _close_to_norm(got["correction"], want["correction"], norms)
+            assert got["fired"] == pytest.approx(want["fired"], abs=1 / want["tokens"]), key
+    first, added = compiled["first"], compiled["added"]
+    assert all(set(first[f"m-none-{i}"]["fired"]) == {0.0} for i in range(3))
+    assert any(max(first[f"m-late-p25-{i}"]["fired"]) > 0 for i in range(3))
+    for i in range(3):
+        assert added[f"a-late-p25-{i}"]["values"] == pytest.approx(first[f"m-late-p25-{i}"]["values"], abs=1e-4)
+        assert added[f"a-tight-{i}"]["values"] != pytest.approx(added[f"a-late-p25-{i}"]["values"], abs=1e-2)
+    tau = compiled["tight_tau"]
+    assert len(compiled["tight_tokens"]) >= 8
+    for projections in compiled["tight_tokens"]:
+        assert all(p >= t - 1e-4 * abs(t) - 1e-4 for p, t in zip(projections, tau, strict=True)), projections
+
+
+def test_compiled_recording_of_a_chunked_prompt_equals_the_transformers_path(engine_checks, bundled):
+    """A prompt of several prefill chunks (128 tokens each), recorded at three layers (not all of them) over
+    most of its tokens by the compiled engine: the transformers path's means of the same span."""
+    seen = engine_checks["long_recording"]
+    start, end = seen["span"]
+    assert len(seen["ids"]) > 3 * 128 and seen["count"] == end - start
+    want = mean_activations(bundled[0], [seen["ids"]], [(start, end)], seen["layers"], progress=False)
+    assert_means_close(torch.tensor([seen["means"]]), want)

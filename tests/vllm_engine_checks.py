@@ -1,12 +1,18 @@
 """A hooked vLLM engine set up as a GPU user gets one, in a process of its own (one hooked engine per
-process): `VLLM_USE_V2_MODEL_RUNNER=1` in the environment as the caller sets it (vLLM's default wherever
-Triton is installed), prefix caching on with KV blocks of 32 tokens (16 on a GPU; the CPU build takes
-multiples of 32), a KV cache small enough to preempt, and vLLM's stats on to count both.
+process): compiled (vLLM's default; MODE `eager` sets `enforce_eager`), `VLLM_USE_V2_MODEL_RUNNER=1` in
+the environment as the caller sets it (vLLM's default wherever Triton is installed), prefix caching on
+with KV blocks of 32 tokens (16 on a GPU; the CPU build takes multiples of 32), a KV cache small enough
+to preempt, and vLLM's stats on to count both. Its ops: edits and telemetry on the capping config's
+layers, recording there and at layer 3.
 
-    python tests/vllm_engine_checks.py MODEL_DIR AXIS CAPPING OUT.json [TENSOR_PARALLEL]
+    python tests/vllm_engine_checks.py MODEL_DIR AXIS CAPPING OUT.json [TENSOR_PARALLEL [MODE]]
 
 Prefills run in chunks of 128 tokens (`max_num_batched_tokens`), so a long prompt takes several steps.
 Writes what it saw; tests/test_vllm_serve.py asserts on it:
+- "compilation": the engine's compilation mode;
+- "mixed": four settings in one batch on the same token ids, teacher-forced, then a setting added after
+  the start, and each token of a greedy reply under it (`mixed_settings`);
+- "long_recording": a prompt of several chunks recorded at three layers (`long_recording`);
 - "runner": the engine config's use_v2_model_runner and the setting as this process holds it;
 - "prefix": one long system prompt asked uncapped and then capped, the capped one again (same setting:
   served from the cache), and alone after `reset_prefix_cache()`: tokens, telemetry, cache hits;
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -31,9 +38,11 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from assistant_axis.axis import load_axis, unit_rows
+from assistant_axis.cap import CappingConfig
 from assistant_axis.engines import Sampling
 from assistant_axis.engines.vllm.engine import EXTRA_ARGS_KEY, hooked_engine, vllm_engine_args
 from assistant_axis.engines.vllm.hooks import ActivationRecorder, EngineHooks
+from assistant_axis.engines.vllm.ops import Layout
 from assistant_axis.engines.vllm.session import VLLMSession
 from assistant_axis.interop import load_capping
 from assistant_axis.layers import config_dims
@@ -44,7 +53,7 @@ from assistant_axis.templates import ChatTemplate
 BLOCK = 32
 CHUNK = 128
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=16)
-LONG = Sampling(temperature=0.0, top_p=1.0, max_tokens=96)
+LONG = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)
 GREEDY_24 = {"temperature": 0.0, "max_tokens": 24}
 SYSTEM = " ".join(
     f"Rule {i}: answer as the lighthouse keeper of the northern cape, who logs every ship, storm and gull."
@@ -145,7 +154,75 @@ def steer_last(llm, template: ChatTemplate, direction, layer: int) -> dict:
     }
 
 
-def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = "1") -> None:
+FORCED = "Sure. I keep the lamp, I log the ships and I watch the storms come in from the north, every night."
+
+
+def mixed_settings(llm, template: ChatTemplate, units, capping, steering: Steering) -> dict:
+    """Teacher-forced: the same token sequences (a question and a fixed answer) measured over the answer
+    under four settings in one batch, then under a setting added afterwards (a floor 2 higher): each
+    request's telemetry. The eager in-process engine runs this too (tests/test_vllm_serve.py), to compare
+    with a compiled one."""
+    settings = {"none": [], "late-p25": [capping], "steered-late-p25": [steering, capping], "steered": [steering]}
+    hooks = EngineHooks(llm, units, capping.layers, settings)
+    answer = template.tokenizer.encode(FORCED, add_special_tokens=False)
+    sequences = []
+    for question in QUESTIONS[:3]:
+        prompt = template.ids([{"role": "user", "content": question}], add_generation_prompt=True)
+        sequences.append((prompt + answer, len(prompt)))
+
+    def measure(names: list[str], tag: str) -> dict:
+        prompts, params, keys = [], [], []
+        for setting in names:
+            for i, (ids, start) in enumerate(sequences):
+                key = f"{tag}-{setting}-{i}"
+                extra = {"key": key, "setting": setting, "span": [start, len(ids)]}
+                prompts.append({"prompt_token_ids": ids, "cache_salt": key})
+                params.append(SamplingParams(temperature=0.0, max_tokens=1, extra_args={EXTRA_ARGS_KEY: extra}))
+                keys.append(key)
+        llm.generate(prompts, params, use_tqdm=False)
+        return {key: hooks.pop(key).as_dict() for key in keys}
+
+    seen = {"first": measure(list(settings), "m")}
+    tight = CappingConfig(capping.layers, capping.vectors, capping.thresholds + 2.0, capping.model)
+    hooks.add_setting("tight", [tight])
+    seen["added"] = measure(["tight", "late-p25"], "a")
+    seen["tight_tau"] = tight.thresholds.tolist()
+    # Every token of greedy replies under the added setting, each measured alone (a span of one token).
+    start = sequences[0][1]
+    ids = sequences[0][0][:start]
+    key = "tight-reply"
+    params = hooks.sampling_params("tight", key, temperature=0.0, max_tokens=16)
+    out = llm.generate([hooks.prompt("tight", ids)], [params], use_tqdm=False)
+    hooks.pop(key)
+    full = ids + list(out[0].outputs[0].token_ids)
+    prompts, params, keys = [], [], []
+    for position in range(start, len(full) - 1):
+        key = f"token-{position}"
+        extra = {"key": key, "setting": "tight", "span": [position, position + 1]}
+        prompts.append({"prompt_token_ids": full[: position + 1], "cache_salt": key})
+        params.append(SamplingParams(temperature=0.0, max_tokens=1, extra_args={EXTRA_ARGS_KEY: extra}))
+        keys.append(key)
+    llm.generate(prompts, params, use_tqdm=False)
+    seen["tight_tokens"] = [hooks.pop(key).projection for key in keys]
+    hooks.remove()
+    return seen
+
+
+def long_recording(llm, template: ChatTemplate, layers: list[int]) -> dict:
+    """A prompt of several prefill chunks recorded at a subset of layers over most of it: the means, for
+    tests/test_vllm_serve.py to compare with the transformers path's on the same tokens."""
+    recorder = ActivationRecorder(llm, layers)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[2]}]
+    ids = template.ids(messages, add_generation_prompt=True)
+    span = [5, len(ids) - 3]
+    params = recorder.sampling_params("long", span, temperature=0.0, max_tokens=1)
+    llm.generate([{"prompt_token_ids": ids, "cache_salt": "long"}], [params], use_tqdm=False)
+    means, counts = recorder.pop(["long"])
+    recorder.remove()
+    return {"ids": ids, "span": span, "layers": layers, "means": means[0].tolist(), "count": counts[0]}
+
+
+def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = "1", mode: str = "compiled") -> None:
     n_layers, hidden = config_dims(AutoConfig.from_pretrained(model_dir))
     axis, axis_layers, _ = load_axis(axis_path, n_layers=n_layers, hidden_size=hidden)
     capping = load_capping(capping_path).normalized()
@@ -158,9 +235,14 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = 
         "max_num_seqs": 8,
         "max_num_batched_tokens": CHUNK,
         "tensor_parallel_size": int(tp),
+        "enforce_eager": mode == "eager",
     }
     args = {**vllm_engine_args(model_dir, engine, "test", "float32"), "disable_log_stats": False}
-    llm = hooked_engine(args)
+    # The ops where the checks need them: edits and telemetry on the capped layers, recording there and at 3.
+    layout = Layout(edit=capping.layers, measure=capping.layers, record=[*capping.layers, 3], stages=2)
+    began = time.perf_counter()
+    llm = hooked_engine(args, layout=layout)
+    print(f"engine started in {time.perf_counter() - began:.1f} s", flush=True)
     template = ChatTemplate(load_tokenizer(model_dir), {}, model_dir)
     steering = Steering.along(units[0], capping.layers[:1], 4.0)
     seen = {}
@@ -170,6 +252,10 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = 
         Path(out).write_text(json.dumps(seen))
         llm.llm_engine.engine_core.shutdown()
         return
+    seen["compilation"] = llm.llm_engine.vllm_config.compilation_config.mode
+    seen["mixed"] = mixed_settings(llm, template, units, capping, steering)
+    seen["long_recording"] = long_recording(llm, template, [capping.layers[0], capping.layers[-1], 3])
+    print(f"compiled checks done at {time.perf_counter() - began:.1f} s", flush=True)
     seen["runner"] = {"use_v2_model_runner": llm.llm_engine.vllm_config.use_v2_model_runner}
     seen["runner"]["setting"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     session = VLLMSession(llm, template, units, capping.layers, {"late-p25": capping})
@@ -197,7 +283,8 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = 
         "hits_capped_again": hits_again,
     }
 
-    # Preemption: 8 replies of 96 tokens at once need ~40 blocks; the cache holds 24.
+    print(f"prefix checks done at {time.perf_counter() - began:.1f} s", flush=True)
+    # Preemption: 8 replies of 64 tokens at once need ~32 blocks; the cache holds 24.
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     settings = ["late-p25", "none"] * 4
     llm.reset_prefix_cache()
@@ -215,7 +302,9 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = 
     # once and one at a time.
     recorder = ActivationRecorder(llm, capping.layers)
     prompts = [TokensPrompt(prompt_token_ids=template.ids(c, add_generation_prompt=True)) for c in conversations]
-    params = [recorder.sampling_params(f"all{i}", temperature=0.0, max_tokens=96) for i in range(len(prompts))]
+    params = [
+        recorder.sampling_params(f"all{i}", temperature=0.0, max_tokens=LONG.max_tokens) for i in range(len(prompts))
+    ]
     llm.reset_prefix_cache()
     before = counter(llm, "vllm:num_preemptions")
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -224,15 +313,17 @@ def main(model_dir: str, axis_path: str, capping_path: str, out: str, tp: str = 
     single_means, single_counts, single_tokens = [], [], []
     for i, p in enumerate(prompts):
         llm.reset_prefix_cache()
-        alone = recorder.sampling_params(f"one{i}", temperature=0.0, max_tokens=96)
+        alone = recorder.sampling_params(f"one{i}", temperature=0.0, max_tokens=LONG.max_tokens)
         single = llm.generate([p], [alone], use_tqdm=False)
         m, n = recorder.pop([f"one{i}"])
         single_means.append(m[0])
         single_counts += n
         single_tokens.append(list(single[0].outputs[0].token_ids))
     recorder.remove()
+    print(f"preemption checks done at {time.perf_counter() - began:.1f} s", flush=True)
     seen["tensor_parallel"] = tensor_parallel(llm, template, units, capping, steering)
     seen["steer_last"] = steer_last(llm, template, units[:1], capping.layers[0])
+    print(f"all done at {time.perf_counter() - began:.1f} s", flush=True)
     seen["preemption"] = {
         "preemptions": preempted,
         "together": together,

@@ -15,6 +15,7 @@ makes it a two-sided band.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "layer_range",
     "percentile_thresholds",
     "cap",
+    "cap_shift",
 ]
 
 # The percentiles of the default replies' projections that calibration always records.
@@ -88,15 +90,22 @@ class CappingConfig:
         unit = self.vectors[k]
         h = hidden.float()
         proj = h @ unit  # [..., tokens]
-        shift = (proj - float(self.thresholds[k])).clamp(max=0)  # negative below the floor, else 0
-        if self.upper is not None:
-            shift = shift + (proj - float(self.upper[k])).clamp(min=0)
+        ceiling = math.inf if self.upper is None else float(self.upper[k])
+        shift = cap_shift(proj, float(self.thresholds[k]), ceiling)
         return (h - shift.unsqueeze(-1) * unit).to(hidden.dtype)
 
     def normalized(self) -> CappingConfig:
         """The same config with unit vectors (how `cap` uses them)."""
         units = unit_vectors(self.vectors)
         return CappingConfig(self.layers, units, self.thresholds, self.model, self.upper, self.source, self.metadata)
+
+
+def cap_shift(projection: torch.Tensor, floor, ceiling) -> torch.Tensor:
+    """How far a projection is lifted or lowered onto the band [floor, ceiling]: negative below the floor,
+    positive above the ceiling, 0 within (exactly, so an uncapped row keeps its bits). The one
+    implementation of the cap's arithmetic: `CappingConfig.edit` and the vLLM engine's ops (`-inf` / `inf`
+    bounds: none) use it."""
+    return (projection - floor).clamp(max=0) + (projection - ceiling).clamp(min=0)
 
 
 def read_capping(path: str | Path) -> CappingConfig:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from assistant_axis.engines import Generation, Sampling, generation
 from assistant_axis.engines.vllm.engine import hooked_engine, recording_engine, vllm_engine, vllm_engine_args
 from assistant_axis.engines.vllm.hooks import ActivationRecorder
+from assistant_axis.engines.vllm.ops import Layout
 from assistant_axis.engines.vllm.session import VLLMSession
 from assistant_axis.errors import InputError
 from assistant_axis.models import load_tokenizer
@@ -80,16 +81,22 @@ class VLLMEngine:
         template = ChatTemplate(load_tokenizer(model_path, trust_remote_code), template_options, model_name)
         return cls(args, template, key, capture, progress=progress)
 
-    def _started(self, kind: str):
-        """The engine, started now as `kind` needs it ("plain", "recording", "hooked")."""
+    def _started(self, kind: str, layout: Layout | None = None):
+        """The engine, started now as `kind` needs it: "plain", "recording" (every layer recorded, or the
+        captured ones) or "hooked" (the ops of `layout`)."""
         if self.llm is None:
-            start = {"plain": vllm_engine, "recording": recording_engine, "hooked": hooked_engine}[kind]
             args = self.args
-            if kind == "recording":  # a cached token is not computed, so it could not be recorded
+            if kind == "plain":
+                self.llm = vllm_engine(args, self.start_key)
+            elif kind == "recording":  # a cached token is not computed, so it could not be recorded
+                record = self.capture[0] if self.capture else "all"
                 args = {"enable_prefix_caching": False, **args}
-            self.llm, self.kind = start(args, self.start_key), kind
-        elif kind != "plain" and self.kind == "plain":
-            raise RuntimeError(f"this engine was started without hooks; {kind} needs a new one")
+                self.llm = recording_engine(args, self.start_key, Layout(record=record))
+            else:
+                self.llm = hooked_engine(args, self.start_key, layout)
+            self.kind = kind
+        elif kind != self.kind and self.kind != "given":
+            raise RuntimeError(f"this engine was started {self.kind}; {kind} needs a new one")
         return self.llm
 
     # ------------------------------------------------------------------ generation
@@ -176,7 +183,9 @@ class VLLMEngine:
     def session(self, units, layers, cappings, steering=None, sampling=None, system=None):
 
         cappings = {name: capping.normalized() for name, capping in cappings.items()}
-        return VLLMSession(self._started("hooked"), self.template, units, layers, cappings, steering, sampling, system)
+        layout = VLLMSession.layout(layers, cappings, steering)
+        llm = self._started("hooked", layout)
+        return VLLMSession(llm, self.template, units, layers, cappings, steering, sampling, system)
 
     def close(self) -> None:
         """Remove the recorder and shut the engine down (its worker processes, its memory)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from assistant_axis.engines.vllm.ops import WORKER_CLASS, Layout
 from assistant_axis.errors import InputError
 
 __all__ = [
@@ -234,21 +235,23 @@ def vllm_engine(args: dict, key: str):
     return LLM(**args)
 
 
-def hooked_engine(args: dict, key: str = "engine"):
-    """A vLLM `LLM` for `EngineHooks`: eager, its engine core in this process, any tensor parallel size
-    (every rank holds every layer; pipeline parallel would split them)."""
+def hooked_engine(args: dict, key: str = "engine", layout=None):
+    """A vLLM `LLM` for `EngineHooks`: the ops of `layout` in its model (see `recording_engine`), any tensor
+    parallel size (every rank holds every layer; pipeline parallel would split them)."""
     if int(args.get("pipeline_parallel_size", 1) or 1) != 1:
         raise InputError("config", f"{key}.pipeline_parallel_size", "interventions need every layer on every rank")
-    return recording_engine(args, key)
+    return recording_engine(args, key, layout)
 
 
-def recording_engine(args: dict, key: str = "engine"):
-    """A vLLM `LLM` for `ActivationRecorder` and `EngineHooks`: eager (hooks do not fire inside CUDA graphs)
-    and its engine core in this process; the model is too with tensor parallel 1, with more each worker
-    process holds hooks alike."""
+def recording_engine(args: dict, key: str = "engine", layout=None):
+    """A vLLM `LLM` whose model carries the ops of `layout` (`worker.Layout`; default: every op on every
+    layer, 8 settings of 2 stages), compiled as vLLM compiles by default unless `enforce_eager` is set,
+    with its engine core in this process (`collective_rpc` reaches the workers' tables); the model is in
+    this process too with tensor parallel 1, in worker processes alike with more."""
+    layout = layout or Layout(edit="all", measure="all", record="all", stages=2)
+    args = {**args, "worker_cls": WORKER_CLASS, "additional_config": layout.as_config()}
     # Only this engine: another one started later in this process (a test's, say) keeps its own process,
     # so that shutting it down does not take this process's distributed state with it.
-    args = {**args, "enforce_eager": True}
     pin_v1_runner()
     before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -28,13 +28,16 @@ import torch
 from assistant_axis.cap import CappingConfig
 from assistant_axis.engines import Chunk, Conversation, Reply, Sampling, TokenLogprob, check_context
 from assistant_axis.engines.vllm.engine import EXTRA_ARGS_KEY
-from assistant_axis.engines.vllm.hooks import ActivationRecorder, EngineHooks
+from assistant_axis.engines.vllm.hooks import EngineHooks, Telemetry
+from assistant_axis.engines.vllm.ops import Layout, settings_stages
 from assistant_axis.errors import InputError
 from assistant_axis.project import projection_frame
 from assistant_axis.steer import Steering
 from assistant_axis.templates import ChatTemplate, split_reasoning
 
-__all__ = ["ReplyStream", "VLLMSession"]
+__all__ = ["ReplyStream", "VLLMSession", "SPARE_SETTINGS"]
+
+SPARE_SETTINGS = 4  # settings an engine started for a session has room for beyond those it starts with
 
 
 class ReplyStream:
@@ -51,8 +54,9 @@ class ReplyStream:
         else:
             self.events.put(event)
 
-    def result(self) -> Reply:
-        while not isinstance(event := self.events.get(), (Reply, BaseException)):
+    def result(self) -> Reply | Telemetry:
+        """The reply (the `Telemetry` of a measured span)."""
+        while not isinstance(event := self.events.get(), (Reply, Telemetry, BaseException)):
             pass
         if isinstance(event, BaseException):
             raise event
@@ -82,7 +86,8 @@ class _Running:
     setting: str
     prompt_tokens: int
     top_logprobs: int | None
-    salt: str | None = None  # its own prefix-cache salt (a recording must compute every token)
+    salt: str | None = None  # its own prefix-cache salt (a measured span must compute every token)
+    measured_only: bool = False  # a span measured, not a reply: its stream ends with the `Telemetry`
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -121,6 +126,23 @@ class VLLMSession(Conversation):
         self.thread.start()
         self.system, self.messages = system, []
         self.reset()
+
+    @staticmethod
+    def layout(layers: list[int], cappings: dict[str, CappingConfig], steering: Steering | None) -> Layout:
+        """The ops an engine for these settings carries: edits where a setting acts, telemetry on `layers`,
+        room for `SPARE_SETTINGS` settings more (`add_setting`)."""
+        before = [steering] if steering else []
+        settings = [[*before, capping] for capping in cappings.values()] or [before]
+        edit = sorted({layer for interventions in settings for iv in interventions for layer in iv.layers})
+        stages = max((len(at) for ivs in settings for at in settings_stages(ivs).values()), default=1)
+        return Layout(edit=edit, measure=list(layers), settings=len(cappings) + 1 + SPARE_SETTINGS, stages=stages)
+
+    def add_setting(self, name: str, capping: CappingConfig) -> None:
+        """Another capping setting, used by requests from now on (its layers must carry edit ops)."""
+        capping = capping.normalized()
+        self._call(lambda: self.hooks.add_setting(name, [*([self.steering] if self.steering else []), capping]))
+        self.cappings[name] = capping
+        self.settings.append(name)
 
     @property
     def capping(self) -> CappingConfig | None:  # what `chat` describes: the default setting's cap
@@ -174,9 +196,9 @@ class VLLMSession(Conversation):
 
     def conversation_projections(self, messages: list[dict], setting: str | None = None):
         """Per message, its mean projection per layer in the conversation up to it (as `project` computes
-        it), under the setting's interventions: one prefill-only request per message, recorded over the
-        message's tokens (`hooks.ActivationRecorder`, after the setting's edits). A frame of `turn, role,
-        layer, projection, n_chars`."""
+        it), under the setting's interventions: one prefill-only request per message, measured over the
+        message's tokens (its telemetry span, after the setting's edits). A frame of `turn, role, layer,
+        projection, n_chars`."""
         # vLLM loads only where an engine runs: planning and the light paths never import it
         from vllm import SamplingParams
 
@@ -186,29 +208,23 @@ class VLLMSession(Conversation):
         shown = self.template.fit(list(messages))
         located = [self.template.turn_span(shown[:i], m) for i, m in enumerate(shown)]
         todo = [i for i, (_, start, end) in enumerate(located) if end > start]
-        keys = [f"axis-turn-{uuid.uuid4().hex}" for _ in todo]
-        recorder = self._call(lambda: ActivationRecorder(self.llm, self.layers))
-        try:
-            streams = []
-            for key, i in zip(keys, todo, strict=True):
-                ids, start, end = located[i]
-                extra = {EXTRA_ARGS_KEY: {"setting": setting, "key": key, "span": [start, end]}}
-                params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=extra)
-                stream = ReplyStream(self, key, None)
-                # Its own cache salt: every token of the message is computed, none read from the cache.
-                self.inbox.put(("add", key, ids, params, _Running(stream, setting, len(ids), None, salt=key)))
-                streams.append(stream)
-            for stream in streams:
-                stream.result()
-            means, counts = self._call(lambda: recorder.pop(keys))
-        finally:
-            self._call(recorder.remove)
+        streams = []
+        for i in todo:
+            ids, start, end = located[i]
+            key = f"axis-turn-{uuid.uuid4().hex}"
+            extra = {EXTRA_ARGS_KEY: {"setting": setting, "key": key, "span": [start, end]}}
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=extra)
+            stream = ReplyStream(self, key, None)
+            # Its own cache salt: every token of the message is computed, none read from the cache.
+            running = _Running(stream, setting, len(ids), None, salt=key, measured_only=True)
+            self.inbox.put(("add", key, ids, params, running))
+            streams.append(stream)
         values = torch.full((len(shown), len(self.layers)), float("nan"))
-        for r, i in enumerate(todo):
-            _, start, end = located[i]
-            if counts[r] != end - start:
-                raise RuntimeError(f"message {i}: {counts[r]} of its {end - start} tokens were recorded")
-            values[i] = torch.einsum("lh,lh->l", means[r], self.units.float())
+        for stream, i in zip(streams, todo, strict=True):
+            telemetry, (_, start, end) = stream.result(), located[i]
+            if telemetry.tokens != end - start:
+                raise RuntimeError(f"message {i}: {telemetry.tokens} of its {end - start} tokens were measured")
+            values[i] = torch.tensor([float("nan") if v is None else v for v in telemetry.projection])
         return projection_frame(shown, self.layers, values)
 
     def _call(self, work):
@@ -347,6 +363,9 @@ class VLLMSession(Conversation):
             return
         del self.running[output.request_id]
         telemetry = self.hooks.pop(output.request_id)
+        if running.measured_only:
+            running.stream.put(telemetry)
+            return
         tokens, logprobs = running.tokens, running.logprobs
         finish = "length" if step.finish_reason == "length" else "stop"
         # Ended on an end-of-turn token: the tokenizer's (no stop reason) or one of the model's
