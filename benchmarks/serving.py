@@ -7,6 +7,7 @@ process's distributed state; the parent starts them in turn and prints the ratio
 - uncapped eager / uncapped compiled: vLLM as it comes (no ops in its model);
 - capped compiled / capped eager: the engine `serve --engine vllm` starts (edit ops on the capping config's
   layers, telemetry on them), every other request under the cap and the rest uncapped, all in one batch;
+  "ops inline": the same ops' functions traced into the graph instead of registered ops (`Layout.custom_ops`);
 - capture compiled / capture eager: the engine the generate stage starts with `capture_activations`
   (record ops on every layer), every request recorded as it is generated.
 `--concurrency` requests go in at once, and the next ones when they are done. Engine start (compilation
@@ -25,6 +26,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from assistant_axis.axis import load_axis, unit_rows
@@ -33,10 +35,12 @@ from assistant_axis.models import load_tokenizer
 from assistant_axis.templates import ChatTemplate
 from benchmarks.harness import ROOT, Table, conversations, load, machine_line, model_dir, require
 
+RESULT = "variant result:"
 VARIANTS = {  # label -> (ops, compiled)
     "uncapped eager": ("none", False),
     "uncapped compiled": ("none", True),
     "capped compiled": ("capped", True),
+    "capped compiled, ops inline": ("capped-inline", True),
     "capped eager": ("capped", False),
     "capture compiled": ("capture", True),
     "capture eager": ("capture", False),
@@ -70,8 +74,10 @@ def run_variant(args) -> dict:
     start = time.perf_counter()
     if ops == "none":
         llm = vllm_engine(engine_args, "benchmark")
-    elif ops == "capped":
+    elif ops.startswith("capped"):
         layout = VLLMSession.layout(capping.layers, {"cap": capping}, None)
+        # inline: the ops' functions traced into the graph, where inductor may fuse them, not registered ops
+        layout = replace(layout, custom_ops=ops == "capped")
         llm = hooked_engine(engine_args, "benchmark", layout)
         hooks = EngineHooks(llm, units, capping.layers, {"none": [], "cap": [capping]})
     else:
@@ -81,7 +87,7 @@ def run_variant(args) -> dict:
 
     def request(i: int, key: str):
         greedy = {"temperature": 0.0, "max_tokens": args.max_tokens}
-        if ops == "capped":
+        if ops.startswith("capped"):
             setting = "cap" if i % 2 else "none"
             return hooks.prompt(setting, prompts[i]), hooks.sampling_params(setting, key, **greedy)
         params = recorder.sampling_params(key, **greedy) if ops == "capture" else SamplingParams(**greedy)
@@ -94,7 +100,7 @@ def run_variant(args) -> dict:
             asked = [request(at + k, key) for k, key in enumerate(keys)]
             outs = llm.generate([p for p, _ in asked], [q for _, q in asked], use_tqdm=False)
             tokens += [list(out.outputs[0].token_ids) for out in outs]
-            if ops == "capped":  # as the server reads them, per request
+            if ops.startswith("capped"):  # as the server reads them, per request
                 for key in keys:
                     hooks.pop(key)
             elif ops == "capture":  # as the generate stage reads them, per batch
@@ -127,7 +133,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child's one engine
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args)))
+        print(RESULT, json.dumps(run_variant(args)), flush=True)  # vLLM prints to stdout too
         return
     results = Path(args.results)
     require(
@@ -143,7 +149,8 @@ def main() -> None:
         command += ["--model", args.model] if "--model" not in sys.argv else []
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         require(done.returncode == 0, f"{label}: {done.stderr[-3000:]}")
-        measured[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        line = next(line for line in done.stdout.splitlines() if line.startswith(RESULT))
+        measured[label] = json.loads(line.removeprefix(RESULT))
         print(f"  {label}: started in {measured[label]['start']:.1f} s, {measured[label]['rate']}", flush=True)
     table = Table()
     for label, seen in measured.items():
@@ -155,7 +162,7 @@ def main() -> None:
             baseline = f"uncapped {'compiled' if compiled else 'eager'}"
             notes = [] if label == baseline else [f"{rate[label] / rate[baseline]:.2f}x {baseline}"]
             if ops != "none" and compiled:
-                eager = label.replace("compiled", "eager")
+                eager = label.replace("compiled", "eager").replace(", ops inline", "")
                 notes.append(f"{rate[label] / rate[eager]:.2f}x {eager}")
             table.report(f"{label}, concurrency {concurrency}", f"{rate[label]:.1f} tok/s", ", ".join(notes))
     same = measured["capped compiled"]["tokens"] == measured["capped eager"]["tokens"]
