@@ -16,7 +16,10 @@ if __name__ == "__main__":  # vLLM's workers start by spawn and import this file
 
     model, tp, source, output, *layers = sys.argv[1:]
     data = json.loads(open(source).read())
+    # Eager: three workers compiling on two cores take ~3 minutes (the compiled recording is tested at
+    # tensor parallel 1, tests/test_vllm_serve.py; the ops are the same either way).
     engine = {"tensor_parallel_size": int(tp), "kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 2048}
+    engine["enforce_eager"] = True
     llm = recording_engine(vllm_engine_args(model, {**engine, "enable_prefix_caching": False}, "test", "float32"))
     means = vllm_mean_activations(llm, data["sequences"], data["spans"], [int(x) for x in layers], progress=False)
     save_file({"means": means}, output)
