@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -73,6 +74,9 @@ def run_variant(args) -> dict:
     engine_args = vllm_engine_args(args.model, engine, "benchmark", args.dtype)
     start = time.perf_counter()
     if ops == "none":
+        # Its engine core in this process too, as the hooked engines run theirs: on 2 cores a separate
+        # engine-core process competes with this one, which would make the baseline, not the ops, differ.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         llm = vllm_engine(engine_args, "benchmark")
     elif ops.startswith("capped"):
         layout = VLLMSession.layout(capping.layers, {"cap": capping}, None)
@@ -82,7 +86,7 @@ def run_variant(args) -> dict:
         hooks = EngineHooks(llm, units, capping.layers, {"none": [], "cap": [capping]})
     else:
         llm = recording_engine(engine_args, "benchmark", Layout(record="all"))
-        recorder = ActivationRecorder(llm, list(range(llm.llm_engine.model_config.get_num_layers(None))))
+        recorder = ActivationRecorder(llm, list(range(llm.llm_engine.model_config.hf_config.num_hidden_layers)))
     started = time.perf_counter() - start
 
     def request(i: int, key: str):
