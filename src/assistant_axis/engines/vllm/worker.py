@@ -233,6 +233,10 @@ class WorkerOps:
         each other."""
         if owner is not None and self.owner not in (None, owner):
             raise RuntimeError("this engine's settings belong to another EngineHooks: remove it first")
+        if len(layers) and units.shape[-1] != self.hidden_size:
+            raise InputError(
+                "axis", "hidden_size", f"axis has hidden size {units.shape[-1]}, the model has {self.hidden_size}"
+            )
         missing = [layer for layer in layers if layer not in self.measure]
         if missing:
             raise InputError("engine layout", "measure", f"layers {missing} carry no telemetry ({self.measure})")
