@@ -1,13 +1,14 @@
 """Serving speed in vLLM, compiled and eager: uncapped, capped (mixed settings) and recording, at
 concurrency 1 and 16.
 
-The same greedy requests (bank conversations, up to `--max-tokens` new tokens each) go to six engines,
+The same greedy requests (bank conversations, up to `--max-tokens` new tokens each) go to seven engines,
 one at a time, each in a process of its own (an engine whose ops are reached in process holds that
 process's distributed state; the parent starts them in turn and prints the ratios):
 - uncapped eager / uncapped compiled: vLLM as it comes (no ops in its model);
 - capped compiled / capped eager: the engine `serve --engine vllm` starts (edit ops on the capping config's
   layers, telemetry on them), every other request under the cap and the rest uncapped, all in one batch;
-  "ops inline": the same ops' functions traced into the graph instead of registered ops (`Layout.custom_ops`);
+  the ops traced into the graph (the default), and "registered ops": the same functions as registered
+  custom ops, which the compiler does not look inside (`Layout.custom_ops`);
 - capture compiled / capture eager: the engine the generate stage starts with `capture_activations`
   (record ops on every layer), every request recorded as it is generated.
 `--concurrency` requests go in at once, and the next ones when they are done. Engine start (compilation
@@ -41,7 +42,7 @@ VARIANTS = {  # label -> (ops, compiled)
     "uncapped eager": ("none", False),
     "uncapped compiled": ("none", True),
     "capped compiled": ("capped", True),
-    "capped compiled, ops inline": ("capped-inline", True),
+    "capped compiled, registered ops": ("capped-registered", True),
     "capped eager": ("capped", False),
     "capture compiled": ("capture", True),
     "capture eager": ("capture", False),
@@ -80,8 +81,8 @@ def run_variant(args) -> dict:
         llm = vllm_engine(engine_args, "benchmark")
     elif ops.startswith("capped"):
         layout = VLLMSession.layout(capping.layers, {"cap": capping}, None)
-        # inline: the ops' functions traced into the graph, where inductor may fuse them, not registered ops
-        layout = replace(layout, custom_ops=ops == "capped")
+        # registered: opaque to inductor, each call its eager body (the default traces them inline)
+        layout = replace(layout, custom_ops=ops == "capped-registered")
         llm = hooked_engine(engine_args, "benchmark", layout)
         hooks = EngineHooks(llm, units, capping.layers, {"none": [], "cap": [capping]})
     else:
@@ -166,7 +167,7 @@ def main() -> None:
             baseline = f"uncapped {'compiled' if compiled else 'eager'}"
             notes = [] if label == baseline else [f"{rate[label] / rate[baseline]:.2f}x {baseline}"]
             if ops != "none" and compiled:
-                eager = label.replace("compiled", "eager").replace(", ops inline", "")
+                eager = label.replace("compiled", "eager").replace(", registered ops", "")
                 notes.append(f"{rate[label] / rate[eager]:.2f}x {eager}")
             table.report(f"{label}, concurrency {concurrency}", f"{rate[label]:.1f} tok/s", ", ".join(notes))
     same = measured["capped compiled"]["tokens"] == measured["capped eager"]["tokens"]
