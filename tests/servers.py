@@ -50,10 +50,13 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float =
 
 
 @contextmanager
-def _serve(command: list[str], health: str, log: Path):
-    """Run a server in its own process group (launchers spawn the real server as a child) and stop the group."""
+def _serve(command: list[str], health: str, log: Path, env: dict | None = None):
+    """Run a server in its own process group (launchers spawn the real server as a child) and stop the group.
+    `env`: variables set for it on top of this process's."""
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+        )
         try:
             _wait_ready(health, process, log)
             yield process
@@ -97,7 +100,8 @@ def transformers_server(model_dir: Path, log: Path):
 
 
 FAULTS = ("500", "429", "hang", "drop", "garbage")  # a retry may cure these
-REFUSALS = ("400", "401")  # these it cannot
+REFUSALS = ("401", "403")  # these it cannot: about the whole run
+CONTENT_FILTER = "The response was filtered due to the prompt triggering content management policy"
 
 
 class FaultProxy:
@@ -116,9 +120,11 @@ class FaultProxy:
         hang_seconds: float = 4.0,
         echo_key_on_500: bool = True,
         kinds: tuple[str, ...] = FAULTS,
+        reject: tuple[str, ...] = (),
     ):
         self.upstream = urlparse(upstream)
         self.share, self.rng, self.hang_seconds, self.kinds = share, random.Random(seed), hang_seconds, kinds
+        self.reject = reject  # a request whose body holds one of these is rejected (400, a content filter)
         self.echo_key_on_500 = echo_key_on_500
         self.calls: Counter[str] = Counter()
         self.forwarded: Counter[str] = Counter()
@@ -138,8 +144,13 @@ class FaultProxy:
                 with proxy.lock:
                     proxy.calls[key] += 1
                     fault = proxy.rng.choice(proxy.kinds) if proxy.rng.random() < proxy.share else None
+                    if any(marker.encode() in body for marker in proxy.reject):
+                        fault = "reject"
                     if fault:
                         proxy.faults[fault] += 1
+                if fault == "reject":
+                    error = {"message": CONTENT_FILTER, "type": "invalid_request_error", "code": "content_filter"}
+                    return self._send(400, json.dumps({"error": error}))
                 if fault == "500":
                     echo = self.headers.get("Authorization", "") if proxy.echo_key_on_500 else ""
                     return self._send(500, json.dumps({"error": {"message": f"internal error for {echo}"}}))
@@ -154,8 +165,8 @@ class FaultProxy:
                     return None
                 if fault == "400":
                     return self._send(400, json.dumps({"error": {"message": "max_tokens is too large"}}))
-                if fault == "401":
-                    return self._send(401, json.dumps({"error": {"message": "invalid api key"}}))
+                if fault in ("401", "403"):
+                    return self._send(int(fault), json.dumps({"error": {"message": "invalid api key"}}))
                 if fault == "garbage":
                     return self._send(200, "<html>this is not json</html>", {"Content-Type": "application/json"})
                 with proxy.lock:
@@ -166,6 +177,16 @@ class FaultProxy:
                 upstream = conn.getresponse()
                 data = upstream.read()
                 conn.close()
+                if fault == "cut":  # the real answer, its body cut off halfway (the connection drops)
+                    self.send_response(upstream.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
                 return self._send(upstream.status, data.decode("utf-8", "replace"))
 
             def _send(self, status: int, text: str, headers: dict | None = None):

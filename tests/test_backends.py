@@ -25,7 +25,7 @@ from assistant_axis.judge import DEFAULT_TEMPLATE, JudgeItem, OpenAIJudge, Trans
 from assistant_axis.models import bundled_gguf
 
 from conftest import need, need_package
-from servers import REFUSALS, FaultProxy, find_command, llama_cpp_server, transformers_server
+from servers import CONTENT_FILTER, REFUSALS, FaultProxy, find_command, llama_cpp_server, transformers_server
 from workflow_helpers import TINY_ROLES, make_workspace, snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,6 +268,59 @@ def test_a_refused_request_stops_the_job_at_once(tmp_path, llama_url, responses_
     # Not retried, and nothing sent after the refusal beyond what was already in flight.
     assert proxy.faults[kind] == sum(proxy.calls.values()) <= settings["concurrency"]
     assert not proxy.forwarded
+
+
+@pytest.mark.slow
+def test_rejected_prompts_get_a_null_score_and_are_not_paid_for_again(tmp_path, llama_url, responses_file, key, caplog):
+    """Two replies a content filter rejects (400): past the allowed share the job fails naming them, every
+    other answer and both rejections cached; within it the job finishes with the two scores null and the
+    server's message; a rerun sends nothing, and `retry_rejected` sends exactly those two again."""
+    frame = pd.read_parquet(responses_file)
+    marker = "[[filtered reply]]"
+    frame.loc[[2, 7], "response"] = frame.loc[[2, 7], "response"] + " " + marker
+    frame.to_parquet(responses_file)
+    cache = tmp_path / "cache"
+    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", concurrency=2)
+    n = len(frame)
+    with FaultProxy(llama_url, share=0.0, reject=(marker,)) as proxy:
+        settings["base_url"] = proxy.url
+        with pytest.raises(APIError) as failure:  # 2 of 12 is past the default 5%
+            _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
+        line = str(failure.value)
+        assert f"rejected 2 of {n} requests" in line and f"2 x HTTP 400: {CONTENT_FILTER}" in line, line
+        assert key not in line and "\n" not in line
+        assert not (tmp_path / "scores.parquet").exists()
+        assert proxy.faults["reject"] == 2 and sum(proxy.forwarded.values()) == n - 2  # each asked once
+        assert len(list(cache.rglob("*.json"))) == n - 2 and len(list(cache.rglob("*.rejected"))) == 2
+
+        proxy.reset_counts()
+        with caplog.at_level("WARNING", logger="assistant_axis"):
+            scores = _judge_stage(responses_file, tmp_path / "scores.parquet", {**settings, "max_rejected_share": 0.2})
+        assert not proxy.calls  # the answers and the rejections, all from the cache
+        rejected = scores[scores["score"].isna()]
+        assert list(rejected.index) == [2, 7] and scores.drop(index=[2, 7])["score"].notna().all()
+        assert all(CONTENT_FILTER in raw for raw in rejected["raw"])
+        assert f"rejected 2 of {n} requests" in caplog.text
+
+        again = {**settings, "max_rejected_share": 0.2, "retry_rejected": True}
+        _judge_stage(responses_file, tmp_path / "scores2.parquet", again)
+        assert sum(proxy.calls.values()) == proxy.faults["reject"] == 2  # only the two, asked again
+
+
+@pytest.mark.slow
+def test_a_cut_body_is_retried_and_never_cached(tmp_path, llama_url, responses_file, key):
+    """The server's answer cut off halfway (the connection drops mid-body): a fault, retried; the cache
+    holds one whole answer per prompt, and every score is read."""
+    cache = tmp_path / "cache"
+    settings = _api(llama_url, "smollm2", cache=str(cache), scoring="logprobs", max_retries=8, backoff=0.05)
+    with FaultProxy(llama_url, share=0.5, seed=3, kinds=("cut",)) as proxy:
+        settings["base_url"] = proxy.url
+        scores = _judge_stage(responses_file, tmp_path / "scores.parquet", settings)
+    n = len(scores)
+    assert proxy.faults["cut"] >= 3 and sum(proxy.forwarded.values()) == n + proxy.faults["cut"]
+    answers = [json.loads(a.read_text()) for a in cache.rglob("*.json")]
+    assert len(answers) == n and all(a["choices"][0]["logprobs"]["content"] for a in answers)
+    assert scores["score"].notna().all()
 
 
 @pytest.mark.slow

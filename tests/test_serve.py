@@ -8,7 +8,10 @@ or above `tau` on every capped layer. The workflow's own `OpenAIJudge` is pointe
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from serve_helpers import CAPPED, MODEL, capping_config, tiny_paths
 from servers import _serve, free_port
 
 STEER = ["--steer", "-40", "--steer-layers", *map(str, range(8, 26))]
+SERVER_KEY = "axis-serve-key-7f3e91c2d4"
 PIRATE = [
     {"role": "system", "content": "You are a pirate. Always speak like a pirate."},
     {"role": "user", "content": "What do you like to do on a day off?"},
@@ -34,7 +38,7 @@ def capping_file(tiny_run, tmp_path_factory) -> Path:
     return path
 
 
-def _server(tiny_run: Path, log: Path, *extra: str):
+def _server(tiny_run: Path, log: Path, *extra: str, env: dict | None = None):
     model_dir, axis = tiny_paths(tiny_run)
     port = free_port()
     command = [
@@ -54,7 +58,7 @@ def _server(tiny_run: Path, log: Path, *extra: str):
         "24",
         *extra,
     ]
-    return _serve(command, f"http://127.0.0.1:{port}/health", log), f"http://127.0.0.1:{port}/v1"
+    return _serve(command, f"http://127.0.0.1:{port}/health", log, env), f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +75,19 @@ def capped_url(tiny_run, tmp_path_factory, capping_file):
         yield url
 
 
-def _client(url: str):
+@pytest.fixture(scope="module")
+def keyed(tiny_run, tmp_path_factory, capping_file):
+    """A capped server whose API needs a key, given in the environment (out of the process list)."""
+    log = tmp_path_factory.mktemp("serve") / "keyed.log"
+    server, url = _server(tiny_run, log, "--cap", str(capping_file), env={"AXIS_API_KEY": SERVER_KEY})
+    with server:
+        yield url, log
+
+
+def _client(url: str, key: str = "no-key"):
     from openai import OpenAI
 
-    return OpenAI(base_url=url, api_key="no-key", timeout=120, max_retries=0)
+    return OpenAI(base_url=url, api_key=key, timeout=120, max_retries=0)
 
 
 def _check_logprobs(choice, completion_tokens: int, top: int) -> None:
@@ -274,3 +287,101 @@ def _by_hand(model, tokenizer, messages, axis, config, floors: bool) -> list[flo
     span = slice(len(prefix), len(prefix) + len(reply_ids))
     units = {layer: axis[layer].float() / axis[layer].float().norm() for layer in CAPPED}
     return [float(seen[layer][span].mean(0) @ units[layer]) for layer in CAPPED]
+
+
+def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url: str, body: dict, key: str | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"{url}/chat/completions", json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _metrics(base: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the server's /metrics, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = _get(f"{base}/metrics", SERVER_KEY)
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_an_api_key_guards_the_api_and_metrics_but_not_health(keyed):
+    """No key or a wrong one: 401 in OpenAI's format on every API route and /metrics; the key: 200;
+    /health open; neither key appears in the server's log or in an answer."""
+    import openai
+
+    url, log = keyed
+    base = url.removesuffix("/v1")
+    wrong = "axis-wrong-key-0000"
+    for key in (None, wrong):
+        for route in ("/v1/models", "/metrics"):
+            status, body = _get(base + route, key)
+            error = json.loads(body)["error"]
+            assert status == 401 and error["code"] == "invalid_api_key" and error["type"], (route, body)
+            assert wrong.encode() not in body
+        status, body = _post(url, {"model": MODEL, "messages": PIRATE, "max_tokens": 4}, key)
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key" and wrong.encode() not in body
+    with pytest.raises(openai.AuthenticationError) as refused:  # as OpenAI's own client sees it
+        _client(url, wrong).chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=4)
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+    assert _get(base + "/v1/models", SERVER_KEY)[0] == 200 and _get(base + "/metrics", SERVER_KEY)[0] == 200
+    completion = _client(url, SERVER_KEY).chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=4)
+    assert completion.choices[0].message.content
+    assert _get(base + "/health")[0] == 200
+    text = log.read_text()
+    assert "GET /health" in text  # the log is written (uvicorn's access log)
+    assert SERVER_KEY not in text and wrong not in text
+
+
+def test_metrics_count_each_request_by_status_and_tokens_by_usage(keyed):
+    """After N requests the request counter moved by exactly N, by status (200, 400, 401), and the token
+    counters by the sums of the replies' usage; the streamed one timed its first token."""
+    url, _ = keyed
+    base = url.removesuffix("/v1")
+    client = _client(url, SERVER_KEY)
+    before = _metrics(base)
+    prompt = completion = 0
+    settings = set()
+    for messages, n in ((PIRATE, 1), ([{"role": "user", "content": "Tell me about yourself."}], 2)):
+        done = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, n=n, seed=1)
+        prompt, completion = prompt + done.usage.prompt_tokens, completion + done.usage.completion_tokens
+        settings |= {choice.model_extra["projection"]["capping"] for choice in done.choices}
+    stream = client.chat.completions.create(model=MODEL, messages=PIRATE, max_tokens=12, stream=True)
+    chunks = list(stream)
+    usage = next(c for c in chunks if c.usage is not None).usage
+    prompt, completion = prompt + usage.prompt_tokens, completion + usage.completion_tokens
+    assert _get(f"{base}/v1/models", "wrong")[0] == 401  # not a chat completion: not counted
+    assert _post(url, {"model": MODEL, "messages": PIRATE, "temperature": 9}, SERVER_KEY)[0] == 400
+    assert _post(url, {"model": MODEL, "messages": PIRATE}, "wrong")[0] == 401
+    after = _metrics(base)
+
+    def moved(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved("axis_requests_total", status="200") == 3
+    assert moved("axis_requests_total", status="400") == 1
+    assert moved("axis_requests_total", status="401") == 1
+    assert moved("axis_prompt_tokens_total") == prompt
+    assert moved("axis_completion_tokens_total") == completion
+    assert moved("axis_time_to_first_token_seconds_count") == 1
+    assert moved("axis_time_per_output_token_seconds_count") == 4  # 1 + 2 choices + the stream
+    assert after[("axis_requests_active", ())] == 0
+    # The transformers engine does not measure its cap's firing while serving: no share to report.
+    assert settings == {"late-p25"} and not [k for k in after if k[0].startswith("axis_cap_") and k[1]]

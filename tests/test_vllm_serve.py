@@ -440,6 +440,37 @@ def test_drift_runs_in_vllm_and_projects_the_transformers_transcripts_alike(tiny
     print(f"drift teacher-forced in vLLM: largest |difference| / norm {worst:.2e} over {len(reference)} projections")
 
 
+def test_the_vllm_servers_metrics_count_the_caps_firing_per_setting(url):
+    """The vLLM engine measures its cap's firing while serving: /metrics counts each capped reply's tokens
+    under its setting, and how many the cap lifted (its `fired` share over the capped layers times its
+    tokens); uncapped replies count nowhere there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict:
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples
+        }
+
+    before, client = samples(), _client(url)
+    tokens = fired = 0.0
+    for i, setting in enumerate(("late-p25", "none", "late-p25")):
+        ask = dict(model=MODEL, messages=_messages(i), max_tokens=16, temperature=0, extra_body={"capping": setting})
+        done = client.chat.completions.create(**ask)
+        if setting != "none":
+            shares = [f for f in done.model_extra["projection"]["fired"] if f is not None]
+            tokens += done.usage.completion_tokens
+            fired += sum(shares) / len(shares) * done.usage.completion_tokens
+    after = samples()
+    key = (("setting", "late-p25"),)
+    assert after[("axis_cap_tokens_total", key)] - before.get(("axis_cap_tokens_total", key), 0) == tokens > 0
+    moved = after[("axis_cap_fired_tokens_total", key)] - before.get(("axis_cap_fired_tokens_total", key), 0)
+    assert moved == pytest.approx(fired, rel=1e-6, abs=1e-6)
+    assert 0 <= after[("axis_cap_fired_share", key)] <= 1
+    assert not [k for k in after if k[0].startswith("axis_cap_") and ("setting", "none") in k[1]]
+
+
 def test_the_vllm_server_refuses_another_model_and_unsupported_fields(url):
     code, body = _post(url, json.dumps({"model": "nope", "messages": _messages(0)}).encode())
     assert code == 404 and body["error"]["code"] == "model_not_found" and "'nope'" in body["error"]["message"]

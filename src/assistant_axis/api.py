@@ -4,8 +4,13 @@ llama.cpp's server, `transformers serve`), used by the `openai` generation backe
 - bounded concurrency and a requests-per-second limit;
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
   unreadable bodies, honouring `Retry-After`; a per-request timeout;
-- a job whose requests still fail after their retries fails with one line (how many, why); a request
-  the server refuses (400, 401, 404, ...) is not retried and stops the job at once;
+- a job whose requests still fail after their retries fails with one line (how many, why); a status
+  about the whole run (401, 403, 404, 405: the key, the model, the URL) is not retried and stops the job
+  at once;
+- a request the server rejects for itself (400, 409, 413, 422: a content filter, a prompt over the
+  context) is "rejected": not retried, and, where the caller accepts rejections (`max_rejected_share`),
+  recorded per item and kept in the cache so that a rerun does not pay for it again
+  (`retry_rejected` asks again); the job fails only past that share of its items;
 - a persistent cache keyed by the request (model, messages, parameters), written as each answer arrives
   (one file per answer, renamed into place), so a killed or failed job loses nothing already paid for
   and its rerun only asks for the rest;
@@ -38,8 +43,10 @@ from assistant_axis.errors import APIError, InputError
 __all__ = ["APISettings", "Outcome", "ResponseCache", "ChatAPI", "request_key"]
 
 log = logging.getLogger("assistant_axis")
-# Client errors that a retry cannot fix.
-_FINAL_STATUS = {400, 401, 403, 404, 405, 409, 413, 422}
+# Client errors that a retry cannot fix: about the whole run (the key, the model, the URL), or about one
+# request (its content, its size), which a caller may record per item.
+RUN_STATUS = {401, 403, 404, 405}
+ITEM_STATUS = {400, 409, 413, 422}
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class Outcome:
     error: str | None = None
     attempts: int = 0
     cached: bool = False
+    rejected: str | None = None  # "HTTP 400: the server's message": the server rejected this request
 
 
 def request_key(payload: dict) -> str:
@@ -106,8 +114,8 @@ class ResponseCache:
             )
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def _file(self, key: str) -> Path:
-        return self.path / key[:2] / f"{key}.json"
+    def _file(self, key: str, kind: str = "json") -> Path:
+        return self.path / key[:2] / f"{key}.{kind}"
 
     def get(self, keys: list[str]) -> dict[str, dict]:
         found: dict[str, dict] = {}
@@ -118,8 +126,19 @@ class ResponseCache:
                 continue  # not answered yet (or a file damaged by hand): asked again
         return found
 
-    def put(self, key: str, response: dict) -> None:
-        target = self._file(key)
+    def rejected(self, keys: list[str]) -> dict[str, str]:
+        """The requests the server rejected, by key: what it said."""
+        found: dict[str, str] = {}
+        for key in keys:
+            try:
+                found[key] = json.loads(self._file(key, "rejected").read_text())["rejected"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return found
+
+    def put(self, key: str, response: dict, kind: str = "json") -> None:
+        """Keep an answer (`kind` "json"), or a rejection (`kind` "rejected", `{"rejected": message}`)."""
+        target = self._file(key, kind)
         target.parent.mkdir(exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=target.parent)
         try:
@@ -128,6 +147,8 @@ class ResponseCache:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
+            if kind == "json":
+                self._file(key, "rejected").unlink(missing_ok=True)  # answered after all
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -161,6 +182,7 @@ class ChatAPI:
         self.cache = ResponseCache(settings.cache) if settings.cache else None
         self.stats: Counter[str] = Counter()
         self._refused: str | None = None  # the first final refusal of this run: nothing more is sent
+        self._per_item = False  # this run records rejections per item
 
     def scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
@@ -171,35 +193,69 @@ class ChatAPI:
             payload = {**payload, **self.settings.extra_body}
         return payload
 
-    def run(self, requests: list[dict], desc: str = "requests") -> list[Outcome]:
+    def run(
+        self,
+        requests: list[dict],
+        desc: str = "requests",
+        max_rejected_share: float | None = None,
+        retry_rejected: bool = False,
+    ) -> list[Outcome]:
         """Send every request (cached ones are answered from the cache); outcomes in request order.
 
         Raises `APIError` if any request still failed after its retries, or the server refused one: the
         answers received up to then are in the cache, so a rerun asks only for the others.
+        `max_rejected_share` None: a rejected request (`ITEM_STATUS`) is refused as the others are. A
+        share: rejections are outcomes (no response, `rejected` set), cached as rejected and not sent
+        again unless `retry_rejected`; more than that share of the requests rejected raises `APIError`.
         """
         payloads = [self._payload(r) for r in requests]
         keys = [request_key(p) for p in payloads]
         cached = self.cache.get(keys) if self.cache else {}
         outcomes: list[Outcome | None] = [Outcome(cached[k], cached=True) if k in cached else None for k in keys]
+        if max_rejected_share is not None and self.cache and not retry_rejected:
+            known = self.cache.rejected([k for k, o in zip(keys, outcomes, strict=True) if o is None])
+            outcomes = [
+                o or (Outcome(None, cached=True, rejected=known[k]) if k in known else None)
+                for k, o in zip(keys, outcomes, strict=True)
+            ]
         todo = [i for i, o in enumerate(outcomes) if o is None]
         self.stats.update(cached=len(keys) - len(todo))
         self._refused = None
+        self._per_item = max_rejected_share is not None
         if todo:
             sent = asyncio.run(self._send_all([(payloads[i], keys[i]) for i in todo], desc))
             for i, outcome in zip(todo, sent, strict=True):
                 outcomes[i] = outcome
-        failed = [o for o in outcomes if o.response is None]
+        failed = [o for o in outcomes if o.response is None and o.rejected is None]
+        rejected = [o for o in outcomes if o.rejected is not None]
         log.info(
-            "%s: %d ok (%d from cache), %d retried, %d failed",
+            "%s: %d ok (%d from cache), %d retried, %d rejected, %d failed",
             desc,
-            len(outcomes) - len(failed),
+            len(outcomes) - len(failed) - len(rejected),
             self.stats["cached"],
             self.stats["retried"],
+            len(rejected),
             len(failed),
         )
         if failed:
             raise APIError(self._failure_line(failed, len(outcomes)))
+        if rejected:
+            line = self._rejection_line(rejected, len(outcomes), max_rejected_share)
+            if len(rejected) > max_rejected_share * len(outcomes):
+                raise APIError(line)
+            log.warning("%s: %s", desc, line)
         return outcomes  # type: ignore[return-value]
+
+    def _rejection_line(self, rejected: list[Outcome], total: int, share: float) -> str:
+        """One line: how many the server rejected, per reason, and what a rerun does."""
+        reasons = Counter(o.rejected[:120] for o in rejected if o.rejected)
+        counts = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+        more = f"; {len(reasons) - 5} other reasons" if len(reasons) > 5 else ""
+        kept = "kept in the cache as rejected (retry_rejected: true asks again)" if self.cache else "no cache is set"
+        return (
+            f"{self.settings.base_url}: the server rejected {len(rejected)} of {total} requests "
+            f"({len(rejected) / total:.1%}, at most {share:.1%} allowed by max_rejected_share): {counts}{more}; {kept}"
+        )
 
     def _failure_line(self, failed: list[Outcome], total: int) -> str:
         """One line: how many failed and why, and what a rerun will do."""
@@ -237,6 +293,8 @@ class ChatAPI:
                     outcome = await self._send(client, limit, payload)
             if outcome.response is not None and self.cache:
                 self.cache.put(key, outcome.response)  # kept at once: a killed job loses nothing received
+            elif outcome.rejected is not None and self.cache:
+                self.cache.put(key, {"rejected": outcome.rejected}, "rejected")
             bar.update()
             return outcome
 
@@ -269,7 +327,12 @@ class ChatAPI:
                 return Outcome(response, attempts=attempt)
             except openai.APIStatusError as exc:
                 error = f"HTTP {exc.status_code}: {self.scrub(str(exc))[:300]}"
-                if exc.status_code in _FINAL_STATUS:
+                if exc.status_code in ITEM_STATUS and self._per_item:
+                    said = exc.body.get("message") if isinstance(exc.body, dict) else None
+                    return Outcome(
+                        None, attempts=attempt, rejected=f"HTTP {exc.status_code}: {self.scrub(str(said or exc))[:300]}"
+                    )
+                if exc.status_code in RUN_STATUS | ITEM_STATUS:
                     self._refused = self._refused or error
                     break
                 wait = _retry_after(exc.response.headers, time.time())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -132,7 +133,7 @@ def _chat(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from assistant_axis.axis import load_axis
-    from assistant_axis.serve import Limits, run_server
+    from assistant_axis.serve import API_KEY_ENV, Limits, run_server
 
     for flag, value in (("--max-queue", args.max_queue), ("--max-prompt-tokens", args.max_prompt_tokens)):
         if value is not None and value < 1:
@@ -143,7 +144,8 @@ def _serve(args: argparse.Namespace) -> None:
     limits = Limits(args.max_queue, args.request_timeout, args.max_prompt_tokens, args.shutdown_grace)
     session = _session(args)
     names = args.served_model_name or [load_axis(args.axis)[2].get("model") or Path(args.model).name]
-    run_server(session, str(names[0]), args.host, args.port, limits, tuple(names[1:]))
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    run_server(session, str(names[0]), args.host, args.port, limits, tuple(names[1:]), api_key)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -281,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="the `model` in replies, then other names a request may use (default: the axis's model); "
         "a request naming another model gets a 404",
+    )
+    serve.add_argument(
+        "--api-key",
+        help="requests to /v1/... and /metrics must send `Authorization: Bearer KEY` (default: the environment "
+        "variable AXIS_API_KEY, which keeps the key out of the process list; unset: no key)",
     )
     limits = serve.add_argument_group("limits (what the server refuses or cuts)")
     limits.add_argument(

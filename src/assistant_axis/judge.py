@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 PLACEHOLDERS = ("role", "description", "question", "response")
+REJECTED = "rejected by the judge's server: "  # a verdict's raw, then the server's message
 DEFAULT_TEMPLATE = """\
 You are grading whether an AI model stayed in a role it was asked to play.
 Role: {role}
@@ -443,7 +444,14 @@ class OpenAIJudge(Judge):
     `scoring: logprobs` asks for one token with its top logprobs and reads the distribution over the
     digits 0-3 (renormalised over the digits present; their total probability is recorded);
     `scoring: parse` asks for a short greedy completion and takes its first digit 0-3.
+
+    A prompt the server rejects for itself (400, 409, 413, 422: a content filter on a jailbreak reply, a
+    prompt over the judge's context) gets a null score with the server's message in `raw`, and is kept in
+    the cache as rejected (`retry_rejected: true` asks again); past `max_rejected_share` of the job's
+    prompts (default 5%) the job fails, counting them by reason.
     """
+
+    OWN = ("scoring", "top_logprobs", "system", "retry_rejected", "max_rejected_share")  # not the API client's
 
     def __init__(self, settings: dict, template: str = DEFAULT_TEMPLATE):
 
@@ -455,7 +463,9 @@ class OpenAIJudge(Judge):
             )
         self.top_logprobs = int(settings.get("top_logprobs", 20))
         self.system = settings.get("system", DEFAULT_SYSTEM)
-        api_settings = {k: v for k, v in settings.items() if k not in ("scoring", "top_logprobs", "system")}
+        self.retry_rejected = bool(settings.get("retry_rejected", False))
+        self.max_rejected_share = float(settings.get("max_rejected_share", 0.05))
+        api_settings = {k: v for k, v in settings.items() if k not in self.OWN}
         self.api = ChatAPI(APISettings.from_config(api_settings, "judge.openai"), "judge.openai")
         self.name = f"openai:{self.api.settings.model}:{self.scoring}"
 
@@ -466,9 +476,12 @@ class OpenAIJudge(Judge):
         return {**request, "max_tokens": 4}
 
     def score_prompts(self, prompts: Sequence[str]) -> list[Verdict]:
-        outcomes = self.api.run([self.request(p) for p in prompts], desc="judge")
+        outcomes = self.api.run(
+            [self.request(p) for p in prompts], "judge", self.max_rejected_share, self.retry_rejected
+        )
         read = verdict_from_logprobs if self.scoring == "logprobs" else verdict_from_text
-        return [read(outcome.response) for outcome in outcomes]  # run() raised if any request failed
+        # run() raised if any request failed, or too many were rejected
+        return [Verdict(None, None, f"{REJECTED}{o.rejected}") if o.rejected else read(o.response) for o in outcomes]
 
 
 def digit_tokens(tokenizer, key: str) -> list[int]:

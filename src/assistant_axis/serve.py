@@ -18,8 +18,13 @@ over `max_prompt_tokens` or prompt + `max_tokens` over the context (400 naming t
 request beyond `max_queue` admitted at once (429 with `Retry-After`). A reply longer than
 `request_timeout` seconds is cut there (`finish_reason` "length", `"timed_out": true`); a client that
 goes away stops its generation; SIGTERM stops accepting, lets replies run `grace` seconds, cuts the
-rest and exits. The session is any engine's (`engines.Session`): the transformers engine generates one
-reply at a time (requests queue), the vLLM engine batches them all.
+rest and exits.
+
+With an API key (`--api-key`, or the environment variable `AXIS_API_KEY`), the API routes (`/v1/...` and
+`/metrics`) answer 401 in OpenAI's error format unless a request sends `Authorization: Bearer <key>`
+(compared in constant time; the key is never logged); `/health` stays open. `/metrics` is Prometheus'
+text format (`metrics.ServerMetrics`). The session is any engine's (`engines.Session`): the transformers
+engine generates one reply at a time (requests queue), the vLLM engine batches them all.
 
 >>> run_server(session, "smollm2-135m-instruct", host="127.0.0.1", port=8000)
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import json
 import math
 import threading
@@ -37,13 +43,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from assistant_axis.chat import with_sampling
 from assistant_axis.engines import Chunk, Reply, Sampling, check_context
 from assistant_axis.errors import InputError
+from assistant_axis.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 
-__all__ = ["create_app", "run_server", "completion_body", "parse_request", "ChatRequest", "Limits"]
+__all__ = ["create_app", "run_server", "completion_body", "parse_request", "ChatRequest", "Limits", "API_KEY_ENV"]
+
+API_KEY_ENV = "AXIS_API_KEY"  # where `serve` reads its key when --api-key is not given
+GUARDED = ("/v1/", "/metrics")  # the routes an API key guards, as vLLM's server guards its API
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 HONOURED = {
@@ -316,19 +326,58 @@ async def _until_gone(request: Request, cut: Cut) -> None:
     cut("gone")
 
 
-def create_app(session, model_name: str, limits: Limits | None = None, aliases: tuple[str, ...] = ()) -> FastAPI:
-    """The FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. `session` is an
-    engine's session (`engines.Session`); `aliases` are other names a request's `model` may use."""
+class _Guard:
+    """The API key check and the request count, as plain ASGI middleware (streams and client disconnects
+    pass through untouched, as they would not through Starlette's `BaseHTTPMiddleware`)."""
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counted = scope["path"] == "/v1/chat/completions"
+
+        async def sending(message):
+            if counted and message["type"] == "http.response.start":
+                self.metrics.answered(message["status"])
+            await send(message)
+
+        if self.expected is not None and scope["path"].startswith(GUARDED):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "a valid API key is needed: send the header `Authorization: Bearer <key>`"
+                return await _error(401, message, None, code="invalid_api_key")(scope, receive, sending)
+        await self.app(scope, receive, sending)
+
+
+def create_app(
+    session,
+    model_name: str,
+    limits: Limits | None = None,
+    aliases: tuple[str, ...] = (),
+    api_key: str | None = None,
+) -> FastAPI:
+    """The FastAPI app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /metrics`, `GET /health`.
+    `session` is an engine's session (`engines.Session`); `aliases` are other names a request's `model`
+    may use; `api_key` guards the API routes."""
     # FastAPI reads the endpoints' annotations (strings here): `Request` must be a module global.
     limits = limits or Limits()
     app = FastAPI(title="assistant-axis", description=__doc__)
     admission = _Admission(limits)
+    metrics = ServerMetrics(lambda: admission.active)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
     names = (model_name, *aliases)
     created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:  # on the event loop: answers while any generation runs
         return {"status": "ok", "active": admission.active, "max_queue": limits.max_queue}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -375,7 +424,7 @@ def create_app(session, model_name: str, limits: Limits | None = None, aliases: 
             try:
                 top = parsed.top_logprobs if parsed.logprobs else None
                 stream = session.stream(parsed.messages, parsed.sampling, top, parsed.setting, cut)
-                events = _events(stream, parsed, model_name, cut)
+                events = _events(stream, parsed, model_name, cut, metrics, started)
             except InputError as exc:
                 release()
                 return _error(400, str(exc), exc.field)
@@ -387,6 +436,9 @@ def create_app(session, model_name: str, limits: Limits | None = None, aliases: 
             top = parsed.top_logprobs if parsed.logprobs else None
             replies = await session.replies(parsed.messages, parsed.sampling, parsed.seeds(), top, parsed.setting, cut)
             body = completion_body(replies, model_name, parsed.logprobs)
+            metrics.usage(body["usage"])
+            for reply in replies:
+                metrics.reply(reply, time.monotonic() - started, len(reply.token_ids))
             if cut.reason == "time":
                 body["timed_out"] = True
             return body
@@ -408,20 +460,27 @@ async def _released(events, release):
         release()
 
 
-async def _events(stream, request: ChatRequest, model_name: str, cut: Cut):
+async def _events(stream, request: ChatRequest, model_name: str, cut: Cut, metrics: ServerMetrics, started: float):
     """Server-sent events in OpenAI's chunk format; chunks carry the running projection, the last one
     the usage and the reply's telemetry."""
     cid = f"chatcmpl-{uuid.uuid4().hex}"
+    first = None  # when the first text went out
     yield _chunk(cid, model_name, {"role": "assistant", "content": ""})
     async for event in stream:
         if isinstance(event, Reply):
             extra = {"usage": _usage([event]), "projection": projection_body(event)}
+            metrics.usage(extra["usage"])
+            if first is not None:
+                metrics.reply(event, time.monotonic() - first, len(event.token_ids) - 1)
             if request.logprobs:
                 extra["logprobs"] = _logprobs_body(event)
             if cut.reason == "time":
                 extra["timed_out"] = True
             yield _chunk(cid, model_name, {}, event.finish_reason, **extra)
         elif isinstance(event, Chunk) and event.text:
+            if first is None:
+                first = time.monotonic()
+                metrics.first_token.observe(first - started)
             extra = {"projection": event.telemetry} if event.telemetry else {}
             yield _chunk(cid, model_name, {"content": event.text}, **extra)
     yield "data: [DONE]\n\n"
@@ -434,6 +493,7 @@ def run_server(
     port: int = 8000,
     limits: Limits | None = None,
     aliases: tuple[str, ...] = (),
+    api_key: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT: then stop accepting, let replies run `limits.grace` seconds, cut the
     rest (each stops at its next token) and return."""
@@ -441,5 +501,5 @@ def run_server(
     import uvicorn
 
     limits = limits or Limits()
-    app = create_app(session, model_name, limits, aliases)
+    app = create_app(session, model_name, limits, aliases, api_key)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=limits.grace)

@@ -19,7 +19,7 @@ from pathlib import Path
 from assistant_axis.api import APISettings
 from assistant_axis.engines import engine_spec
 from assistant_axis.errors import InputError, renamed
-from assistant_axis.judge import judge_spec
+from assistant_axis.judge import OpenAIJudge, judge_spec
 from assistant_axis.layers import resolve_layers
 from assistant_axis.plan.bank import Bank, select_bank
 from assistant_axis.plan.config import canonical, config_source, in_config_file, validate_config
@@ -83,7 +83,12 @@ class Plan:
             scoring = settings.pop("scoring", "logprobs")
             if scoring not in ("logprobs", "parse"):
                 raise InputError("config", "judge.openai.scoring", f"expected 'logprobs' or 'parse', got {scoring!r}")
-            for key in ("top_logprobs", "system"):
+            share = settings.get("max_rejected_share", 0.05)
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise InputError("config", "judge.openai.max_rejected_share", f"must be in [0, 1], got {share!r}")
+            if not isinstance(settings.get("retry_rejected", False), bool):
+                raise InputError("config", "judge.openai.retry_rejected", "must be true or false")
+            for key in OpenAIJudge.OWN:
                 settings.pop(key, None)
             APISettings.from_config(settings, "judge.openai")
         drift_settings = self.config["evaluate"]["drift"]["settings"] or []

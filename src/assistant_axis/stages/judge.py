@@ -6,7 +6,7 @@ import pandas as pd
 
 from assistant_axis.artifacts import read_parquet, write_parquet
 from assistant_axis.errors import InputError
-from assistant_axis.judge import JudgeItem, make_judge
+from assistant_axis.judge import REJECTED, JudgeItem, make_judge
 from assistant_axis.stages.common import JUDGE_KEYS, KEYS, RESPONSE_COLUMNS, config_keys, log
 
 
@@ -22,7 +22,8 @@ def judge(
     verdicts, name = engine.score(items), engine.name
     # A judge that answers but never with a score is misconfigured (wrong model or scoring): a rerun would
     # not help. (Failed requests never get here: the API client fails the job, their answers cached.)
-    unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith("empty response")]
+    # (Rejected prompts are the server's choice, counted by the API client against its share.)
+    unreadable = [v for v in verdicts if v.score is None and not v.raw.startswith(("empty response", REJECTED))]
     if unreadable and all(v.score is None for v in verdicts):
         raise InputError(
             responses,
