@@ -455,7 +455,9 @@ class OpenAIJudge(Judge):
             )
         self.top_logprobs = int(settings.get("top_logprobs", 20))
         self.system = settings.get("system", DEFAULT_SYSTEM)
-        api_settings = {k: v for k, v in settings.items() if k not in ("scoring", "top_logprobs", "system")}
+        # `prices` is the config's, for the cost printed at planning: not a setting of the client
+        own = ("scoring", "top_logprobs", "system", "prices")
+        api_settings = {k: v for k, v in settings.items() if k not in own}
         self.api = ChatAPI(APISettings.from_config(api_settings, "judge.openai"), "judge.openai")
         self.name = f"openai:{self.api.settings.model}:{self.scoring}"
 
