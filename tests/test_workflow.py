@@ -220,6 +220,13 @@ def test_paper_config_plans_every_role_of_the_bank(tmp_path):
         "all": 1,
         "total": 4 * n + 7,
     }
+    # The judge's requests, printed at planning, counted from the role and question files themselves.
+    from test_cost import paper_config, requests_from_the_files
+
+    judged = requests_from_the_files(paper_config())
+    assert judged == (n - 1) * 5 * 240
+    assert f"judge: {judged:,} requests to gpt-4.1-mini before the cache ({n - 1} roles x 5 prompts" in result.stderr
+    assert "judge cost: at most $" in result.stderr
 
 
 def test_api_judge_jobs_share_one_request_budget(run, tmp_path):

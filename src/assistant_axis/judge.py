@@ -451,7 +451,8 @@ class OpenAIJudge(Judge):
     prompts (default 5%) the job fails, counting them by reason.
     """
 
-    OWN = ("scoring", "top_logprobs", "system", "retry_rejected", "max_rejected_share")  # not the API client's
+    # The judge's settings, not the API client's (`prices`: for the cost printed at planning)
+    OWN = ("scoring", "top_logprobs", "system", "retry_rejected", "max_rejected_share", "prices")
 
     def __init__(self, settings: dict, template: str = DEFAULT_TEMPLATE):
 

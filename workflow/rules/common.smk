@@ -54,4 +54,13 @@ def report_storage():
         print(f"activations: {PLAN.n_responses} responses, {size / 1e9:.2f} GB on disk", file=sys.stderr)
 
 
+def report_judge_cost():
+    """Print what an API judge will cost (requests, tokens, USD with judge.openai.prices), before anything runs.
+    Only in the process that plans the run: a job started on a cluster node plans again, and needs no estimate."""
+    cost = PLAN.judge_cost() if workflow.is_main_process else None
+    for line in cost.lines() if cost else []:
+        print(line, file=sys.stderr)
+
+
 report_storage()
+report_judge_cost()

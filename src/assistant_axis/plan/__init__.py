@@ -3,7 +3,8 @@
 - `config`: the config checked against the schema, defaults filled in, a bad value named by its file;
 - `bank`: the selected roles and questions;
 - `jobs`: shards of roles and each stage's resources (GPUs, threads, time and memory, API budgets);
-- `params`: each rule's params, only the data its stage uses, so Snakemake reruns exactly what an edit affects.
+- `params`: each rule's params, only the data its stage uses, so Snakemake reruns exactly what an edit affects;
+- `cost`: what an API judge will cost (requests, tokens, USD), printed at planning.
 
 `Plan` puts them together for the Snakefile (`PLAN.jobs.resources("generate")`, `PLAN.params.judge(role)`)
 and checks, before any job runs, what can be checked without the model. A new config key goes into
@@ -23,10 +24,21 @@ from assistant_axis.judge import OpenAIJudge, judge_spec
 from assistant_axis.layers import resolve_layers
 from assistant_axis.plan.bank import Bank, select_bank
 from assistant_axis.plan.config import canonical, config_source, in_config_file, validate_config
+from assistant_axis.plan.cost import JudgeCost, judge_cost, model_tokenizer
 from assistant_axis.plan.jobs import DEFAULT_API_JOBS, DEFAULT_RESOURCES, Jobs
 from assistant_axis.plan.params import Params
 
-__all__ = ["Plan", "Bank", "Jobs", "Params", "DEFAULT_RESOURCES", "validate_config", "config_source", "canonical"]
+__all__ = [
+    "Plan",
+    "Bank",
+    "Jobs",
+    "Params",
+    "JudgeCost",
+    "DEFAULT_RESOURCES",
+    "validate_config",
+    "config_source",
+    "canonical",
+]
 
 
 @dataclass
@@ -121,3 +133,11 @@ class Plan:
 
     def activation_bytes(self) -> int | None:
         return self.jobs.activation_bytes(self.n_responses)
+
+    def judge_cost(self) -> JudgeCost | None:
+        """What an API judge will cost (None for another judge), its tokens counted with the model's tokenizer
+        when its files are on this machine, else estimated from characters."""
+        if "judge" not in self.jobs.api_sections("judge"):
+            return None
+        tokenizer, label = model_tokenizer(self.config["model"])
+        return judge_cost(self, tokenizer, label)

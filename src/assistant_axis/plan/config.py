@@ -109,9 +109,25 @@ LATER_DEFAULTS = {
 }
 
 
+# Keys that planning alone reads (no job does): left out of the hash, so editing them reruns nothing.
+PLANNING_ONLY = {("judge", "openai"): ("prices",)}
+
+
+def without_planning_keys(section: str, block: str, settings: dict) -> dict:
+    """`settings` (the config's `<section>.<block>`) without the keys only planning reads."""
+    drop = PLANNING_ONLY.get((section, block), ())
+    return {k: v for k, v in settings.items() if k not in drop}
+
+
 def sections_hash(config: dict, sections: Sequence[str] = AXIS_SECTIONS) -> str:
     """A hash of some sections of the config (by default those the axis is made from)."""
     made_from = {key: config.get(key) for key in sections}
+    for section, block in PLANNING_ONLY:
+        if isinstance(made_from.get(section), dict) and isinstance(made_from[section].get(block), dict):
+            made_from[section] = {
+                **made_from[section],
+                block: without_planning_keys(section, block, made_from[section][block]),
+            }
     for (section, key), default in LATER_DEFAULTS.items():
         if isinstance(made_from.get(section), dict) and made_from[section].get(key, default) == default:
             made_from[section] = {k: v for k, v in made_from[section].items() if k != key}

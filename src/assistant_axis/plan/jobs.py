@@ -12,6 +12,7 @@ from assistant_axis.engines import ENGINES, EngineSpec
 from assistant_axis.errors import InputError
 from assistant_axis.judge import judge_spec
 from assistant_axis.layers import config_dims
+from assistant_axis.plan.config import without_planning_keys
 from assistant_axis.roles import stable_seed
 
 __all__ = ["Jobs", "DEFAULT_RESOURCES", "MODEL_STAGES", "DEFAULT_API_JOBS"]
@@ -137,8 +138,9 @@ class Jobs:
 
     def api_settings(self, section: str) -> dict:
         """One job's share of an API section's budget: `requests_per_second` and `concurrency` are for the
-        whole workflow, and at most `jobs` jobs of the section run at once (a Snakemake global resource)."""
-        settings = dict(self.config[section].get("openai") or {})
+        whole workflow, and at most `jobs` jobs of the section run at once (a Snakemake global resource).
+        Keys only planning reads (the judge's `prices`) are left out: no job sees them, no edit of them reruns one."""
+        settings = without_planning_keys(section, "openai", self.config[section].get("openai") or {})
         jobs = settings.pop("jobs", DEFAULT_API_JOBS)
         total_rate = settings.get("requests_per_second", APISettings.requests_per_second)
         total_concurrency = settings.get("concurrency", APISettings.concurrency)
