@@ -277,3 +277,48 @@ def test_api_judge_jobs_share_one_request_budget(run, tmp_path):
     assert all(end <= next_start for (_, end), (next_start, _) in zip(ordered, ordered[1:], strict=False)), windows
     for role in TINY_ROLES:
         assert pd.read_parquet(work / f"results/{MODEL}/scores/{role}.parquet")["score"].eq(3).all()
+
+
+def test_a_copied_project_plans_nothing_and_reads_its_own_model(run, tmp_path):
+    """Results are relocatable: `model.json` names the model folder relative to the workflow directory. A copy
+    (`cp -a`) of a finished project plans nothing, and with the original deleted it reruns a stage on its own
+    model: its chat template edited in the copy, the job renders with the copy's."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from assistant_axis import stages
+    from assistant_axis.artifacts import read_tensors
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    copy_run(run, a)
+    models = a / "results/models"
+    if (models / MODEL).is_symlink():  # the tiny run's model folder is a link: a real copy of it inside A
+        shared = (models / MODEL).resolve()
+        (models / MODEL).unlink()
+        shutil.copytree(shared, models / MODEL)
+    manifest = a / f"results/{MODEL}/model.json"
+    if not json.loads(manifest.read_text())["path"].startswith("./"):
+        # A tiny run made by an older version (AXIS_TINY_RUN) records an absolute path: its manifest as the
+        # prepare stage writes it now, its time kept, so that the rest stays finished.
+        stat = manifest.stat()
+        source = yaml.safe_load((a / "config/config.yaml").read_text())["model"]["source"]
+        stages.prepare_model(output=str(manifest), name=MODEL, source=source, models_dir=str(models))
+        os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert json.loads(manifest.read_text())["path"] == f"./results/models/{MODEL}"
+
+    subprocess.run(["cp", "-a", str(a), str(b)], check=True)
+    dry = snakemake(b, "-n")
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
+    shutil.rmtree(a)
+    template = b / f"results/models/{MODEL}/chat_template.jinja"
+    template.write_text(template.read_text() + "{# edited in the copy: renders the same #}")
+
+    target = f"results/{MODEL}/activations/pirate.safetensors"
+    snakemake(b, "--force", target)
+    log = (b / f"logs/{MODEL}/activations/pirate.log").read_text()
+    assert f"model {b.resolve() / 'results/models' / MODEL} loaded" in log, log
+    (ours, meta), (theirs, before) = (read_tensors(root / target, ["activations"]) for root in (b, run))
+    assert meta["chat_template_sha"] != before["chat_template_sha"]  # the copy's template
+    torch.testing.assert_close(ours["activations"], theirs["activations"])

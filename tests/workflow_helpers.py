@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -69,19 +68,10 @@ def make_workspace(path: Path, model_dir: Path, config: dict | None = None, bank
 
 
 def copy_run(run: Path, dest: Path) -> Path:
-    """A copy of a finished workspace that Snakemake sees as finished too: timestamps and `.snakemake/`
-    kept (not its locks or incomplete markers), and `model.json` pointing at the copy's own model folder
-    (it records an absolute path), its timestamp kept so that nothing after it looks out of date."""
+    """A copy of a finished workspace that Snakemake sees as finished too: timestamps and `.snakemake/` kept
+    (not its locks or incomplete markers). Its `model.json` names the model folder relative to the workspace,
+    so the copy loads its own (here a link, as in `make_workspace`)."""
     shutil.copytree(run, dest, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
-    for manifest in dest.glob("results/*/model.json"):
-        data = json.loads(manifest.read_text())
-        if Path(data["path"]).is_relative_to(run):
-            data["path"] = str(dest / Path(data["path"]).relative_to(run))
-        else:  # the model folder is a link to a folder outside the run: the copy's own link to it
-            data["path"] = str(dest / "results/models" / data["name"])
-        stat = manifest.stat()
-        manifest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return dest
 
 

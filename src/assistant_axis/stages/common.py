@@ -20,7 +20,7 @@ from assistant_axis.engines import open_engine
 from assistant_axis.errors import AxisError, InputError, renamed
 from assistant_axis.evaluate import watched_layers
 from assistant_axis.interop import load_capping
-from assistant_axis.models import DTYPES
+from assistant_axis.models import DTYPES, model_path
 from assistant_axis.plan.params import CapSetting
 
 log = logging.getLogger("assistant_axis")
@@ -99,10 +99,15 @@ def config_keys(names: dict[str, str]):
 
 
 def model_info(path: str | Path) -> dict:
+    """The model manifest `path` (`results/<model>/model.json`), its `path` the model to load from here (a
+    path relative to the workflow directory made whole: see `models.model_path`)."""
     try:
-        return json.loads(Path(path).read_text())
+        info = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(path, "file", f"not a readable model manifest ({exc})") from exc
+    if isinstance(info, dict) and isinstance(info.get("path"), str):
+        info["path"] = model_path(path, info["path"])
+    return info
 
 
 def rendered_replies(
