@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from assistant_axis import stages
-from assistant_axis.models import model_path, workflow_dir
+from assistant_axis.manifest import model_path, workflow_dir
 from assistant_axis.stages.common import model_info
 
 NAME = "smollm2-135m-instruct"

@@ -30,8 +30,6 @@ __all__ = [
     "ModelInfo",
     "bundled_gguf",
     "prepare_model",
-    "workflow_dir",
-    "model_path",
     "load_model",
     "load_tokenizer",
     "find_blocks",
@@ -64,7 +62,7 @@ class ModelInfo:
 
     `path`: a model directory inside the workflow directory as `./` and its path from there
     (`./results/models/<name>`), so that a copied or moved project loads its own copy; one outside as an
-    absolute path; a hub id as is. `model_path` reads it back."""
+    absolute path; a hub id as is. `manifest.model_path` reads it back."""
 
     name: str
     source: str
@@ -106,13 +104,6 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def workflow_dir(manifest: str | Path) -> Path:
-    """The workflow directory of a model manifest: the folder holding `results/` (`results/<model>/model.json`),
-    absolute, whatever the working directory. Symbolic links on the way are kept, not resolved."""
-    parents = Path(os.path.abspath(manifest)).parents
-    return parents[min(2, len(parents) - 1)]
-
-
 def _recorded(path: Path, base: Path | None) -> str:
     """How a manifest records the model directory `path`: `./` + its path from the workflow directory `base`
     where it is inside it (its symbolic links kept), else absolute."""
@@ -124,22 +115,12 @@ def _recorded(path: Path, base: Path | None) -> str:
     return str(Path(path).resolve())
 
 
-def model_path(manifest: str | Path, recorded: str) -> str:
-    """The model that the manifest `manifest` records as `recorded` (its `path`), loadable from any working
-    directory: a `./` path is relative to the manifest's workflow directory, not to the process's; an
-    absolute path (a model outside the workflow, or a manifest written before paths were relative) and a
-    hub id are used as they are."""
-    if recorded.startswith("./"):
-        return str(workflow_dir(manifest) / recorded[2:])
-    return recorded
-
-
 def prepare_model(
     name: str, source: str, models_dir: str | Path, trust_remote_code: bool = False, workflow: str | Path | None = None
 ) -> ModelInfo:
     """Make `source` loadable quickly: convert a bundled GGUF once; pass directories and hub ids through.
 
-    `workflow`: the workflow directory of the manifest the result is written to (see `workflow_dir`): a model
+    `workflow`: the workflow directory of the manifest the result is written to (see `manifest.workflow_dir`): a model
     directory inside it is recorded relative to it (see `ModelInfo`). None: absolute."""
     # transformers loads only with a model (light paths import this module)
     from transformers import AutoConfig

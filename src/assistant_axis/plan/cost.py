@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant_axis.judge import DEFAULT_SYSTEM, PLACEHOLDERS
+from assistant_axis.manifest import model_path
 from assistant_axis.roles import DEFAULT_ROLE
 
 __all__ = ["JudgeCost", "judge_cost", "model_tokenizer", "prompt_pieces", "PRICE_KEY", "CHARS_PER_TOKEN"]
@@ -151,7 +152,7 @@ def model_tokenizer(model: dict, results: str | Path = "results"):
     except (OSError, ValueError):
         pass
     if isinstance(info, dict) and info.get("source") == model["source"] and info.get("path"):
-        path, revision = str(info["path"]), info.get("revision") or None
+        path, revision = model_path(manifest, str(info["path"])), info.get("revision") or None
     elif Path(model["source"]).is_dir():
         path, revision = model["source"], None
     else:

@@ -20,7 +20,8 @@ from assistant_axis.engines import open_engine
 from assistant_axis.errors import AxisError, InputError, renamed
 from assistant_axis.evaluate import watched_layers
 from assistant_axis.interop import load_capping
-from assistant_axis.models import DTYPES, model_path
+from assistant_axis.manifest import model_path
+from assistant_axis.models import DTYPES
 from assistant_axis.plan.params import CapSetting
 
 log = logging.getLogger("assistant_axis")

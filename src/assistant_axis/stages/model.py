@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from assistant_axis.artifacts import write_json
-from assistant_axis.models import model_path, workflow_dir
+from assistant_axis.manifest import model_path, workflow_dir
 from assistant_axis.models import prepare_model as prepare
 from assistant_axis.stages.common import MODEL_KEYS, config_keys, log
 
