@@ -15,6 +15,9 @@ import pandas as pd
 
 from conftest import need
 
+# Two user turns; the first one this model answers briefly (its reply ends by itself).
+TURNS = ("Say hello in one short sentence.", "Name one colour.")
+
 
 def browser(downloads: Path):
     need(

@@ -475,16 +475,17 @@ def test_the_drift_page_plots_the_vllm_engines_replies_and_where_its_cap_fired(u
     """The drift page on the vLLM server (no API key): two streamed turns under the cap plot what `assistant-axis
     project` computes from the saved transcript under the same setting (the cap and the steering), and each
     reply notes the share of its tokens the cap fired on at each capped layer (this engine measures it)."""
-    from page_helpers import Page, browser, messages, project
+    from page_helpers import TURNS, Page, browser, messages, project
 
     driver = browser(tmp_path)
     try:
         page = Page(driver, url.removesuffix("/v1"), tmp_path)
-        page.type("#max-tokens", "96")  # replies that end by themselves (see test_page.py)
+        page.type("#max-tokens", "64")
         page.choose("#setting", "late-p25")
-        for text in ("Tell me about yourself.", "What do you like to do on a day off?"):
+        for text in TURNS:
             page.send(text)
-        assert page.finished("late-p25") == ["stop", "stop"]
+        finished = page.finished("late-p25")
+        assert len(finished) == 2 and set(finished) <= {"stop", "length"}, finished
         plotted = page.points("late-p25")
         notes = [n.text for n in driver.find_elements(page.by.CSS_SELECTOR, ".column .fired")]
         saved = page.download("#save", "conversation.json")

@@ -96,9 +96,10 @@ function render() {
 }
 
 // Server-sent events of one streamed reply: calls `onChunk(delta, runningProjection)`, returns the last
-// chunk's projection (the reply's telemetry).
+// chunk's projection (the reply's telemetry). The column's last message is the reply being written, so
+// it is not sent (an assistant message at the end would be continued, not answered).
 async function streamReply(column, onChunk) {
-  const body = { messages: conversation(column), stream: true, capping: column.setting };
+  const body = { messages: conversation(column).slice(0, -1), stream: true, capping: column.setting };
   const most = parseInt($("max-tokens").value, 10);
   if (most > 0) body.max_tokens = most;
   const response = await api("/v1/chat/completions", {
