@@ -471,6 +471,34 @@ def test_the_vllm_servers_metrics_count_the_caps_firing_per_setting(url):
     assert not [k for k in after if k[0].startswith("axis_cap_") and ("setting", "none") in k[1]]
 
 
+def test_the_drift_page_plots_the_vllm_engines_replies_and_where_its_cap_fired(url, tiny_run, capping_file, tmp_path):
+    """The drift page on the vLLM server (no API key): two streamed turns under the cap plot what `assistant-axis
+    project` computes from the saved transcript under the same setting (the cap and the steering), and each
+    reply notes the share of its tokens the cap fired on at each capped layer (this engine measures it)."""
+    from page_helpers import TURNS, Page, browser, messages, project
+
+    driver = browser(tmp_path)
+    try:
+        page = Page(driver, url.removesuffix("/v1"), tmp_path)
+        page.type("#max-tokens", "64")
+        page.choose("#setting", "late-p25")
+        for text in TURNS:
+            page.send(text)
+        finished = page.finished("late-p25")
+        assert len(finished) == 2 and set(finished) <= {"stop", "length"}, finished
+        plotted = page.points("late-p25")
+        notes = [n.text for n in driver.find_elements(page.by.CSS_SELECTOR, ".column .fired")]
+        saved = page.download("#save", "conversation.json")
+    finally:
+        driver.quit()
+    assert len(notes) == 2 and all(note.startswith("cap fired: L21 ") for note in notes), notes
+    model_dir, axis = tiny_paths(tiny_run)
+    expected = project(saved, model_dir, axis, "--cap", str(capping_file), *STEER)
+    assert plotted.keys() == expected.keys() and len(messages(saved)) == 4
+    for key, value in plotted.items():
+        assert value == pytest.approx(expected[key], rel=1e-4, abs=1e-3), key
+
+
 def test_the_vllm_server_refuses_another_model_and_unsupported_fields(url):
     code, body = _post(url, json.dumps({"model": "nope", "messages": _messages(0)}).encode())
     assert code == 404 and body["error"]["code"] == "model_not_found" and "'nope'" in body["error"]["message"]

@@ -40,10 +40,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from assistant_axis.chat import with_sampling
 from assistant_axis.engines import Chunk, Reply, Sampling, check_context
@@ -53,6 +55,7 @@ from assistant_axis.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 __all__ = ["create_app", "run_server", "completion_body", "parse_request", "ChatRequest", "Limits", "API_KEY_ENV"]
 
 API_KEY_ENV = "AXIS_API_KEY"  # where `serve` reads its key when --api-key is not given
+PAGE = Path(__file__).with_name("page")  # the drift page's static files, shipped in the package
 GUARDED = ("/v1/", "/metrics")  # the routes an API key guards, as vLLM's server guards its API
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -374,6 +377,23 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:  # on the event loop: answers while any generation runs
         return {"status": "ok", "active": admission.active, "max_queue": limits.max_queue}
+
+    # The drift page: open, as /health is; it sends the key with its API calls.
+    app.mount("/page", StaticFiles(directory=PAGE), name="page")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE / "index.html")
+
+    @app.get("/v1/axis")
+    async def axis() -> dict:
+        """What the page plots against: the monitored layers and, per setting, its tau per layer."""
+        return {
+            "model": model_name,
+            "layers": list(session.layers),
+            "settings": {name: {"tau": session.tau(name)} for name in session.settings},
+            "default": session.default_setting,
+        }
 
     @app.get("/metrics")
     async def prometheus() -> Response:
