@@ -171,7 +171,7 @@ def assert_all_open(results: Path) -> None:
             raise AssertionError(f"{path} does not open after a kill: {exc}") from exc
 
 
-# A child writing an artifact of ~100 MB with our writers, killed where the test says, never by timing:
+# A child writing an artifact of ~20 MB with our writers, killed where the test says, never by timing:
 # - `limit` bytes: at its default action (Python ignores it) SIGXFSZ kills the writer the moment a file it
 #   writes would pass the RLIMIT_FSIZE it was started with;
 # - `rename`: it stops itself (SIGSTOP) just before renaming its finished temporary file into place.
@@ -186,9 +186,9 @@ if stop_before_rename:
         _replace(src, dst)
     artifacts.os.replace = replace
 if kind == "safetensors":
-    data = torch.ones(25, 1000, 1000)
+    data = torch.ones(5, 1000, 1000)
 else:  # random values: Parquet would compress a constant column to almost nothing
-    data = pandas.DataFrame({"x": numpy.random.default_rng(0).random(12_500_000)})
+    data = pandas.DataFrame({"x": numpy.random.default_rng(0).random(2_500_000)})
 print("writing", flush=True)
 if kind == "safetensors":
     artifacts.write_tensors({"activations": data}, path, {"n": 1})

@@ -120,10 +120,63 @@ TARGETS = [f"{MODEL}/vectors/{role}.safetensors" for role in SLURM_ROLES]
 PER_ROLE = ("responses/{}.parquet", "activations/{}.safetensors", "scores/{}.parquet", "vectors/{}.safetensors")
 
 
-def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_env, tiny_run, paper_run, capsys):
-    # paper_run: the paper-shaped submission, started first so that it runs beside this one.
-    work = make_workspace(tmp_path / "slurm", model_dir, tiny_config(resources=SMALL))
-    table, slurm = _run_on_slurm(work, slurm_env, *TARGETS)
+@pytest.fixture(scope="module")
+def tiny_submission(tmp_path_factory, model_dir, slurm_env, paper_run):
+    """The tiny config's per-role stages submitted to SLURM after the paper-shaped config (paper_run), both
+    not waited for: (workspace, process). Their jobs mostly wait (the executor plugin pauses 5 s before
+    each sbatch and polls at intervals growing by 10 s), so the local shard run below computes meanwhile."""
+    work = make_workspace(tmp_path_factory.mktemp("slurm"), model_dir, tiny_config(resources=SMALL))
+    process = _start(work, slurm_env, *TARGETS)
+    try:
+        yield work, process
+    finally:
+        if process.poll() is None:  # a test failed before waiting for it
+            process.kill()
+            process.wait()
+
+
+def test_shards_plan_one_model_load_per_shard(tmp_path, model_dir):
+    """The quickstart with `shards: 4`: four generate and four activations jobs."""
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    work = make_workspace(tmp_path, model_dir, config, bank=["*"])
+    jobs = planned_jobs(work, "--config", "shards=4")
+    generate = {r for r, _ in jobs if r.startswith("generate")}
+    activations = {r for r, _ in jobs if r.startswith("activations")}
+    assert generate == {f"generate_shard{i}" for i in range(4)}
+    assert activations == {f"activations_shard{i}" for i in range(4)}
+
+
+def test_adding_a_role_changes_exactly_one_shard(tmp_path, model_dir, request):
+    """Two shards run; a new role file lands in one of them, and only that shard's two jobs rerun.
+
+    Where SLURM is installed, the SLURM submissions start first and run beside this local run (see
+    `tiny_submission`); its OpenMP threads then sleep while they wait, as the SLURM jobs' do (slurm_env)."""
+    if shutil.which("sbatch"):
+        request.getfixturevalue("tiny_submission")
+    config = tiny_config(resources=SMALL)
+    config["roles"]["include"] = "all"
+    config["shards"] = 2
+    work = make_workspace(tmp_path, model_dir, config)
+
+    # Only what the shard rules write: the stages after them are per role (the workflow tests cover those).
+    def shard_outputs(roles):
+        return [f"{MODEL}/responses/{r}.parquet" for r in roles] + [
+            f"{MODEL}/activations/{r}.safetensors" for r in roles
+        ]
+
+    targets = shard_outputs([*TINY_ROLES, "default"])
+    snakemake(work, *targets, env={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert planned_jobs(work, *targets) == set()
+    shutil.copy(ROOT / "data/roles/bard.yaml", work / "data/roles/bard.yaml")
+    shard_jobs = sorted(rule for rule, _ in planned_jobs(work, *targets, *shard_outputs(["bard"])))
+    assert len(shard_jobs) == 2 and shard_jobs[0].split("_")[-1] == shard_jobs[1].split("_")[-1], shard_jobs
+    jobs = planned_jobs(work)
+    assert ("judge", "bard") in jobs and ("axis", None) in jobs
+
+
+def test_tiny_config_on_slurm_equals_the_local_run(tiny_submission, slurm_env, tiny_run, capsys):
+    work, process = tiny_submission
+    table, slurm, _ = _finish(process, slurm_env)
     submitted = sorted(table[j] for j in slurm.values())
     with capsys.disabled():
         print(f"\nSLURM job ids: {', '.join(sorted(slurm, key=int))}")
@@ -154,40 +207,6 @@ def test_tiny_config_on_slurm_equals_the_local_run(tmp_path, model_dir, slurm_en
     with capsys.disabled():
         print(f"after editing the pirate's description, SLURM ran: {rerun} as jobs {sorted(slurm, key=int)}")
     assert rerun == [("judge", "pirate"), ("vectors", "pirate")]
-
-
-def test_shards_plan_one_model_load_per_shard(tmp_path, model_dir):
-    """The quickstart with `shards: 4`: four generate and four activations jobs."""
-    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    work = make_workspace(tmp_path, model_dir, config, bank=["*"])
-    jobs = planned_jobs(work, "--config", "shards=4")
-    generate = {r for r, _ in jobs if r.startswith("generate")}
-    activations = {r for r, _ in jobs if r.startswith("activations")}
-    assert generate == {f"generate_shard{i}" for i in range(4)}
-    assert activations == {f"activations_shard{i}" for i in range(4)}
-
-
-def test_adding_a_role_changes_exactly_one_shard(tmp_path, model_dir):
-    """Two shards run; a new role file lands in one of them, and only that shard's two jobs rerun."""
-    config = tiny_config(resources=SMALL)
-    config["roles"]["include"] = "all"
-    config["shards"] = 2
-    work = make_workspace(tmp_path, model_dir, config)
-
-    # Only what the shard rules write: the stages after them are per role (the workflow tests cover those).
-    def shard_outputs(roles):
-        return [f"{MODEL}/responses/{r}.parquet" for r in roles] + [
-            f"{MODEL}/activations/{r}.safetensors" for r in roles
-        ]
-
-    targets = shard_outputs([*TINY_ROLES, "default"])
-    snakemake(work, *targets)
-    assert planned_jobs(work, *targets) == set()
-    shutil.copy(ROOT / "data/roles/bard.yaml", work / "data/roles/bard.yaml")
-    shard_jobs = sorted(rule for rule, _ in planned_jobs(work, *targets, *shard_outputs(["bard"])))
-    assert len(shard_jobs) == 2 and shard_jobs[0].split("_")[-1] == shard_jobs[1].split("_")[-1], shard_jobs
-    jobs = planned_jobs(work)
-    assert ("judge", "bard") in jobs and ("axis", None) in jobs
 
 
 # ------------------------------------------------------------------ paper-shaped: partitions and resources
@@ -269,8 +288,9 @@ def _gpus(record: dict[str, str]) -> int:
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory, model_dir, slurm_env):
     """The paper-shaped config submitted to SLURM, waited for by its test: its jobs mostly wait (on the
-    plugin's pause before each submission and its status polls), so the tiny run on SLURM, which asks for
-    it first, goes on meanwhile. Yields (workspace, config, the judge's requests, the submission)."""
+    plugin's pause before each submission and its status polls), so the tiny run on SLURM and the local
+    shard run (see `tiny_submission`) go on meanwhile. Yields (workspace, config, the judge's requests,
+    the submission)."""
     _need_vllm()
     with FakeOpenAI(_judge_reply) as judge:
         config = paper_shaped_config(judge.url)

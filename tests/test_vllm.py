@@ -325,10 +325,12 @@ def test_tiny_run_with_vllm_generation_capturing_activations(tmp_path, model_dir
 
 @pytest.mark.slow
 def test_tiny_run_with_vllm_activations(tmp_path, model_dir, tiny_run, bundled):
-    """activations.backend: vllm on the tiny run's replies and scores: only activations, vectors and the axis
-    run; the artifacts are the transformers run's, within the float32 tolerance."""
+    """activations.backend: vllm on the tiny run's replies and scores: only activations (one shard: one
+    engine for every role, as a cluster runs it), vectors and the axis run; the artifacts are the
+    transformers run's, within the float32 tolerance."""
     _need_vllm()
     config = tiny_config(activations={"backend": "vllm", "vllm": ENGINE})
+    config["shards"] = 1
     work = make_workspace(tmp_path, model_dir, config)
     ours, theirs = work / "results/smollm2-135m-instruct", tiny_run / "results/smollm2-135m-instruct"
     ours.mkdir(parents=True, exist_ok=True)
@@ -340,9 +342,9 @@ def test_tiny_run_with_vllm_activations(tmp_path, model_dir, tiny_run, bundled):
     for age, path in enumerate([ours / "model.json", *ours.glob("responses/*"), *ours.glob("scores/*")]):
         os.utime(path, (now + age, now + age))
     target = "results/smollm2-135m-instruct/axis.safetensors"
-    assert {rule for rule, _ in planned_jobs(work, target)} == {"activations", "vectors", "axis"}
+    assert {rule for rule, _ in planned_jobs(work, target)} == {"activations_shard0", "vectors", "axis"}
     snakemake(work, target)
-    assert "activations (vLLM)" in (work / "logs/smollm2-135m-instruct/activations/default.log").read_text()
+    assert "activations (vLLM)" in (work / "logs/smollm2-135m-instruct/activations_shard0.log").read_text()
     for path in sorted((theirs / "activations").glob("*.safetensors")):
         (mine, meta), (reference, reference_meta) = read_tensors(ours / "activations" / path.name), read_tensors(path)
         assert set(mine) == set(reference) == {"activations", "layers"}
