@@ -153,7 +153,9 @@ def test_api_key_never_reaches_a_file(tmp_path, model_dir):
             generate={"backend": "openai", "openai": settings},
             judge={"backend": "openai", "openai": {**settings, "scoring": "logprobs"}},
         )
-        work = make_workspace(tmp_path / "work", model_dir, config)
+        roles = ["ghost", "pirate"]  # the failing role and one that finishes
+        config["roles"]["include"] = roles
+        work = make_workspace(tmp_path / "work", model_dir, config, bank=roles)
         # The ghost's generation keeps failing: its job fails, the others finish (--keep-going).
         failed = subprocess.run(
             [*SNAKEMAKE, "--cores", "2", "--keep-going"], cwd=work, capture_output=True, text=True, env=env
